@@ -8,7 +8,8 @@ optimizers that use it (``observe_loss``).
 
 Randomness comes from one CPU ``torch.Generator`` (noise, timesteps, flips, caption shuffles) seeded by
 ``--seed``; the sample order is a pure function of (seed, epoch). The generator's state is part of the saved
-state, so ``--resume`` reproduces the uninterrupted run's losses exactly on the same machine.
+state, and so is the fp16 GradScaler's (``accelerator.scaler``: loss scale, growth tracker), so ``--resume``
+reproduces the uninterrupted run's losses exactly on the same machine.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ class Trainer:
                                         state_folder_name(plan.output_name, step=step))
             save_state(folder, network, self.inner_optimizer, self.lr_scheduler, self.generator,
                        {"global_step": step, "epoch": epoch, "losses": self.losses, "smoothed": self.smoothed,
-                        "max_train_steps": plan.max_train_steps, "seed": args.seed})
+                        "max_train_steps": plan.max_train_steps, "seed": args.seed},
+                       scaler=self.accelerator.scaler)
         optimizer_train = getattr(self.inner_optimizer, "train", None)
         if callable(optimizer_train):
             optimizer_train()
@@ -279,7 +281,7 @@ class Trainer:
         self._cache_latents()  # before loading a state: the cache must equal the saved run's (same draws)
         if plan.resume_state is not None:
             load_state(Path(args.resume), self.accelerator.unwrap_model(self.network), self.inner_optimizer,
-                       self.lr_scheduler, self.generator)
+                       self.lr_scheduler, self.generator, scaler=self.accelerator.scaler)
             global_step = int(plan.resume_state["global_step"])
             self.losses = list(plan.resume_state.get("losses", []))[:global_step]
             self.smoothed = float(plan.resume_state.get("smoothed", 0.0))

@@ -3,7 +3,8 @@
 - the network: ``<output_dir>/<output_name>.safetensors`` (kohya key names, ``ss_*`` metadata);
 - ``--save_state``: a folder ``<output_name>-step00000010-state`` (kohya's naming) with ``network.safetensors``,
   ``optimizer.pt``, ``scheduler.pt``, ``rng.pt`` (torch, CUDA, Python, NumPy and the trainer's noise
-  generator) and ``trainer_state.json`` (step, loss history). ``--resume FOLDER`` reads it back.
+  generator) and ``trainer_state.json`` (step, loss history), plus ``scaler.pt`` (loss scale, growth tracker)
+  when an fp16 GradScaler is in use. ``--resume FOLDER`` reads it back.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 import torch
 
 STATE_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+# only with an fp16 GradScaler (accelerate makes one for fp16 on CUDA, none on CPU); optional on --resume, so
+# folders saved before it existed, or by a run without a scaler, still resume (with a fresh scale)
+SCALER_FILE = "scaler.pt"
 
 
 class SaveError(ValueError):
@@ -138,8 +142,12 @@ def recover_state_folder(folder: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def save_state(folder: Path, network, optimizer, scheduler, generator, trainer_state: dict) -> None:
-    """Write the resumable state into ``folder`` through a temp folder renamed into place."""
+def save_state(folder: Path, network, optimizer, scheduler, generator, trainer_state: dict,
+               scaler=None) -> None:
+    """Write the resumable state into ``folder`` through a temp folder renamed into place.
+
+    ``scaler``: the fp16 GradScaler (``accelerator.scaler``) or None; its state goes into ``scaler.pt``.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -152,6 +160,8 @@ def save_state(folder: Path, network, optimizer, scheduler, generator, trainer_s
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_state(generator), staging / "rng.pt")
+        if scaler is not None and scaler.is_enabled():
+            torch.save(scaler.state_dict(), staging / SCALER_FILE)
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         _make_shareable(staging, 0o755)
         if folder.exists():
@@ -188,7 +198,7 @@ def check_state(folder: Path, network) -> dict:
         raise SaveError(f"--resume {str(folder)!r}: trainer_state.json is not valid JSON: {e}") from None
 
 
-def load_state(folder: Path, network, optimizer, scheduler, generator) -> None:
+def load_state(folder: Path, network, optimizer, scheduler, generator, scaler=None) -> None:
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -196,6 +206,27 @@ def load_state(folder: Path, network, optimizer, scheduler, generator) -> None:
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(folder / "rng.pt", weights_only=False), generator)
+    load_scaler(folder, scaler)
+
+
+def load_scaler(folder: Path, scaler) -> None:
+    """Restore the fp16 GradScaler's loss scale and growth tracker from ``scaler.pt``, when both exist.
+
+    Loaded before the scaler's first step, it starts from the saved scale (GradScaler creates its scale
+    tensor lazily from the loaded value). Either side missing is not an error: the folder may predate
+    ``scaler.pt`` or come from a run without fp16 scaling, and this run may use none; a note says so.
+    """
+    path = Path(folder) / SCALER_FILE
+    has_file = path.is_file()
+    if scaler is not None and scaler.is_enabled():
+        if has_file:
+            scaler.load_state_dict(torch.load(path, weights_only=False))
+        else:
+            print(f"note: --resume {str(folder)!r} has no {SCALER_FILE}: the fp16 loss scale starts fresh "
+                  f"({scaler.get_scale():g})")
+    elif has_file:
+        print(f"note: --resume {str(folder)!r} holds an fp16 loss scale ({SCALER_FILE}) but this run uses no "
+              f"grad scaler: ignored")
 
 
 def state_folder_name(output_name: str, step: int | None = None, epoch: int | None = None) -> str:
