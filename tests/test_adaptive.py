@@ -143,3 +143,50 @@ def test_invalid_arguments_are_named():
             assert word in str(error)
         else:
             raise AssertionError(f"{kwargs} accepted")
+
+
+def test_default_max_lr_lets_the_mask_reach_ten_times_the_base_lr_and_a_lower_cap_warns():
+    import warnings
+
+    from library.hina.techniques.lr_mask import DEFAULT_MAX_RATIO
+    p = torch.nn.Parameter(torch.zeros(10))
+    opt = AdamW_HinaAdaptive([p], lr=1e-3, lr_bump=2e-3, warmup_steps=0, **ALL_OFF)
+    for _ in range(8):
+        p.grad = torch.ones(10)
+        opt.step()
+    assert abs(float(opt.state[p]["lr_mask"].abs().max()) - DEFAULT_MAX_RATIO) < 1e-6  # 1 + 2 per step, capped
+    assert opt.get_lr_mask_analysis()["groups"][0]["fraction_at_max"] == 1.0
+
+    q = torch.nn.Parameter(torch.zeros(10))
+    capped = AdamW_HinaAdaptive([q], lr=3e-3, max_lr=1e-3, **ALL_OFF)
+    q.grad = torch.ones(10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        capped.step()
+    assert any("lr=0.003 is above max_lr=0.001" in str(w.message) for w in caught)
+    assert abs(float(capped.state[q]["lr_mask"].abs().max()) - 1 / 3) < 1e-6  # the cap still applies, as asked
+
+
+def test_lora_plus_ratio_applies_as_in_hina_adamw():
+    """With its own features off, AdamW_HinaAdaptive steps a named LoRA exactly like HinaAdamW (LoRA+ and ALLoRA)."""
+    from library.hina import HinaAdamW
+
+    def run(cls, **kwargs):
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        net = lora_net(gen)
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad and "lora" in n]
+        opt = cls(named, lr=1e-2, **kwargs)
+        x = torch.randn(8, 24, generator=gen)
+        for _ in range(3):
+            opt.zero_grad()
+            forward(net, x).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for _, p in named]
+
+    off = dict(ALL_OFF, use_lr_mask=False)
+    adaptive = run(AdamW_HinaAdaptive, **off)
+    reference = run(HinaAdamW, **{k: v for k, v in off.items() if k not in ("use_dynamic_adaptation", "use_lr_mask")})
+    assert all(torch.equal(a, b) for a, b in zip(adaptive, reference))
+    without = run(AdamW_HinaAdaptive, use_alora=False, **off)
+    assert not all(torch.equal(a, b) for a, b in zip(adaptive, without))

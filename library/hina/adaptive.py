@@ -11,9 +11,11 @@ The recipe (DESIGN.md's pipeline), on top of HinaAdamW's (``hina_adamw.py``):
                        importance sqrt(I_a I_b), so both factors move at one rate
     apply              decoupled weight decay (dynamic schedule), SPD, as the core does
 
-HinaAdamW's name-based LoRA+/ALLoRA (``use_alora``) is not part of this optimizer: relationship discovery
-replaces it, and works without names. All multipliers scale the update, i.e. multiply the group's current
-``lr``, so schedulers keep working; weight decay uses the group lr.
+HinaAdamW's LoRA+ ratio and ALLoRA row scaling (``use_alora``, roles from names or shapes) apply here too, on
+by default: without them this optimizer trailed plain AdamW on the benchmark tasks (``benchmarks/convergence.py``,
+docs/BENCHMARKS.md), with them it matches HinaAdamW. Relationship discovery works without names and sets the
+pairs' shared importance; the LoRA+ ratio multiplies on top. All multipliers scale the update, i.e. multiply
+the group's current ``lr``, so schedulers keep working; weight decay uses the group lr.
 
 Seed: document 002 (AdamWBF16_HinaAdaptive, whose adaptive part this is) names the parameters and the
 monitoring API; it gives no formulas, so the ones used are defined and cited in the technique modules.
@@ -35,19 +37,21 @@ BALANCE_KEYS = tuple(f"balance_{k}" for k in range(BALANCE_WINDOW))
 class AdamW_HinaAdaptive(HinaAdamW):
     """HinaAdamW + dynamic importance, relationship discovery and an Automagic lr mask.
 
-    Args: as HinaAdamW (without use_alora/alora_ratio), plus
+    Args: as HinaAdamW, plus
         use_dynamic_adaptation: per-tensor importance and relationship discovery.
         adaptation_strength: how strongly importance moves the lr (0: not at all); multiplier in [0.5, 2].
         relationship_discovery_interval: steps between discoveries (the list is replaced each time).
         importance_decay: EMA decay of the importance score.
         compatibility_threshold: minimal compatibility (0..1) for a discovered pair.
         use_lr_mask, lr_bump, min_lr, max_lr, warmup_steps: the Automagic mask (``techniques/lr_mask.py``);
-            lr_bump/min_lr/max_lr are absolute at the group's base lr and scale with a scheduler.
+            lr_bump/min_lr/max_lr are absolute at the group's base lr and scale with a scheduler;
+            max_lr=None (default) lets the mask reach 10x the base lr (an absolute max_lr below lr caps it).
     """
 
     optimizer_type = "AdamW_HinaAdaptive"
     feature_flags = ("use_spd", "spd_lambda", "use_cautious", "use_orthogonal_grad", "use_adopt_stability",
-                     "use_grams", "use_agr", "use_tam", "tam_beta", "dynamic_weight_decay", "wd_transition_steps",
+                     "use_grams", "use_agr", "use_tam", "tam_beta", "use_alora", "alora_ratio",
+                     "dynamic_weight_decay", "wd_transition_steps",
                      "wd_decay_factor", "wd_min_ratio", "use_dynamic_adaptation", "adaptation_strength",
                      "relationship_discovery_interval", "importance_decay", "compatibility_threshold",
                      "use_lr_mask", "lr_bump", "min_lr", "max_lr", "warmup_steps")
@@ -60,15 +64,15 @@ class AdamW_HinaAdaptive(HinaAdamW):
                  wd_min_ratio: float = 0.1, use_dynamic_adaptation: bool = True, adaptation_strength: float = 1.0,
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
-                 min_lr: float = 1e-7, max_lr: float = 1e-3, warmup_steps: int = 500,
-                 optim_bits: int = 8, block_size: int = 256, min_8bit_size: int = 1024):
+                 min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
+                 use_alora: bool = True, alora_ratio: float = 16.0, optim_bits: int = 8, block_size: int = 256, min_8bit_size: int = 1024):
         extra = self._validate_adaptive(use_dynamic_adaptation, adaptation_strength, relationship_discovery_interval,
                                         importance_decay, compatibility_threshold, use_lr_mask, lr_bump, min_lr,
                                         max_lr, warmup_steps)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_spd=use_spd,
                          spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                          use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,
-                         use_tam=use_tam, tam_beta=tam_beta, use_alora=False,
+                         use_tam=use_tam, tam_beta=tam_beta, use_alora=use_alora, alora_ratio=alora_ratio,
                          dynamic_weight_decay=dynamic_weight_decay, wd_transition_steps=wd_transition_steps,
                          wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio, optim_bits=optim_bits,
                          block_size=block_size, min_8bit_size=min_8bit_size)
@@ -93,7 +97,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
                     relationship_discovery_interval=int(relationship_discovery_interval),
                     importance_decay=float(importance_decay), compatibility_threshold=float(compatibility_threshold),
                     use_lr_mask=bool(use_lr_mask), lr_bump=float(lr_bump), min_lr=float(min_lr),
-                    max_lr=float(max_lr), warmup_steps=int(warmup_steps))
+                    max_lr=None if max_lr is None else float(max_lr), warmup_steps=int(warmup_steps))
 
     def _add_defaults(self, extra: dict) -> None:
         """Add keys after HinaAdamW built the groups (later add_param_group calls read self.defaults)."""
@@ -260,12 +264,13 @@ class AdamW_HinaAdaptive(HinaAdamW):
             ratio = torch.cat([self._mask_values(p).reshape(-1) for p in group["params"]
                                if "lr_mask" in self.state.get(p, {})]).abs()
             lr = float(group["lr"])
+            min_ratio, max_ratio = lr_mask.bounds(group, base)
             groups.append({"group": index, "enabled": True, "initialised": True, "base_lr": base, "current_lr": lr,
                            "ratio": {"mean": float(ratio.mean()), "min": float(ratio.min()), "max": float(ratio.max())},
                            "effective_lr": {"mean": lr * float(ratio.mean()), "min": lr * float(ratio.min()),
                                             "max": lr * float(ratio.max())},
-                           "fraction_at_min": float((ratio <= group["min_lr"] / base * (1 + 1e-3)).float().mean()),
-                           "fraction_at_max": float((ratio >= group["max_lr"] / base * (1 - 1e-3)).float().mean()),
+                           "fraction_at_min": float((ratio <= min_ratio * (1 + 1e-3)).float().mean()),
+                           "fraction_at_max": float((ratio >= max_ratio * (1 - 1e-3)).float().mean()),
                            "frozen_for_warmup": group.get("global_step", 0) <= group["warmup_steps"]})
         return {"groups": groups}
 

@@ -110,8 +110,8 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                  wd_min_ratio: float = 0.1, use_dynamic_adaptation: bool = True, adaptation_strength: float = 1.0,
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
-                 min_lr: float = 1e-7, max_lr: float = 1e-3, warmup_steps: int = 500,
-                 delayed_wd_threshold: float = 1e-4, sr_seed: int = 0):
+                 min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
+                 use_alora: bool = True, alora_ratio: float = 16.0, delayed_wd_threshold: float = 1e-4, sr_seed: int = 0):
         if delayed_wd_threshold < 0.0:
             raise ValueError(f"Invalid delayed_wd_threshold: {delayed_wd_threshold!r} (must be >= 0)")
         self._pool = BufferPool()
@@ -130,7 +130,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                          relationship_discovery_interval=relationship_discovery_interval,
                          importance_decay=importance_decay, compatibility_threshold=compatibility_threshold,
                          use_lr_mask=use_lr_mask, lr_bump=lr_bump, min_lr=min_lr, max_lr=max_lr,
-                         warmup_steps=warmup_steps, optim_bits=32)
+                         warmup_steps=warmup_steps, use_alora=use_alora, alora_ratio=alora_ratio, optim_bits=32)
         self._add_defaults({"delayed_wd_threshold": float(delayed_wd_threshold)})
         self._check_bf16(self.param_groups)
 

@@ -16,6 +16,10 @@ Differences from the reference (deliberate, DESIGN.md "lr_mask tied to the const
   constant lr this is exactly the reference's mask in ``[min_lr, max_lr]``.
 - The last polarity is stored as the *sign* of the stored ratio (the ratio is always >= min_lr/lr0 > 0),
   so it costs no extra state and quantises with the mask in 8-bit mode.
+- ``max_lr=None`` (AdamW_HinaAdaptive's default) bounds the ratio at ``DEFAULT_MAX_RATIO`` (10x the base lr)
+  instead of an absolute value: with an absolute bound below the base lr the mask would cap every element's
+  lr at max_lr, so a higher lr would silently have no effect (measured: lr 3e-3 trained exactly like 1e-3 with
+  max_lr=1e-3). An absolute max_lr below the base lr still works as asked, with a warning.
 - Warmup (``warmup_steps``): while the group's step count is <= warmup_steps the mask is frozen (no bump;
   the scheduler's warmup drives the lr) and only the polarity is tracked. The reference instead adapts
   the mask from the first step.
@@ -23,7 +27,11 @@ Differences from the reference (deliberate, DESIGN.md "lr_mask tied to the const
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+DEFAULT_MAX_RATIO = 10.0  # max_lr=None: the mask may raise an element's lr up to 10x the group's base lr
 
 
 def init_mask_(signed_mask: torch.Tensor, direction: torch.Tensor, initial_ratio: float) -> None:
@@ -45,11 +53,14 @@ def lr_mask_step_(signed_mask: torch.Tensor, direction: torch.Tensor, bump: floa
     return out
 
 
-def validate(lr_bump: float, min_lr: float, max_lr: float, warmup_steps: int) -> None:
+def validate(lr_bump: float, min_lr: float, max_lr: float | None, warmup_steps: int) -> None:
     if lr_bump < 0.0:
         raise ValueError(f"Invalid lr_bump: {lr_bump!r} (must be >= 0)")
-    if not 0.0 < min_lr <= max_lr:
-        raise ValueError(f"Invalid min_lr/max_lr: {min_lr!r}/{max_lr!r} (need 0 < min_lr <= max_lr)")
+    if not 0.0 < min_lr:
+        raise ValueError(f"Invalid min_lr: {min_lr!r} (must be > 0)")
+    if max_lr is not None and not min_lr <= max_lr:
+        raise ValueError(f"Invalid min_lr/max_lr: {min_lr!r}/{max_lr!r} (need 0 < min_lr <= max_lr, or max_lr=None "
+                         f"for {DEFAULT_MAX_RATIO:g}x the base lr)")
     if int(warmup_steps) < 0:
         raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (must be >= 0)")
 
@@ -60,11 +71,17 @@ def mask_ratio(pack, signed_mask: torch.Tensor, direction: torch.Tensor, first: 
 
     ``first``: tensors seen for the first time (their mask starts at ratio 1, clamped to the bounds).
     """
-    base = group.setdefault("lr_mask_base_lr", float(group.get("initial_lr", group["lr"])))
+    if "lr_mask_base_lr" not in group:
+        base = group["lr_mask_base_lr"] = float(group.get("initial_lr", group["lr"]))
+        if group["max_lr"] is not None and base > group["max_lr"]:
+            warnings.warn(f"lr={base:g} is above max_lr={group['max_lr']:g}: the lr mask caps every element's lr at "
+                          "max_lr, so this lr has no effect beyond it; raise max_lr (or set max_lr=None for "
+                          f"{DEFAULT_MAX_RATIO:g}x the lr) or set use_lr_mask=False", stacklevel=4)
+    base = group["lr_mask_base_lr"]
     if not base > 0.0:
         raise ValueError(f"lr_mask needs a positive base learning rate, the group has lr={base!r}; "
                          "set lr > 0 or use_lr_mask=False")
-    min_ratio, max_ratio = group["min_lr"] / base, group["max_lr"] / base
+    min_ratio, max_ratio = bounds(group, base)
     adapt = group.get("global_step", 0) > group["warmup_steps"]
     lr_mask_step_(signed_mask, direction, group["lr_bump"] / base, min_ratio, max_ratio, adapt, out)
     if first:
@@ -74,3 +91,9 @@ def mask_ratio(pack, signed_mask: torch.Tensor, direction: torch.Tensor, first: 
             init_mask_(masks[i], directions[i], start)
             ratios[i].fill_(start)
     return out
+
+
+def bounds(group: dict, base: float) -> tuple[float, float]:
+    """(min, max) of the lr ratio: the absolute min_lr/max_lr over the base lr; max_lr=None -> DEFAULT_MAX_RATIO."""
+    max_ratio = DEFAULT_MAX_RATIO if group["max_lr"] is None else group["max_lr"] / base
+    return group["min_lr"] / base, max_ratio
