@@ -7,8 +7,9 @@ and timesteps (or fixed token windows).
 
 Protocol (the same for every optimizer):
 
-1. learning-rate sweep: every optimizer gets the same grid (x1/3, x1, x3 around its typical lr: 1e-3 for the
-   Adam family, CAME and the Hina optimizers, 1.0 for Prodigy), ``--sweep-seeds`` seeds per value; the best
+1. learning-rate sweep: every optimizer gets the same grid (x1/10, x1/3, x1, x3, x10 around its typical lr:
+   1e-3 for the Adam family, CAME and the Hina optimizers, 1.0 for Prodigy), ``--sweep-seeds`` seeds per value
+   (``--quick``: x1 only); the best
    value is the lowest mean final eval loss (a run that produced a non-finite loss counts as worst);
 2. at the best lr, ``--seeds`` seeds in all (the sweep's seeds are reused);
 3. ablation (tasks ``sd_lora`` and ``llm_lora``): HinaAdamW at its task recipe and its best lr, with each
@@ -59,7 +60,7 @@ HINA = ("HinaAdamW", "AdamW_HinaAdaptive", "AdamWBF16_HinaAdaptive", "Automagic_
 PEERS = ("AdamW", "AdamW8bit", "Prodigy", "CAME")
 OPTIMIZERS = PEERS + HINA
 TYPICAL_LR = {"Prodigy": 1.0}  # everything else: 1e-3
-SWEEP_FACTORS = (1 / 3, 1.0, 3.0)
+SWEEP_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
 ABLATION_TASKS = ("sd_lora", "llm_lora")
 # variant name -> overrides of HinaAdamW's recipe kwargs
 ABLATION = {
@@ -344,7 +345,7 @@ def main(argv=None) -> dict:
 
     base_job = dict(steps=steps, eval_every=every, device=args.device, cache_dir=str(args.cache_dir), quick=quick,
                     threads=args.threads, variant=None, overrides=None)
-    grids = {o: ([lr_grid(o)[1]] if quick else lr_grid(o)) for o in args.optimizers}
+    grids = {o: ([TYPICAL_LR.get(o, 1e-3)] if quick else lr_grid(o)) for o in args.optimizers}
 
     # 1. sweep
     jobs = [dict(base_job, task=t, optimizer=o, lr=lr, seed=s)

@@ -226,9 +226,9 @@ def build(conv_path: Path, docs: Path, plots: bool = True) -> str:
               f"- date {meta['date']}, wall time {meta['wall_s'] / 60:.1f} min; git {m.get('git_commit')}",
               f"- machine: {m['cpu']} ({m['cpu_count']} CPUs visible), {m['platform']}, device `{m['device']}`"
               + (f" ({m['gpu']})" if m.get("gpu") else ""),
-              f"- {m['workers']} worker process(es) × {m['threads_per_worker']} torch thread(s); the machine was shared "
-              "with other jobs, so the ms columns compare optimizers within this run only (noisy; "
-              "`benchmarks/step_speed.py` is the speed benchmark)",
+              f"- {m['workers']} worker process(es) × {m['threads_per_worker']} torch thread(s) in parallel, so the ms "
+              "columns compare optimizers within this run only (noisy; `benchmarks/step_speed.py` is the speed "
+              "benchmark)",
               "- versions: python " + m["python"] + ", " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
               f"- {meta['steps']} fine-tuning steps per run, eval every {meta['eval_every']} steps, {meta['seeds']} seeds "
               f"at the best lr, {meta['sweep_seeds']} seed(s) per sweep value, {meta.get('ablation_seeds', meta['seeds'])}"
@@ -254,7 +254,9 @@ def build(conv_path: Path, docs: Path, plots: bool = True) -> str:
                    if len(d["lr_grid"][o]) > 1 and r["lr"] in (min(d["lr_grid"][o]), max(d["lr_grid"][o])))
     lines += ["## Limits of these measurements", ""]
     if edges:
-        lines.append("- The best lr sits at an edge of the ×1/3..×3 grid for: " + "; ".join(edges) + ". A wider "
+        factors = meta.get("sweep_factors") or []
+        grid = f"×{min(factors):.3g}..×{max(factors):.3g} " if factors else ""
+        lines.append(f"- The best lr sits at an edge of the {grid}grid for: " + "; ".join(edges) + ". A wider "
                      "sweep could move those optimizers' results.")
     lines += [
               "- The models are tiny (tens of thousands of adapter parameters) and the runs short, so that the "

@@ -14,7 +14,8 @@ in the same run, optimizer state bytes per parameter, and the growth of the proc
 the steps (CPU: peak RSS; CUDA: max allocated). Read the ratios, not the milliseconds.
 
     python benchmarks/step_speed.py [--model sd15 sdxl sd15_lokr llm7b | all] [--steps 20] [--device cpu]
-                                    [--threads N] [--json FILE] [--markdown FILE] [--only SUBSTR ...]
+                                    [--threads N] [--json FILE] [--markdown FILE] [--plot PNG]
+                                    [--only SUBSTR ...]
 
 On a busy CPU, OpenMP threads that wait for each other distort every figure; ``OMP_NUM_THREADS=1
 python benchmarks/step_speed.py --threads 1`` then gives stable single-thread ratios.
@@ -186,6 +187,39 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def current_bytes(device: str) -> int | None:
+    """Memory in use now: CUDA allocated, or the process's resident set (Linux)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    return _proc_status_bytes("VmRSS")
+
+
+def reset_peak(device: str) -> bool:
+    """Restart peak tracking (CUDA allocator stats; Linux: VmHWM via /proc/self/clear_refs). False if impossible."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def steady_peak_bytes(device: str) -> int | None:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _proc_status_bytes("VmHWM")
+
+
 def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
     """One optimizer on one parameter set (run in its own process by ``main``)."""
     shapes = parameter_shapes(model, rank)
@@ -200,9 +234,13 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = peak_bytes(device)
+    in_use_before = current_bytes(device)
     optimizer = optimizer_factories()[label](named)
     for _ in range(3):  # warm-up: state allocation, ADOPT's first step, compiling
         optimizer.step()
+    first_peak = peak_bytes(device)
+    # steady steps: peak tracking restarts after the warm-up, so one-time costs (compiling) drop out
+    steady = reset_peak(device) and in_use_before is not None
     times = []
     for _ in range(steps):
         sync()
@@ -210,9 +248,11 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
         optimizer.step()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
+    steady_peak = steady_peak_bytes(device) if steady else None
     return {"optimizer": label, "median_ms": statistics.median(times),
             "state_bytes_per_param": state_bytes(optimizer) / total,
-            "peak_growth_bytes_per_param": max(0, peak_bytes(device) - before) / total}
+            "peak_growth_bytes_per_param": max(0, first_peak - before) / total,
+            "steady_peak_bytes_per_param": None if steady_peak is None else max(0, steady_peak - in_use_before) / total}
 
 
 def run_isolated(label: str, args) -> dict:
@@ -262,26 +302,62 @@ def markdown(report: dict, argv: list[str]) -> str:
         f"Reproduce: `OMP_NUM_THREADS={report['threads']} .venv/bin/python benchmarks/step_speed.py "
         + " ".join(argv) + "`",
         "",
-        "Read the ratios, not the milliseconds. *peak growth* is how much the process's peak memory grew "
-        "while the optimizer was created and stepped, per parameter: state plus scratch, and on CPU also "
-        "whatever `torch.compile` itself holds (code generation, loaded kernels) for the optimizers that "
-        "compile their step (the Hina optimizers' flat packs do, from 1M elements). The Hina optimizers keep "
-        "three flat fp32 work buffers (gradient, weight copy, update: 12 B/param) and decode 8-bit states to "
-        "fp32 during the step (8 B/param).",
+        "Read the ratios, not the milliseconds. Memory columns, per trained parameter: *state* is the bytes of "
+        "`optimizer.state` tensors; *steady peak* is the highest memory in use during the timed steps "
+        "(peak tracking restarted after the warm-up) minus the memory in use before the optimizer was "
+        "created: state, persistent buffers and the step's scratch (CPU: resident set, so it also holds "
+        "whatever compiled kernels stay loaded; CUDA: allocated bytes); *first-steps peak* is the growth of "
+        "the peak over creation and the 3 warm-up steps, which on CPU includes `torch.compile`'s one-time "
+        "code generation for the optimizers that compile their step (the Hina optimizers' flat packs do, "
+        "from 1M elements; on a GPU that cost is host memory, not GPU memory).",
     ]
     for block in report["models"]:
         lines += ["", f"## {block['model']} (rank/dim {block['rank']}, {block['tensors']} tensors, "
                       f"{block['params'] / 1e6:.2f}M params)", "",
-                  "| optimizer | median ms/step | x torch AdamW fused | state B/param | peak growth B/param |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| optimizer | median ms/step | x torch AdamW fused | state B/param | steady peak B/param "
+                  "| first-steps peak B/param |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in block["results"]:
             if "error" in r:
-                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | |")
+                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | |")
                 continue
             ratio = f"{r['ratio_to_fused']:.2f}" if r.get("ratio_to_fused") else "-"
+            steady = r.get("steady_peak_bytes_per_param")
             lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {ratio} | {r['state_bytes_per_param']:.2f} "
-                         f"| {r['peak_growth_bytes_per_param']:.1f} |")
+                         f"| {'-' if steady is None else f'{steady:.1f}'} | {r['peak_growth_bytes_per_param']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bar chart per parameter set: step time as a multiple of torch AdamW (fused), and state bytes per param."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = report["models"]
+    fig, axes = plt.subplots(len(blocks), 2, figsize=(12, 0.32 * 16 * len(blocks) + 1), squeeze=False)
+    for row, block in zip(axes, blocks):
+        done = [r for r in block["results"] if "median_ms" in r]
+        names = [r["optimizer"] for r in done]
+        colors = ["tab:orange" if n.startswith(("Hina", "AdamW_Hina", "Automagic")) else "tab:gray" for n in names]
+        title = f"{block['model']} ({block['params'] / 1e6:.2f}M params)"
+        row[0].barh(names, [r.get("ratio_to_fused") or 0 for r in done], color=colors)
+        row[0].set_xscale("log")
+        row[0].set_xlabel("step time, x torch AdamW (fused); lower is faster")
+        row[1].barh(names, [r["state_bytes_per_param"] for r in done], color=colors)
+        row[1].set_xlabel("optimizer state, bytes per parameter")
+        for ax in row:
+            ax.set_title(title)
+            ax.invert_yaxis()
+            ax.grid(axis="x", alpha=0.3)
+        row[1].set_yticklabels([])
+    fig.suptitle(f"Optimizer step on {report['device']} (torch {report['torch']}, {report['threads']} thread(s))")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -300,6 +376,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", nargs="*", help="substrings of optimizer labels to run")
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--markdown", type=Path, default=None, help="write a markdown report here")
+    parser.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 gives stable ratios on a busy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -318,7 +395,12 @@ def main(argv=None) -> dict:
     if args.json:
         _write_atomic(args.json, json.dumps(report, indent=2))
     if args.markdown:
-        _write_atomic(args.markdown, markdown(report, list(argv if argv is not None else sys.argv[1:])))
+        text = markdown(report, list(argv if argv is not None else sys.argv[1:]))
+        if args.plot:
+            text += f"\n![step time and state memory]({os.path.relpath(args.plot, args.markdown.parent)})\n"
+        _write_atomic(args.markdown, text)
+    if args.plot:
+        plot(report, args.plot)
     return report
 
 

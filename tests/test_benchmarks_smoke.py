@@ -44,3 +44,25 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
     text = (docs / "BENCHMARKS.md").read_text()
     assert "HinaAdamW" in text and "## Ablation" in text
     assert (docs / "convergence_sd_lora.png").stat().st_size > 0
+
+
+def test_step_speed_writes_json_table_and_chart(tmp_path):
+    """``benchmarks/step_speed.py`` on the smallest parameter set, three optimizers, two steps: well-formed output."""
+    json_out, md_out, png_out = tmp_path / "s.json", tmp_path / "s.md", tmp_path / "s.png"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--model", "sd15_lokr", "--steps", "2",
+           "--threads", "1", "--only", "AdamW (fused)", "bnb AdamW8bit", "HinaAdamW (all off, 32-bit)",
+           "--json", str(json_out), "--markdown", str(md_out), "--plot", str(png_out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    report = json.loads(json_out.read_text())
+    (block,) = report["models"]
+    assert [r["optimizer"] for r in block["results"]] == [
+        "torch AdamW (fused)", "bnb AdamW8bit", "HinaAdamW (all off, 32-bit)"]
+    for r in block["results"]:
+        assert "error" not in r, r
+        assert r["median_ms"] > 0 and r["ratio_to_fused"] > 0 and r["state_bytes_per_param"] > 0
+        assert r["steady_peak_bytes_per_param"] is None or r["steady_peak_bytes_per_param"] >= 0
+    assert block["results"][0]["ratio_to_fused"] == 1.0
+    assert "| HinaAdamW (all off, 32-bit) |" in md_out.read_text()
+    assert png_out.stat().st_size > 0
