@@ -23,9 +23,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The full benchmark suite behind docs/BENCHMARKS.md (about an hour on 2 CPU cores; run it on an idle machine).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
-	$(PY) benchmarks/step_speed.py
+	OMP_NUM_THREADS=2 $(PY) benchmarks/step_speed.py --model all --steps 20 --threads 2 \
+		--json docs/step_speed.json --markdown docs/step_speed.md --plot docs/step_speed.png
+	$(PY) benchmarks/convergence.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) output

@@ -13,7 +13,8 @@ Protocol (the same for every optimizer):
    value is the lowest mean final eval loss (a run that produced a non-finite loss counts as worst);
 2. at the best lr, ``--seeds`` seeds in all (the sweep's seeds are reused);
 3. ablation (tasks ``sd_lora`` and ``llm_lora``): HinaAdamW at its task recipe and its best lr, with each
-   technique switched off in turn, ⊥Grad switched on, fp32 instead of 8-bit states, and all off; same seeds.
+   technique flipped in turn (switched off if the recipe has it on: "no X"; on if it is off: "+ X"), fp32
+   instead of 8-bit states, and all off; same seeds.
 
 Every run: gradient clipping at 1.0 (kohya's default ``max_grad_norm``), constant lr, the same batches,
 noise and adapter initialisation per seed for every optimizer. Hina optimizers get named parameter groups
@@ -62,23 +63,10 @@ OPTIMIZERS = PEERS + HINA
 TYPICAL_LR = {"Prodigy": 1.0}  # everything else: 1e-3
 SWEEP_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
 ABLATION_TASKS = ("sd_lora", "llm_lora")
-# variant name -> overrides of HinaAdamW's recipe kwargs
-ABLATION = {
-    "full (recipe)": {},
-    "no spd": {"use_spd": False},
-    "no cautious": {"use_cautious": False},
-    "no adopt": {"use_adopt_stability": False},
-    "no grams": {"use_grams": False},
-    "no agr": {"use_agr": False},
-    "no tam": {"use_tam": False},
-    "no alora": {"use_alora": False},
-    "no dynamic wd": {"dynamic_weight_decay": False},
-    "+ orthogonal grad": {"use_orthogonal_grad": True},
-    "fp32 states": {"optim_bits": 32},
-    "all off": {"use_spd": False, "use_cautious": False, "use_orthogonal_grad": False, "use_adopt_stability": False,
-                "use_grams": False, "use_agr": False, "use_tam": False, "use_alora": False,
-                "dynamic_weight_decay": False},
-}
+# ablation: each technique switched to the other state than in the task's recipe ("no X" or "+ X")
+TECHNIQUES = {"spd": "use_spd", "cautious": "use_cautious", "adopt": "use_adopt_stability", "grams": "use_grams",
+              "agr": "use_agr", "tam": "use_tam", "alora": "use_alora", "dynamic wd": "dynamic_weight_decay",
+              "orthogonal grad": "use_orthogonal_grad"}
 QUICK_ABLATION = ("full (recipe)", "no cautious", "all off")
 # The tiny models' adapter tensors (a few hundred to a few thousand elements) are below every library's
 # default size for 8-bit states (bitsandbytes 4096, HinaAdamW 1024, Automagic 8-bit 4096 elements), so with
@@ -94,6 +82,22 @@ EIGHT_BIT_HINA = ("HinaAdamW", "Automagic_CameAMP8bit", "Automagic_CameAMP_COpti
 def lr_grid(name: str) -> list[float]:
     base = TYPICAL_LR.get(name, 1e-3)
     return [float(f"{base * f:.3g}") for f in SWEEP_FACTORS]
+
+
+def ablation_variants(recipe_kwargs: dict) -> dict[str, dict]:
+    """variant name -> overrides of HinaAdamW's recipe kwargs: every technique flipped in turn, relative to what
+    the recipe (over the constructor defaults) has, then fp32 states and everything off."""
+    import inspect
+
+    from library.hina import HinaAdamW
+    defaults = {k: v.default for k, v in inspect.signature(HinaAdamW.__init__).parameters.items()}
+    variants = {"full (recipe)": {}}
+    for name, flag in TECHNIQUES.items():
+        on = bool(recipe_kwargs.get(flag, defaults[flag]))
+        variants[("no " if on else "+ ") + name] = {flag: not on}
+    variants["fp32 states"] = {"optim_bits": 32}
+    variants["all off"] = {flag: False for flag in TECHNIQUES.values()}
+    return variants
 
 
 def hina_kwargs(name: str, recipe: str) -> dict:
@@ -361,12 +365,14 @@ def main(argv=None) -> dict:
     # 2. all seeds at the best lr; 3. ablation
     jobs = [dict(base_job, task=t, optimizer=o, lr=best[(t, o)], seed=s)
             for t in args.tasks for o in args.optimizers for s in range(sweep_seeds, seeds)]
-    variants = [] if args.no_ablation or "HinaAdamW" not in args.optimizers else \
-        [v for v in ABLATION if v != "full (recipe)" and (not quick or v in QUICK_ABLATION)]
-    ablation_tasks = [t for t in ABLATION_TASKS if t in args.tasks]
+    ablate = not args.no_ablation and "HinaAdamW" in args.optimizers
+    ablation_tasks = [t for t in ABLATION_TASKS if t in args.tasks] if ablate else []
+    variants = {t: {v: o for v, o in ablation_variants(hina_kwargs("HinaAdamW", get_task(
+        t, str(args.cache_dir), args.device, quick).recipe)).items()
+        if v != "full (recipe)" and (not quick or v in QUICK_ABLATION)} for t in ablation_tasks}
     jobs += [dict(base_job, task=t, optimizer="HinaAdamW", lr=best[(t, "HinaAdamW")], seed=s, variant=v,
-                  overrides=ABLATION[v])
-             for t in ablation_tasks for v in variants for s in range(ablation_seeds)]
+                  overrides=overrides)
+             for t in ablation_tasks for v, overrides in variants[t].items() for s in range(ablation_seeds)]
     more_runs = run_jobs(jobs, args.workers, "seeds+ablation")
     all_runs = sweep_runs + more_runs
 
@@ -384,13 +390,13 @@ def main(argv=None) -> dict:
             for o, res in results.items():
                 res["steps_to_adamw_final"] = steps_to_reach(res["eval_steps"], res["mean_curve"], target)
         ablation = {}
-        if t in ablation_tasks and variants:
+        if t in ablation_tasks and variants[t]:
             full = sorted((r for r in all_runs if r["task"] == t and r["optimizer"] == "HinaAdamW" and r["variant"] is None
                            and r["lr"] == best[(t, "HinaAdamW")] and r["seed"] < ablation_seeds), key=lambda r: r["seed"])
             ablation["full (recipe)"] = dict(summarize(full), overrides={})
-            for v in variants:
+            for v, overrides in variants[t].items():
                 runs = sorted((r for r in all_runs if r["task"] == t and r["variant"] == v), key=lambda r: r["seed"])
-                ablation[v] = dict(summarize(runs), overrides=ABLATION[v])
+                ablation[v] = dict(summarize(runs), overrides=overrides)
         tasks_out[t] = {"description": descriptions[t], "lr_grid": {o: grids[o] for o in args.optimizers},
                         "sweep": sweep, "results": results, "ablation": ablation,
                         "hina_recipe": {"name": get_task(t, str(args.cache_dir), args.device, quick).recipe,

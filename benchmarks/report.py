@@ -166,8 +166,19 @@ def headline(conv: dict) -> list[str]:
             lines.append(f"- **{task}**, HinaAdamW vs {peer}: final eval loss {fmt(res['HinaAdamW']['mean'])} vs "
                          f"{fmt(res[peer]['mean'])}, difference {diff:+.4f} ({rel:+.2f} %, standard error {se:.4f}): "
                          f"**{verdict}**.")
+        lines.append(f"- **{task}**, convergence speed: " + speed_line(res, conv["meta"]["steps"]))
     lines.append("")
     return lines
+
+
+def speed_line(res: dict, steps: int) -> str:
+    """Convergence speed in the seed documents' sense: steps HinaAdamW needs to reach AdamW's final eval loss."""
+    reach = res["HinaAdamW"].get("steps_to_adamw_final")
+    if reach is None:
+        return f"HinaAdamW's mean curve did not reach AdamW's mean final loss within {steps} steps."
+    return (f"HinaAdamW's mean curve reached AdamW's mean final loss at step {reach} of {steps} "
+            f"({100 * (1 - reach / steps):.0f} % fewer steps; evaluations every "
+            f"{res['HinaAdamW']['eval_steps'][1] - res['HinaAdamW']['eval_steps'][0]} steps).")
 
 
 def ablation_section(conv: dict, docs: Path, plots: bool) -> list[str]:
@@ -192,8 +203,10 @@ def ablation_section(conv: dict, docs: Path, plots: bool) -> list[str]:
             mean = f"{fmt(r['mean'])} ± {fmt(r['std'])}" if r["mean"] is not None else "diverged"
             lines.append(f"| {name} | {mean} | {dtxt} | {verdict} |")
         lines += ["", "'no dynamic wd' can only differ after `wd_transition_steps` (600–1200 in the recipes), i.e. not "
-                  "within these runs.", "", "Read: a variant with *lower* loss than the full recipe means the switched-off technique hurt on "
-                  "this task; *higher* means it helped.", ""]
+                  "within these runs.", "",
+                  "Read: for *no X* (X is on in the recipe), a *lower* loss than the full recipe means X hurt on this "
+                  "task and *higher* means it helped; for *+ X* (X is off in the recipe), *lower* means X would help.",
+                  ""]
         if plots:
             png = docs / f"ablation_{task}.png"
             plot_ablation(task, ab, png)

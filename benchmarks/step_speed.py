@@ -352,7 +352,7 @@ def plot(report: dict, path: Path) -> None:
             ax.grid(axis="x", alpha=0.3)
         row[1].set_yticklabels([])
     fig.suptitle(f"Optimizer step on {report['device']} (torch {report['torch']}, {report['threads']} thread(s))")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=100)
