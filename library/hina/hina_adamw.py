@@ -44,10 +44,11 @@ class HinaAdamW(HinaOptimizer):
         use_spd, spd_lambda: Selective Projection Decay (arXiv 2411.01713).
         use_cautious: Cautious mask (arXiv 2411.16085).
         use_orthogonal_grad: ⊥Grad (arXiv 2501.04697).
-        use_adopt_stability: ADOPT moment rule (arXiv 2411.02853). Off by default, unlike the seed: in our
-            ablation (docs/BENCHMARKS.md, SD LoRA task, 3 seeds) turning it off lowered the final eval loss
-            by 0.0008 (1.1 %, standard error 0.0002); on the LLM task the difference was within noise.
-            The LLM recipe (configs/llm_lora.toml) keeps it on, as the seed does.
+        use_adopt_stability: ADOPT moment rule (arXiv 2411.02853). Off by default, unlike the seed: a
+            40-step ablation (3 seeds) found it hurt on the SD LoRA task (+1.1 % final eval loss), and the
+            120-step, 5-seed run (docs/BENCHMARKS.md) found no effect either way (SD LoRA with it on:
+            -0.04 %; LLM LoRA with it off: -0.18 %, 1 standard error). Off costs nothing; the LLM recipe
+            (configs/llm_lora.toml) keeps it on, as the seed does.
         use_grams: Grams update direction (arXiv 2412.17107).
         use_agr: Adaptive Gradient Regularization (arXiv 2407.16944).
         use_tam, tam_beta: Torque-Aware Momentum (arXiv 2412.18790), tam_beta smooths the cosine.
