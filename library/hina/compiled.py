@@ -6,6 +6,13 @@ see benchmarks/step_speed.py). Compiling needs a working backend (a C++ compiler
 CUDA); if compiling fails, the step runs eagerly from then on and says so once.
 
 ``compile_step``: True (always), False (never), None (auto: packs of at least ``AUTO_MIN_ELEMENTS``).
+
+Shapes are static (``dynamic=False``: dynamic shapes made the CPU kernels ~20x slower), so every pack of a
+new size is a new compiled version, and torch keeps at most ``torch._dynamo.config.recompile_limit`` (8)
+versions of a function; past that, dynamo would silently run the function eagerly. ``MaybeCompiled``
+keeps that count itself: calls with a signature beyond the limit run eagerly, said once in a warning,
+and ``compiled_calls``/``eager_calls`` count what really ran. (Many param groups, e.g. kohya's block-wise
+learning rates, give many packs.)
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ class MaybeCompiled:
         self._compiled = None
         self.failed: str | None = None
         self.compiled_calls = 0
+        self.eager_calls = 0
+        self._signatures: set = set()
+        self._warned_limit = False
 
     def wanted(self, compile_step: bool | None, numel: int) -> bool:
         if self.failed or compile_step is False:
@@ -33,7 +43,7 @@ class MaybeCompiled:
         return compile_step is True or numel >= AUTO_MIN_ELEMENTS
 
     def __call__(self, use_compile: bool, *args, **kwargs):
-        if use_compile and not self.failed:
+        if use_compile and not self.failed and self._within_limit(_signature((args, kwargs))):
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, dynamic=False)
             try:
@@ -44,4 +54,40 @@ class MaybeCompiled:
                 self.failed = f"{type(error).__name__}: {error}"
                 warnings.warn(f"torch.compile of the optimizer step failed, running eagerly instead "
                               f"({self.failed.splitlines()[0][:200]})", RuntimeWarning, stacklevel=3)
+        self.eager_calls += 1
         return self.fn(*args, **kwargs)
+
+    def _within_limit(self, signature) -> bool:
+        if signature in self._signatures:
+            return True
+        limit = recompile_limit()
+        if len(self._signatures) < limit:
+            self._signatures.add(signature)
+            return True
+        if not self._warned_limit:
+            self._warned_limit = True
+            warnings.warn(f"torch.compile keeps {limit} versions of the optimizer step ({self.fn.__name__}) and "
+                          "this optimizer has more parameter packs of distinct sizes (param groups x state "
+                          "layouts): those step eagerly, which is correct but slower. Fewer param groups, "
+                          "compile_step=False, or a higher torch._dynamo.config.recompile_limit avoid this.",
+                          RuntimeWarning, stacklevel=3)
+        return False
+
+
+def recompile_limit() -> int:
+    """How many compiled versions torch keeps per function (``recompile_limit``, ``cache_size_limit`` before)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+
+
+def _signature(value):
+    """What a static-shape compile specialises on: tensor shapes, dtypes, devices; plain values as they are."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in sorted(value.items()))
+    return value
