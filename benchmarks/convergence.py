@@ -235,7 +235,7 @@ def machine_info(args) -> dict:
             versions[pkg] = None
     try:
         import subprocess
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()
     except OSError:
         commit = None
