@@ -27,6 +27,8 @@ handed to the bf16 copy, so the trained weights are exactly the bf16 ones.
     python benchmarks/convergence.py                 # full suite -> docs/convergence.json
     python benchmarks/convergence.py --quick         # smoke run (< 5 min) -> docs/convergence_quick.json
     python benchmarks/report.py                      # docs/BENCHMARKS.md and the plots, from the JSON
+    python benchmarks/convergence.py --device cuda   # -> docs/convergence_cuda.json; then
+    python benchmarks/report.py --convergence docs/convergence_cuda.json   # -> docs/BENCHMARKS_cuda.md
 
 Timings (``step_ms``: forward + backward + clipping + step; ``opt_ms``: ``optimizer.step()`` alone) are medians
 over a run's steps, taken with ``--workers`` processes of one thread each, so they compare optimizers within
@@ -321,7 +323,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "output" / "bench_cache",
                         help="pretrained base models, keyed by a hash of their configuration")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON (default docs/convergence.json, quick: docs/convergence_quick.json)")
+                        help="JSON (default docs/convergence.json; quick: convergence_quick.json; cuda: "
+                             "convergence_cuda.json)")
     parser.add_argument("--label", default=None, help="free text stored in the JSON (e.g. 'reduced')")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -330,7 +333,8 @@ def main(argv=None) -> dict:
     seeds = args.seeds or (2 if quick else 5)
     sweep_seeds = min(seeds, args.sweep_seeds or (1 if quick else 2))
     ablation_seeds = args.ablation_seeds or seeds
-    out = args.out or ROOT / "docs" / ("convergence_quick.json" if quick else "convergence.json")
+    device_suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]  # GPU figures stand apart
+    out = args.out or ROOT / "docs" / f"convergence{'_quick' if quick else ''}{device_suffix}.json"
     unknown = set(args.optimizers) - set(OPTIMIZERS)
     if unknown:
         parser.error(f"unknown optimizers {sorted(unknown)} (known: {', '.join(OPTIMIZERS)})")

@@ -17,6 +17,10 @@ the steps (CPU: peak RSS; CUDA: max allocated). Read the ratios, not the millise
                                     [--threads N] [--json FILE] [--markdown FILE] [--plot PNG]
                                     [--only SUBSTR ...]
 
+On a GPU: ``--device cuda --json docs/step_speed_cuda.json --markdown docs/step_speed_cuda.md --plot
+docs/step_speed_cuda.png`` keeps those figures beside the CPU ones (``benchmarks/report.py`` picks up
+``step_speed_cuda.md`` for ``convergence_cuda.json``).
+
 On a busy CPU, OpenMP threads that wait for each other distort every figure; ``OMP_NUM_THREADS=1
 python benchmarks/step_speed.py --threads 1`` then gives stable single-thread ratios.
 """

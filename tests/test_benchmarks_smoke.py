@@ -41,9 +41,10 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--convergence", str(out),
                            "--docs", str(docs)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    text = (docs / "BENCHMARKS.md").read_text()
+    text = (docs / "BENCHMARKS_quick.md").read_text()  # named after the JSON: a quick run keeps its own files
     assert "HinaAdamW" in text and "## Ablation" in text
-    assert (docs / "convergence_sd_lora.png").stat().st_size > 0
+    assert (docs / "convergence_quick_sd_lora.png").stat().st_size > 0
+    assert (docs / "ablation_quick_sd_lora.png").stat().st_size > 0
 
 
 def test_step_speed_writes_json_table_and_chart(tmp_path):
