@@ -53,6 +53,18 @@ def test_wrong_type_names_key_value_and_expected(item, expected):
     assert f"{key}=" in str(info.value)
 
 
+@pytest.mark.parametrize("optimizer, item, expected", [
+    ("AdamW_HinaAdaptive", "max_lr='high'", "expected a number or None"),
+    ("HinaAdamW", "compile_step=1", "expected True, False or None"),
+])
+def test_optional_parameters_take_none_or_their_type(optimizer, item, expected):
+    key, _, value = item.partition("=")
+    assert parse_optimizer_args([f"{key}=None"], optimizer) == {key: None}
+    with pytest.raises(OptimizerArgsError, match=expected):
+        parse_optimizer_args([item], optimizer)
+    assert parse_optimizer_args(["max_lr=0.01"], "AdamW_HinaAdaptive") == {"max_lr": 0.01}
+
+
 def test_betas_length_follows_the_optimizer():
     assert parse_optimizer_args(["betas=(0.9, 0.99, 0.999)"], "AdEMAMix8bit")["betas"] == (0.9, 0.99, 0.999)
 

@@ -338,13 +338,31 @@ def _annotation_text(annotation: Any) -> str:
     return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
 
 
+# ``x: T | None = None`` parameters: what a non-None value of T must satisfy, and how to say it
+_OPTIONAL_CHECKS = {
+    "float": (_is_number, "a number or None"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int or None"),
+    "bool": (lambda v: isinstance(v, bool), "True, False or None"),
+    "str": (lambda v: isinstance(v, str), "a quoted string or None"),
+}
+
+
 def check_value(key: str, value: Any, default: Any, annotation: Any = inspect.Parameter.empty) -> None:
     """The value must have the type of the constructor's default (ints are accepted for floats).
 
     An int default only demands an int when the parameter is annotated ``int``: third-party optimizers
     often write ``momentum=0`` for a float.
     """
-    if default is None or default is inspect.Parameter.empty or isinstance(default, torch.Tensor):
+    if default is None:
+        # ``x: float | None = None``: None, or a value of the annotated type
+        kinds = {part.strip() for part in _annotation_text(annotation).split("|")} - {"None"}
+        if value is None or len(kinds) != 1 or (kind := kinds.pop()) not in _OPTIONAL_CHECKS:
+            return
+        accepts, expected = _OPTIONAL_CHECKS[kind]
+        if not accepts(value):
+            raise _type_error(key, value, expected)
+        return
+    if default is inspect.Parameter.empty or isinstance(default, torch.Tensor):
         return
     if isinstance(default, bool):
         if not isinstance(value, bool):
