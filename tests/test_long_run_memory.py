@@ -21,14 +21,15 @@ import pytest
 import torch
 
 from _hina_cases import lora_params, make, set_grads
-from library.hina import AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, HinaAdamW
+from library.hina import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_CameAMP, Automagic_CameAMP8bit,
+                          Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit, HinaAdamW)
 
 STEPS, WARMUP = 2000, 200
 OBJ_BOUND = 200
 RSS_BOUND = 16 * 2 ** 20
-# The Automagic family is left out of the 2,000-step run for suite time (about 15x slower per step here); its
-# histories are fixed-size rings (context_window) created at the first step.
-CLASSES = [HinaAdamW, AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive]
+# Every class; the Automagic family's histories are fixed-size rings (context_window) filled during warm-up.
+CLASSES = [HinaAdamW, AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_CameAMP, Automagic_CameAMP8bit,
+           Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit]
 STATE_SLACK = 1024  # the relationship list is re-derived every 50 steps; its length may change by a few pairs
 
 
