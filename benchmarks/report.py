@@ -202,7 +202,7 @@ def ablation_section(conv: dict, docs: Path, plots: bool, variant: str = "") -> 
                 lines.append(f"| **full (recipe)** | {fmt(r['mean'])} ± {fmt(r['std'])} | — | — |")
                 continue
             diff, se, verdict = compare(r, full)
-            dtxt = "–" if diff is None else f"{diff:+.4f} (± {se:.4f})"
+            dtxt = "–" if diff is None else f"{diff:+.5f} ({100 * diff / full['mean']:+.2f} %, SE {se:.5f})"
             mean = f"{fmt(r['mean'])} ± {fmt(r['std'])}" if r["mean"] is not None else "diverged"
             lines.append(f"| {name} | {mean} | {dtxt} | {verdict} |")
         lines += ["", "'no dynamic wd' can only differ after `wd_transition_steps` (600–1200 in the recipes), i.e. not "
