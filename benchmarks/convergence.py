@@ -56,6 +56,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
+from library.hina_train.saving import atomic_write  # noqa: E402
+
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 HINA = ("HinaAdamW", "AdamW_HinaAdaptive", "AdamWBF16_HinaAdaptive", "Automagic_CameAMP", "Automagic_CameAMP8bit",
@@ -418,10 +420,8 @@ def main(argv=None) -> dict:
                  "protocol": __doc__.split("Protocol (the same for every optimizer):", 1)[1].split("    python")[0].strip()},
         "tasks": tasks_out,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False, default=_json_default) + "\n")
-    tmp.replace(out)
+    text = json.dumps(finite_or_none(data), indent=1, allow_nan=False, default=_json_default) + "\n"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out} in {time.time() - started:.0f}s", flush=True)
     return data
 

@@ -20,9 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from library.hina_train.saving import atomic_write  # noqa: E402
+
 TASK_TITLES = {"sd_lora": "Task 1: SD LoRA (tiny SD UNet, networks.lora)",
                "sd_lokr": "Task 2: SD LoKr (tiny SD UNet, networks.lokr)",
                "llm_lora": "Task 3: LLM LoRA (tiny GPT-2, peft)"}
@@ -79,7 +83,7 @@ def plot_curves(task: str, data: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -102,7 +106,7 @@ def plot_ablation(task: str, ablation: dict, path: Path) -> None:
     ax.set_xlabel("final held-out eval loss (mean ± std over seeds; lower is better)")
     ax.set_title(f"HinaAdamW ablation, {task}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -303,7 +307,7 @@ def main(argv=None) -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     text = build(args.convergence, args.docs, plots=not args.no_plots)
     out = args.docs / f"BENCHMARKS{variant_of(args.convergence)}.md"
-    out.write_text(text + "\n")
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
     print(f"wrote {out}")
 
 

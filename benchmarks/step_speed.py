@@ -44,6 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from library.hina_train.saving import atomic_write  # noqa: E402
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # diffusers' UNet configs (runwayml/stable-diffusion-v1-5 and stabilityai/sdxl-base-1.0 unet/config.json),
@@ -357,18 +358,12 @@ def plot(report: dict, path: Path) -> None:
         row[1].set_yticklabels([])
     fig.suptitle(f"Optimizer step on {report['device']} (torch {report['torch']}, {report['threads']} thread(s))")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def main(argv=None) -> dict:

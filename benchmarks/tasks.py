@@ -49,17 +49,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from library.hina_train.saving import atomic_write  # noqa: E402
 
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 @dataclass
@@ -86,23 +80,15 @@ DRAW_SIZE = 64
 def _draw(shape: str, fg, bg, rng: random.Random, striped: bool, res: int):
     from PIL import Image, ImageDraw
 
+    from library.hina_train.demo_data import draw_shape
+
     image = Image.new("RGB", (DRAW_SIZE, DRAW_SIZE), bg)
     draw = ImageDraw.Draw(image)
     if striped:  # diagonal stripes of the background colour, darkened
         dark = tuple(int(c * 0.45) for c in bg)
         for k in range(-DRAW_SIZE, DRAW_SIZE, 16):
             draw.polygon([(k, 0), (k + 8, 0), (k + 8 + DRAW_SIZE, DRAW_SIZE), (k + DRAW_SIZE, DRAW_SIZE)], fill=dark)
-    half = rng.randint(16, 24)
-    cx, cy = rng.randint(half, DRAW_SIZE - half), rng.randint(half, DRAW_SIZE - half)
-    box = (cx - half, cy - half, cx + half, cy + half)
-    if shape == "circle":
-        draw.ellipse(box, fill=fg)
-    elif shape == "square":
-        draw.rectangle(box, fill=fg)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fg)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fg, width=max(5, half // 3))
+    draw_shape(draw, shape, fg, rng, DRAW_SIZE, (16, 24))
     image = image.resize((res, res), Image.BILINEAR)
     x = torch.tensor(list(image.getdata()), dtype=torch.float32).view(res, res, 3).permute(2, 0, 1) / 127.5 - 1
     return torch.cat([x, x.mean(0, keepdim=True)], 0)  # 4 channels, like SD latents
@@ -175,7 +161,7 @@ class SDTask:
             unet.load_state_dict(torch.load(path, map_location=self.device))
         else:
             self._pretrain(unet)
-            _atomic_save(unet.state_dict(), path)
+            atomic_write(path, lambda tmp: torch.save(unet.state_dict(), tmp))
         unet.requires_grad_(False).eval()
         self.unet = unet
         self.base_cache = str(path)
@@ -347,7 +333,7 @@ class LLMTask:
             model.load_state_dict(torch.load(path, map_location=self.device))
         else:
             self._pretrain(model, corpus.to(self.device))
-            _atomic_save(model.state_dict(), path)
+            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
         model.requires_grad_(False).eval()
         self.model = model
         self.base_cache = str(path)

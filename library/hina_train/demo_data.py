@@ -31,20 +31,29 @@ def caption_words() -> list[str]:
     return ["a", "on", "background", CLASS_NAME, *COLORS, *SHAPES]
 
 
-def _draw(shape: str, fg, bg, rng: random.Random):
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (SIZE, SIZE), bg)
-    draw = ImageDraw.Draw(image)
-    half = rng.randint(14, 22)
-    cx, cy = rng.randint(half, SIZE - half), rng.randint(half, SIZE - half)
+def draw_shape(draw, shape: str, fg, rng: random.Random, size: int, half_range: tuple[int, int]) -> None:
+    """A filled circle, square or triangle, or a ring, of random half-width ``half_range`` placed at random
+    on a ``size`` x ``size`` PIL canvas (also draws the benchmark tasks' images, ``benchmarks/tasks.py``)."""
+    half = rng.randint(*half_range)
+    cx, cy = rng.randint(half, size - half), rng.randint(half, size - half)
     box = (cx - half, cy - half, cx + half, cy + half)
     if shape == "circle":
         draw.ellipse(box, fill=fg)
     elif shape == "square":
         draw.rectangle(box, fill=fg)
-    else:
+    elif shape == "triangle":
         draw.polygon([(cx, cy - half), (cx - half, cy + half), (cx + half, cy + half)], fill=fg)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fg, width=max(5, half // 3))
+    else:
+        raise ValueError(f"unknown shape {shape!r} (valid: circle, square, triangle, ring)")
+
+
+def _draw(shape: str, fg, bg, rng: random.Random):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (SIZE, SIZE), bg)
+    draw_shape(ImageDraw.Draw(image), shape, fg, rng, SIZE, (14, 22))
     return image
 
 
