@@ -87,6 +87,17 @@ def _dataset_config(text_fn):
     return run
 
 
+def _one_subset(general: str = "", dataset: str = "", subset: str = "", image_dir: str | None = "{d}"):
+    """A dataset config with one [[datasets]] and one subset (image_dir = the test folder unless given)."""
+    def text(d):
+        lines = ["[general]", general] if general else []
+        lines += ["[[datasets]]", *([dataset] if dataset else []), "[[datasets.subsets]]"]
+        if image_dir is not None:
+            lines.append(f'image_dir = "{image_dir.format(d=d)}"')
+        return "\n".join(lines + ([subset] if subset else [])) + "\n"
+    return _dataset_config(text)
+
+
 def _collect(prepare):
     """Build a kohya folder, let ``prepare`` spoil it, then collect it as --train_data_dir."""
     def run(tmp):
@@ -218,19 +229,19 @@ CASES = [
     Case("dataset config", "syntax", "syntax error", _dataset_config(lambda d: "[general\nbatch_size = 1\n"),
          DatasetError, r"is not valid TOML: .*line 1"),
     Case("dataset config", "unknown-key", "enable_bucket in [[datasets]]",
-         _dataset_config(lambda d: f'[[datasets]]\nenable_bucket = true\n[[datasets.subsets]]\nimage_dir = "{d}"\n'),
+         _one_subset(dataset="enable_bucket = true"),
          DatasetError, "key 'enable_bucket' is not supported; valid: "),
     Case("dataset config", "num-repeats-type", 'num_repeats = "ten"',
-         _dataset_config(lambda d: f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\nnum_repeats = "ten"\n'),
+         _one_subset(subset='num_repeats = "ten"'),
          DatasetError, "num_repeats = 'ten' has the wrong type; expected an integer"),
     Case("dataset config", "bool-type", 'shuffle_caption = "yes"',
-         _dataset_config(lambda d: f'[general]\nshuffle_caption = "yes"\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\n'),
+         _one_subset(general='shuffle_caption = "yes"'),
          DatasetError, "shuffle_caption = 'yes' has the wrong type; expected true or false"),
     Case("dataset config", "int-as-bool", "keep_tokens = true",
-         _dataset_config(lambda d: f'[[datasets]]\nkeep_tokens = true\n[[datasets.subsets]]\nimage_dir = "{d}"\n'),
+         _one_subset(dataset="keep_tokens = true"),
          DatasetError, "keep_tokens = True has the wrong type; expected an integer"),
     Case("dataset config", "extension-type", "caption_extension = 5",
-         _dataset_config(lambda d: f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\ncaption_extension = 5\n'),
+         _one_subset(subset="caption_extension = 5"),
          DatasetError, "caption_extension = 5 has the wrong type; expected a quoted string"),
     Case("dataset config", "datasets-type", "datasets = 5", _dataset_config(lambda d: "datasets = 5\n"),
          DatasetError, r"datasets must be an array of tables"),
@@ -238,16 +249,16 @@ CASES = [
          _dataset_config(lambda d: f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\n[[datasets]]\n'),
          DatasetError, "found 2 \\[\\[datasets\\]\\]"),
     Case("dataset config", "no-image-dir", "subset without image_dir",
-         _dataset_config(lambda d: '[[datasets]]\n[[datasets.subsets]]\nnum_repeats = 2\n'),
+         _one_subset(subset="num_repeats = 2", image_dir=None),
          DatasetError, "has no image_dir"),
     Case("dataset config", "missing-dir", "image_dir that does not exist",
-         _dataset_config(lambda d: f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}-nope"\n'),
+         _one_subset(image_dir="{d}-nope"),
          DatasetError, "nope' is not a folder"),
     Case("dataset config", "zero-repeats", "num_repeats = 0",
-         _dataset_config(lambda d: f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\nnum_repeats = 0\n'),
+         _one_subset(subset="num_repeats = 0"),
          DatasetError, "num_repeats 0 must be >= 1"),
     Case("dataset config", "resolution", "resolution = 500",
-         _dataset_config(lambda d: f'[general]\nresolution = 500\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{d}"\n'),
+         _one_subset(general="resolution = 500"),
          DatasetError, "500 is not a multiple of 8"),
     # dataset folders
     Case("dataset folder", "missing", "--train_data_dir that does not exist",
