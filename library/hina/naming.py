@@ -97,6 +97,15 @@ class Pairing:
         return sum(info.role in roles for info in self.infos)
 
 
+def lokr_factors_complete(roles: Iterable[str]) -> bool:
+    """True when a module's LoKr roles make both Kronecker factors: W1 is ``lokr_w1`` or ``lokr_w1_a`` with
+    ``lokr_w1_b``; W2 is ``lokr_w2`` or ``lokr_w2_a`` with ``lokr_w2_b`` (plus ``lokr_t2`` for Tucker)."""
+    roles = set(roles)
+    w1 = LOKR_W1 in roles or {LOKR_W1_A, LOKR_W1_B} <= roles
+    w2 = LOKR_W2 in roles or {LOKR_W2_A, LOKR_W2_B} <= roles
+    return w1 and w2
+
+
 def pair_by_name(names: Sequence[str | None], shapes: Sequence[tuple[int, ...]], name_source: str) -> Pairing:
     """Classify named parameters and pair them by module prefix."""
     infos = []
@@ -115,9 +124,9 @@ def pair_by_name(names: Sequence[str | None], shapes: Sequence[tuple[int, ...]],
             a, b = roles["lora_a"][0], roles["lora_b"][0]
             infos[a].partner, infos[b].partner = b, a
             pairing.lora_pairs.append((a, b))
-        w1 = tuple(i for r in LOKR_W1_SIDE for i in roles.get(r, []))
-        w2 = tuple(i for r in LOKR_W2_SIDE for i in roles.get(r, []))
-        if w1 and w2:
+        if lokr_factors_complete(roles):
+            w1 = tuple(i for r in LOKR_W1_SIDE for i in roles.get(r, []))
+            w2 = tuple(i for r in LOKR_W2_SIDE for i in roles.get(r, []))
             pairing.lokr_pairs.append((w1, w2))
         if len(roles.get("w_norm", [])) == 1 and len(roles.get("b_norm", [])) == 1:
             pairing.norm_pairs.append((roles["w_norm"][0], roles["b_norm"][0]))
@@ -168,3 +177,196 @@ def names_from_module(module, params: Iterable) -> dict[int, str]:
     """Map ``id(param) -> qualified name`` for the parameters of ``module`` (used by ``attach_names``)."""
     wanted = {id(p) for p in params}
     return {id(p): name for name, p in module.named_parameters() if id(p) in wanted}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pairing across param groups
+ParamRef = tuple[int, int]  # (group index, index inside the group)
+
+
+@dataclass
+class GroupParams:
+    """What ``pair_groups`` needs to know about one param group."""
+
+    names: Sequence[str | None] | None
+    shapes: Sequence[tuple[int, ...]]
+    name_source: str = "param_names"
+    lr: float | None = None
+
+
+@dataclass
+class LoKrModule:
+    """The LoKr factors found under one module prefix, wherever their groups are."""
+
+    prefix: str
+    w1: tuple[ParamRef, ...]
+    w2: tuple[ParamRef, ...]
+    complete: bool
+
+
+@dataclass
+class ModelPairing:
+    """Roles and pairs over all param groups: pairs are formed by module prefix across groups.
+
+    ``groups`` has one ``Pairing`` per param group (roles, name source, the pairs that sit inside that
+    group); ``lora_pairs``, ``lokr_modules`` and ``norm_pairs`` are the model-wide pairs, as
+    ``(group, index)`` references, including those whose halves sit in different groups (kohya's LoRA+
+    puts ``lora_down`` and ``lora_up`` in separate groups).
+    """
+
+    groups: list[Pairing]
+    lora_pairs: list[tuple[ParamRef, ParamRef]] = field(default_factory=list)
+    lokr_modules: list[LoKrModule] = field(default_factory=list)
+    norm_pairs: list[tuple[ParamRef, ParamRef]] = field(default_factory=list)
+
+    @property
+    def lokr_pairs(self) -> list[LoKrModule]:
+        """LoKr modules whose factors are complete: only these count as pairs."""
+        return [m for m in self.lokr_modules if m.complete]
+
+    def role(self, ref: ParamRef) -> str:
+        return self.groups[ref[0]].infos[ref[1]].role
+
+    def counts(self) -> dict[str, int]:
+        """The numbers ``get_optimization_info()`` reports."""
+        paired = {ref for pair in self.lora_pairs for ref in pair}
+        lora = [(g, info.index) for g, p in enumerate(self.groups) for info in p.infos
+                if info.role in ("lora_a", "lora_b")]
+        return {
+            "lora_pairs": len(self.lora_pairs),
+            "lora_pairs_across_groups": sum(a[0] != b[0] for a, b in self.lora_pairs),
+            "unpaired_lora": sum(ref not in paired for ref in lora),
+            "lokr_pairs": len(self.lokr_pairs),
+            "lokr_incomplete_modules": sum(not m.complete for m in self.lokr_modules),
+            "norm_pairs": len(self.norm_pairs),
+        }
+
+
+def _shape_pair(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """``a`` looks like a LoRA down ``(r, in[, k, k])`` and ``b`` like its up ``(out, r[, 1, 1])``."""
+    if len(a) < 2 or len(a) != len(b):
+        return False
+    rank = a[0]
+    return b[1] == rank and all(d == 1 for d in b[2:]) and rank < _fan_in(a) and rank < b[0]
+
+
+def _pair_unnamed_groups_by_shape(pairings: list[Pairing], unnamed: list[int]) -> list[tuple[ParamRef, ParamRef]]:
+    """kohya's LoRA+ layout without names: a group of downs followed (in group order) by a group of the ups
+    in the same order. Two unnamed groups with no pair inside them and the same length pair element-wise
+    when every element passes the down/up shape test; the roles are set on their ``infos``."""
+    pairs: list[tuple[ParamRef, ParamRef]] = []
+    free = [g for g in unnamed if not pairings[g].lora_pairs]
+    used: set[int] = set()
+    for position, ga in enumerate(free):
+        if ga in used:
+            continue
+        a_infos = pairings[ga].infos
+        for gb in free[position + 1:]:
+            b_infos = pairings[gb].infos
+            if gb in used or len(b_infos) != len(a_infos) or not a_infos:
+                continue
+            if all(_shape_pair(a.shape, b.shape) for a, b in zip(a_infos, b_infos)):
+                for a, b in zip(a_infos, b_infos):
+                    a.role, b.role = "lora_a", "lora_b"
+                    a.prefix = b.prefix = f"<shape pair across groups {ga}/{gb} #{a.index}>"
+                    pairs.append(((ga, a.index), (gb, b.index)))
+                used.update((ga, gb))
+                break
+    return pairs
+
+
+def pair_groups(groups: Sequence[GroupParams]) -> ModelPairing:
+    """Classify every group's parameters and pair them across groups.
+
+    Named groups (every tensor has a name) are classified by name and paired by module prefix over all
+    named groups together: a LoRA pair is one ``lora_a`` and one ``lora_b`` with the same prefix, a LoKr
+    module is a pair only when its factors are complete (``lokr_factors_complete``), wherever they sit.
+    Unnamed groups use the shape fallback inside the group, then element-wise across two groups (kohya's
+    LoRA+ split). Each group's own ``Pairing`` keeps the pairs that lie inside it.
+    """
+    pairings = [pair_parameters(g.names, g.shapes, g.name_source) for g in groups]
+    model = ModelPairing(pairings)
+    by_prefix: dict[str, dict[str, list[ParamRef]]] = {}
+    unnamed = []
+    for g, pairing in enumerate(pairings):
+        if pairing.name_source == "shape_fallback":
+            unnamed.append(g)
+            model.lora_pairs.extend(((g, a), (g, b)) for a, b in pairing.lora_pairs)
+            continue
+        for info in pairing.infos:
+            if info.role != "other":
+                by_prefix.setdefault(info.prefix, {}).setdefault(info.role, []).append((g, info.index))
+    for prefix in sorted(by_prefix):
+        roles = by_prefix[prefix]
+        if len(roles.get("lora_a", [])) == 1 and len(roles.get("lora_b", [])) == 1:
+            model.lora_pairs.append((roles["lora_a"][0], roles["lora_b"][0]))
+        if any(r in roles for r in LOKR_NAMES):
+            model.lokr_modules.append(LoKrModule(
+                prefix, tuple(ref for r in LOKR_W1_SIDE for ref in roles.get(r, [])),
+                tuple(ref for r in LOKR_W2_SIDE for ref in roles.get(r, [])), lokr_factors_complete(roles)))
+        if len(roles.get("w_norm", [])) == 1 and len(roles.get("b_norm", [])) == 1:
+            model.norm_pairs.append((roles["w_norm"][0], roles["b_norm"][0]))
+    model.lora_pairs.extend(_pair_unnamed_groups_by_shape(pairings, unnamed))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA+ applied by the param groups (kohya's loraplus_*lr_ratio)
+@dataclass(frozen=True)
+class SplitLoraPlus:
+    """A/B halves of the same modules sit in groups with different lrs: the groups already carry LoRA+.
+
+    ``b_groups``: groups holding B-side tensors (``lora_up``/``lora_B``, ``lokr_w2``/``lokr_w2_b``) whose lr
+    differs from their A side's; ``ratios``: ``lr(B group) / lr(A group)`` for each. An optimizer with its
+    own B-side ratio (``use_alora``'s ``alora_ratio``) should use 1.0 on these groups, so the ratio is
+    applied once; ALLoRA row scaling is unaffected.
+    """
+
+    b_groups: frozenset[int]
+    ratios: dict[int, float]
+
+    def message(self, optimizer_name: str, alora_ratio: float) -> str:
+        shown = ", ".join(f"{r:g}" for r in sorted(set(self.ratios.values())))
+        return (f"{optimizer_name}: the param groups already give the LoRA/LoKr B side a larger lr (ratio {shown}, "
+                f"kohya's loraplus_*lr_ratio); that ratio wins and alora_ratio={alora_ratio:g} is not applied on "
+                f"top (B-side multiplier 1.0 in groups {sorted(self.b_groups)}; ALLoRA row scaling unchanged).")
+
+
+def detect_split_lora_plus(pairing: ModelPairing, lrs: Sequence[float]) -> SplitLoraPlus | None:
+    """Whether the groups already apply LoRA+ (see ``SplitLoraPlus``); None when they do not."""
+    if len(lrs) != len(pairing.groups):
+        raise ValueError(f"detect_split_lora_plus: {len(lrs)} lrs for {len(pairing.groups)} param groups")
+    ratios: dict[int, float] = {}
+
+    def note(a_group: int, b_group: int) -> None:
+        if a_group != b_group and lrs[a_group] > 0 and lrs[b_group] != lrs[a_group]:
+            ratios[b_group] = lrs[b_group] / lrs[a_group]
+
+    for a, b in pairing.lora_pairs:
+        note(a[0], b[0])
+    for module in pairing.lokr_pairs:
+        zero_init = [ref for ref in module.w2 if pairing.role(ref) in LOKR_ZERO_INIT]
+        for b in zero_init:
+            for a in module.w1:
+                note(a[0], b[0])
+    if not ratios:
+        return None
+    return SplitLoraPlus(frozenset(ratios), ratios)
+
+
+def unnamed_parameters_notice(pairing: ModelPairing, optimizer_name: str) -> str | None:
+    """The one warning for the first step when no names reached the optimizer (stock sd-scripts), or None.
+
+    Without names LoRA roles are guessed from shapes and LoKr/LyCORIS factors cannot be recognised (they
+    stay role "other": no LoKr awareness, no B-side ratio). The text names the hook and how to enable it.
+    """
+    unnamed = [p for p in pairing.groups if p.name_source == "shape_fallback"]
+    if not unnamed:
+        return None
+    found = sum(pairing.groups[a[0]].name_source == "shape_fallback" for a, _ in pairing.lora_pairs)
+    return (f"{optimizer_name}: no parameter names reached the optimizer in {len(unnamed)} of "
+            f"{len(pairing.groups)} param groups (stock sd-scripts passes none). LoRA down/up roles were guessed "
+            f"from shapes ({found} pairs); LoKr/LyCORIS factors cannot be recognised this way and are treated as "
+            f"plain tensors (no LoKr awareness, no B-side ratio). For roles from names use the hook: run "
+            f"'python train_network_hina.py --sd_scripts <checkout> ...' or call library.hina.kohya.install() "
+            f"before training (see docs/SD_SCRIPTS.md).")
