@@ -68,7 +68,11 @@ class OptimizerSpec:
 
 
 def _kohya(name, target, package=None, *, aliases=(), builtin=(), **kw) -> OptimizerSpec:
-    return OptimizerSpec(name, target, package, "kohya", tuple(aliases), sd_scripts_builtin=(name, *builtin), **kw)
+    """A name from sd-scripts' ``--optimizer_type`` list; ``builtin=None``: listed there, but its
+    ``get_optimizer`` has no branch for it (it would look the name up in ``torch.optim`` and fail)."""
+    resolved_by_sd_scripts = () if builtin is None else (name, *builtin)
+    return OptimizerSpec(name, target, package, "kohya", tuple(aliases), sd_scripts_builtin=resolved_by_sd_scripts,
+                         **kw)
 
 
 def _hf(name, target, package=None, **kw) -> OptimizerSpec:
@@ -105,8 +109,9 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     _kohya("Lion", "lion_pytorch:Lion", "lion-pytorch"),
     _kohya("Lion8bit", f"{BNB}:Lion8bit", aliases=("lion_8bit",)),
     _kohya("PagedLion8bit", f"{BNB}:PagedLion8bit", aliases=("paged_lion_8bit",)),
-    _kohya("AdEMAMix8bit", f"{BNB}:AdEMAMix8bit", aliases=("ademamix_8bit",)),
-    _kohya("PagedAdEMAMix8bit", f"{BNB}:PagedAdEMAMix8bit", aliases=("paged_ademamix_8bit",)),
+    # sd-scripts' help lists these two but its get_optimizer has no branch for them (48d368fa): built here.
+    _kohya("AdEMAMix8bit", f"{BNB}:AdEMAMix8bit", aliases=("ademamix_8bit",), builtin=None),
+    _kohya("PagedAdEMAMix8bit", f"{BNB}:PagedAdEMAMix8bit", aliases=("paged_ademamix_8bit",), builtin=None),
     _kohya("DAdaptation", "dadaptation.experimental:DAdaptAdamPreprint", "dadaptation",
            aliases=("DAdaptAdamPreprint",), builtin=("DAdaptAdamPreprint",)),
     _kohya("DAdaptAdaGrad", "dadaptation:DAdaptAdaGrad", "dadaptation"),

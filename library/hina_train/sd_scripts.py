@@ -89,6 +89,9 @@ def run(checkout: Path, argv: list[str]) -> int:
         raise CheckoutError(f"could not hook library.train_util.get_optimizer in {checkout}")
     module = importlib.import_module("sdxl_train_network" if sdxl else "train_network")
     parser = module.setup_parser()
+    # sd-scripts re-reads sys.argv (read_config_from_file parses it again over the config's values), so
+    # sys.argv must hold what its own script would have got: without --sd_scripts and --sdxl.
+    sys.argv = [str(checkout / f"{module.__name__}.py"), *argv]
     args = parser.parse_args(argv)
     if hasattr(train_util, "verify_command_line_training_args"):
         train_util.verify_command_line_training_args(args)
