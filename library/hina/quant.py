@@ -1,0 +1,126 @@
+"""8-bit blockwise state codec in plain torch, bit-compatible with bitsandbytes' dynamic map.
+
+Implements block-wise dynamic quantisation (Dettmers et al., "8-bit Optimizers via Block-wise
+Quantization", arXiv 2110.02861): a flat state of ``n`` elements is cut into blocks of ``block``
+elements; each block keeps ``absmax = max |x|`` in float32 and every element the uint8 index of the
+code nearest to ``x / absmax`` in the dynamic map (Dettmers, "8-Bit Approximations for Parallelism in
+Deep Learning", arXiv 1511.04561). Decoding is ``qmap[code] * absmax``.
+
+The map is the one ``bitsandbytes.functional.create_dynamic_map(signed)`` builds (built here with the
+same float32 arithmetic; a test checks it bit for bit), so codes written by
+``bitsandbytes.functional.quantize_blockwise`` with the same map and block size decode here exactly as
+``dequantize_blockwise`` decodes them, and today's state_dicts stay loadable.
+
+Why not ``torch.bucketize``: it is slow in CPU inductor. The map has a fixed layout, so the code is
+computed arithmetically. For ``a = |x| / absmax`` in decade ``i`` (``10^(i-7) <= a < 10^(i-6)``,
+``i = 0..6``), the map holds ``k_i = 2^i`` (signed) or ``2^(i+1)`` (unsigned) codes
+``10^(i-6) * (0.1 + 0.9 (j + 1/2) / k_i)``, ``j = 0..k_i-1``, at consecutive indices; ``1.0`` is the last
+code and ``0`` sits at index 127 (signed, negatives mirrored below it) or 0 (unsigned). The index of the
+largest code ``<= a`` is ``start_i + floor((a / 10^(i-6) - 0.1) k_i / 0.9 - 1/2)``; the nearer of that
+code and the next one (two table lookups) is the result. Rounding error in that arithmetic can move the
+floor index by one only when ``a`` lies next to a code, where both candidate pairs contain that code,
+so the result is the nearest code (tests compare with bitsandbytes elementwise).
+
+Behaviour at the edges (tested):
+
+- No zero-point blow-up (unsigned map, non-negative states such as Adam's second moment): a positive
+  value never encodes to the zero code. bitsandbytes rounds ``a < 1.6e-7`` (half the smallest positive
+  code, ``3.25e-7``) to 0, so an element of ``v`` more than ~10^6.8 below its block's maximum decodes
+  to exactly 0 and Adam's ``m / (sqrt(v) + eps)`` becomes ``m / eps``: a step thousands of times too
+  large. Here such an element gets the smallest positive code (``3.25e-7 * absmax``), an error of at
+  most ``3.25e-7 * absmax`` that errs on the safe (smaller-step) side. Negative inputs to the unsigned
+  map encode to 0. (If ``absmax`` itself is below ~4e-39 the product underflows; ``sqrt(v)`` is then
+  far below any ``eps`` and the step is bounded by ``m / eps`` with ``m`` of the same tiny scale.)
+- A block of all zeros encodes with ``absmax = 0`` and the zero code, and decodes to zeros (no 0/0).
+- Non-finite input: ``absmax`` of a block holding a NaN is NaN, of a block holding ±inf (and no NaN)
+  is inf, so a caller detects a non-finite block from ``absmax`` alone. Codes in such a block are valid
+  indices (NaN counts as 0, ±inf as ±1) but meaningless, and decoding the block gives non-finite values
+  on every element (``code * inf`` is ±inf or NaN), never a silently finite state.
+
+All functions are functional (no in-place writes to their inputs), have no host synchronisation and no
+Python loop over blocks, so they trace into one fused kernel under ``torch.compile``; compiled and
+eager results are bit-identical (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MAX_EXPONENT = 7  # decades 10^-7..10^0 of bitsandbytes' default dynamic map (max_exponent_bits=7)
+_DYNAMIC_MAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def _build_dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256 codes of ``bitsandbytes.functional.create_dynamic_map(signed)``, same float32 arithmetic."""
+    values: list[torch.Tensor] = []
+    for decade in range(_MAX_EXPONENT):
+        items = 2 ** decade if signed else 2 ** (decade + 1)
+        boundaries = torch.linspace(0.1, 1, items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (-(_MAX_EXPONENT - 1) + decade)
+        values.append(scale * means)
+        if signed:
+            values.append(-scale * means)
+    values.append(torch.tensor([0.0, 1.0], dtype=torch.float32))
+    qmap = torch.cat(values)
+    assert qmap.numel() == 256, qmap.numel()
+    return qmap.sort().values
+
+
+def dynamic_map(signed: bool, device) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map (float32[256], sorted), cached per ``(signed, device)``.
+
+    ``signed=True`` for states of either sign (first moments), ``False`` for non-negative ones
+    (second moments): the unsigned map spends the sign bit on one more fraction bit per decade.
+    """
+    key = (bool(signed), torch.device(device))
+    if key not in _DYNAMIC_MAPS:
+        _DYNAMIC_MAPS[key] = _build_dynamic_map(bool(signed)).to(key[1])
+    return _DYNAMIC_MAPS[key]
+
+
+def _check_block(n: int, block: int) -> None:
+    if block <= 0 or n % block:
+        raise ValueError(f"block size {block} must be positive and divide the number of elements {n}")
+
+
+def encode(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise flat float32 ``x`` (``n`` a multiple of ``block``) to ``(codes uint8[n], absmax float32[n // block])``.
+
+    ``qmap`` must be ``dynamic_map(signed, x.device)``: the code arithmetic assumes its layout.
+    """
+    _check_block(x.numel(), block)
+    blocks = x.reshape(-1, block).to(torch.float32)
+    absmax = blocks.abs().amax(dim=1)  # NaN if the block holds a NaN, inf if it holds ±inf
+    safe_absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # all-zero block: divide by 1
+    y = torch.nan_to_num(blocks / safe_absmax[:, None], nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1.0, 1.0)
+    a = y.abs() if signed else y.clamp(min=0.0)
+
+    # decade i: 10^(i-7) <= a < 10^(i-6), clamped to 0..6 (below 10^-7 the floor index clamps to the zero code)
+    decade = torch.zeros_like(a)
+    for exponent in range(-6, 0):
+        decade = decade + (a >= 10.0 ** exponent).to(a.dtype)
+    extra = 0 if signed else 1
+    items = torch.exp2(decade + extra)                 # codes in this decade
+    zero_index = 127 if signed else 0
+    start = zero_index + 1 + items - 2 ** extra        # index of the decade's first code
+    fraction = a / torch.pow(10.0, decade - (_MAX_EXPONENT - 1))  # in [0.1, 1) inside the decade
+    floor_index = start + torch.floor((fraction - 0.1) * (items / 0.9) - 0.5)
+    low = floor_index.clamp(zero_index, 254).to(torch.int64)
+    high = low + 1
+    low_value, high_value = qmap[low], qmap[high]
+    code = torch.where(high_value - a < a - low_value, high, low)
+    if signed:
+        # negatives mirror the positive side (no -1.0 code: index 254 is the largest magnitude there)
+        code = torch.where(y < 0, 254 - code.clamp(max=254), code)
+    else:
+        # no zero-point: a positive value gets at least the smallest positive code
+        code = torch.where((a > 0) & (code == 0), torch.ones_like(code), code)
+    return code.to(torch.uint8).reshape(x.shape), absmax
+
+
+def decode(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block: int) -> torch.Tensor:
+    """Dequantise: ``qmap[codes] * absmax`` per block, float32[n] (same as bitsandbytes' dequantize_blockwise)."""
+    _check_block(codes.numel(), block)
+    values = qmap[codes.reshape(-1, block).to(torch.int64)]
+    return (values * absmax[:, None]).reshape(codes.shape)
