@@ -252,3 +252,110 @@ def test_sd_scripts_get_optimizer_with_and_without_hook(tmp_path):
         assert outcome["args"] == "use_spd=True,spd_lambda=0.06"
     assert without["name_source"] == ["shape_fallback"]
     assert with_hook["name_source"] == ["param_names"] and with_hook["lora_pairs"] == with_hook["loras"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kohya's LoRA+ and use_alora: the ratio is applied once
+def loraplus_groups(ratio=16.0, lr=1e-3):
+    """What kohya's prepare_optimizer_params returns with loraplus_lr_ratio: downs and ups in two groups."""
+    _, groups, _ = named_groups()
+    downs = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"]) if ".lora_down." in n]
+    ups = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"]) if ".lora_up." in n]
+    return [{"params": [p for _, p in downs], "param_names": [n for n, _ in downs], "lr": lr},
+            {"params": [p for _, p in ups], "param_names": [n for n, _ in ups], "lr": lr * ratio}]
+
+
+@pytest.mark.parametrize("optimizer_type", ["HinaAdamW", "AdamW_HinaAdaptive"])
+def test_kohya_loraplus_wins_and_alora_ratio_is_not_applied_on_top(optimizer_type, capsys):
+    train_util, _ = make_train_util()
+    kohya.install(train_util, network_modules=())
+    args = sd_args(optimizer_type)
+    args.network_args = ["loraplus_lr_ratio=16"]
+    _, _, optimizer = train_util.get_optimizer(args, loraplus_groups())
+    assert [g["alora_ratio"] for g in optimizer.param_groups] == [1.0, 1.0]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1.6e-2]  # kohya's 16x is the only ratio
+    assert all(g["use_alora"] for g in optimizer.param_groups)  # ALLoRA row scaling stays on
+    out = capsys.readouterr().out
+    assert out.count("library.hina:") == 1
+    assert "loraplus_lr_ratio=16" in out and "alora_ratio=16 is not applied" in out
+    assert optimizer.get_optimization_info()["lora_stats"]["lora_b_params"] == 4
+
+
+def test_loraplus_asked_but_groups_not_split_keeps_the_optimizer_ratio(capsys):
+    train_util, _ = make_train_util()
+    kohya.install(train_util, network_modules=())
+    _, groups, _ = named_groups()
+    args = sd_args("HinaAdamW", "alora_ratio=8")
+    args.network_args = ["loraplus_unet_lr_ratio=4", "conv_dim=4"]
+    _, _, optimizer = train_util.get_optimizer(args, groups)
+    assert {g["alora_ratio"] for g in optimizer.param_groups} == {8}
+    assert "alora_ratio=8 is the LoRA+ ratio that applies" in capsys.readouterr().out
+
+
+def test_no_loraplus_no_notice_and_dotted_path_gets_the_setting_too(capsys):
+    train_util, calls = make_train_util()
+    kohya.install(train_util, network_modules=())
+    _, groups, _ = named_groups()
+    _, _, optimizer = train_util.get_optimizer(sd_args("HinaAdamW"), groups)
+    assert {g["alora_ratio"] for g in optimizer.param_groups} == {16.0} and capsys.readouterr().out == ""
+    args = sd_args("library.hina.HinaAdamW", "use_spd=True")
+    args.network_args = ["loraplus_lr_ratio=16"]
+    train_util.get_optimizer(args, loraplus_groups())  # sd-scripts builds it from args.optimizer_args
+    assert calls[-1][0] == "library.hina.HinaAdamW"
+    assert args.optimizer_args == ["use_spd=True", "alora_ratio=1.0"]
+    # use_alora=False or an optimizer without a ratio of its own: nothing to settle
+    args = sd_args("HinaAdamW", "use_alora=False")
+    args.network_args = ["loraplus_lr_ratio=16"]
+    assert kohya.settle_lora_plus(args, loraplus_groups(), HinaAdamW) == ["use_alora=False"]
+
+
+def test_adamix_names_go_to_the_registry():
+    # sd-scripts 48d368fa lists AdEMAMix8bit but has no branch for it (torch.optim lookup, AttributeError)
+    for name in ("AdEMAMix8bit", "PagedAdEMAMix8bit", "ademamix_8bit"):
+        assert kohya.route(name) == ("registry", None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --sd_scripts with --config_file: sd-scripts' read_config_from_file parses sys.argv a second time
+CONFIG_CHECKOUT_TRAIN_UTIL = '''
+import argparse, toml
+def get_optimizer(args, trainable_params):
+    raise ValueError("not used here")
+def read_config_from_file(args, parser):  # sd-scripts 48d368fa, shortened: the config, then sys.argv over it
+    if not args.config_file:
+        return args
+    config_args = argparse.Namespace(**toml.load(args.config_file))
+    return parser.parse_args(namespace=config_args)
+'''
+CONFIG_CHECKOUT_TRAIN_NETWORK = '''
+import argparse, json, os
+def setup_parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config_file")
+    p.add_argument("--optimizer_type")
+    p.add_argument("--learning_rate", type=float)
+    return p
+class NetworkTrainer:
+    def train(self, args):
+        with open(os.environ["HINA_FAKE_REPORT"], "w") as f:
+            json.dump(vars(args), f)
+'''
+
+
+def test_sd_scripts_delegation_with_config_file(tmp_path):
+    checkout = tmp_path / "sd-scripts"
+    (checkout / "library").mkdir(parents=True)
+    (checkout / "networks").mkdir()
+    (checkout / "library" / "__init__.py").write_text("")
+    (checkout / "library" / "train_util.py").write_text(CONFIG_CHECKOUT_TRAIN_UTIL)
+    (checkout / "train_network.py").write_text(CONFIG_CHECKOUT_TRAIN_NETWORK)
+    config = tmp_path / "recipe.toml"
+    config.write_text('optimizer_type = "HinaAdamW"\nlearning_rate = 0.002\n')
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(REPO / "train_network_hina.py"), "--sd_scripts", str(checkout),
+                           "--config_file", str(config), "--learning_rate", "0.003"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HINA_FAKE_REPORT": str(report)})
+    assert proc.returncode == 0, proc.stderr[-2000:]  # was: exit 2, unrecognized arguments: --sd_scripts
+    args = json.loads(report.read_text())
+    assert args["optimizer_type"] == "HinaAdamW" and args["learning_rate"] == 0.003  # command line wins

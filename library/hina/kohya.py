@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from typing import Any
 
 import torch
 
-from . import registry
+from . import naming, registry
 from .base import HinaOptimizer
 
 HOOKED = "__hina_hooked__"
@@ -105,6 +106,67 @@ def wrap_network_module(module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# LoRA+ applied once
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def loraplus_network_args(network_args) -> dict[str, str]:
+    """kohya's ``loraplus_*lr_ratio`` items of ``--network_args`` (``["k=v", ...]``), as given."""
+    found = {}
+    for item in network_args or []:
+        key, _, value = str(item).partition("=")
+        if key.strip() in LORAPLUS_KEYS:
+            found[key.strip()] = value.strip()
+    return found
+
+
+def _group_params(trainable_params, default_lr: float) -> list[naming.GroupParams] | None:
+    if not (isinstance(trainable_params, list) and trainable_params
+            and all(isinstance(g, dict) for g in trainable_params)):
+        return None
+    groups = []
+    for group in trainable_params:
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        groups.append(naming.GroupParams(group.get("param_names"), [tuple(p.shape) for p in params],
+                                         "param_names", group.get("lr", default_lr)))
+    return groups
+
+
+def settle_lora_plus(args, trainable_params, cls: type) -> list[str] | None:
+    """The ``--optimizer_args`` for a Hina optimizer ``cls`` such that the B-side ratio is applied once.
+
+    When kohya's LoRA+ (``loraplus_*lr_ratio`` in ``--network_args``) has put the B side in groups with a
+    larger lr, ``alora_ratio=1.0`` is passed (kohya's ratio wins; ALLoRA row scaling stays on) and one
+    notice says so. When ``--network_args`` asks for LoRA+ but the network did not split its groups, the
+    notice says the optimizer's ratio applies instead. Returns the args unchanged otherwise.
+    """
+    optimizer_args = list(args.optimizer_args or [])
+    given = loraplus_network_args(getattr(args, "network_args", None))
+    if not (isinstance(cls, type) and issubclass(cls, HinaOptimizer)):
+        return optimizer_args
+    parameters = inspect.signature(cls.__init__).parameters
+    if "alora_ratio" not in parameters:
+        return optimizer_args  # no B-side lr ratio of its own (the Automagic family): nothing compounds
+    kwargs = registry.split_optimizer_args(optimizer_args)
+    if kwargs.get("use_alora", parameters["use_alora"].default) is False:
+        return optimizer_args
+    ratio = kwargs.get("alora_ratio", parameters["alora_ratio"].default)
+    groups = _group_params(trainable_params, args.learning_rate)
+    split = naming.detect_split_lora_plus(naming.pair_groups(groups), [g.lr for g in groups]) if groups else None
+    shown = " ".join(f"{k}={v}" for k, v in given.items())
+    if split is not None:
+        print(f"library.hina: LoRA+ {'(' + shown + ') ' if shown else ''}is applied by the param groups: "
+              + split.message(cls.__name__, ratio))
+        kwargs["alora_ratio"] = 1.0
+        return [f"{k}={v!r}" for k, v in kwargs.items()]
+    if given:
+        print(f"library.hina: --network_args {shown} did not give the B side its own lr (this network keeps "
+              f"A and B in one group): {cls.__name__}'s alora_ratio={ratio:g} is the LoRA+ ratio that applies.")
+    return optimizer_args
+
+
+# ----------------------------------------------------------------------------------------------------------
 # get_optimizer
 def _keeps_names(optimizer_type: str) -> bool:
     """True when ``optimizer_type`` is a dotted path to a Hina optimizer class."""
@@ -149,6 +211,9 @@ def _wrap_get_optimizer(original):
         if getattr(args, "use_8bit_adam", False) or getattr(args, "use_lion_optimizer", False):
             return original(args, strip_param_names(trainable_params))
         how, new_name = route(args.optimizer_type)
+        if how == "registry" or _keeps_names(args.optimizer_type or ""):
+            _, cls = registry.resolve(args.optimizer_type)
+            args.optimizer_args = settle_lora_plus(args, trainable_params, cls)
         if how == "registry":
             return build_for_sd_scripts(args, trainable_params)
         if how == "rename":
