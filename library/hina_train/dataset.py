@@ -5,18 +5,21 @@ Sources
   (``10_shapes``, ``5_sks dog``) holds images (.png .jpg .jpeg .webp .bmp) and, beside each image, a caption
   file ``<stem><caption_extension>``. Subfolders without a ``<repeats>_`` prefix are skipped with a notice,
   as in sd-scripts.
-- ``--dataset_config FILE``: kohya's dataset TOML, the common subset: ``[general]`` and ``[[datasets]]``
-  keys ``resolution``, ``batch_size``, ``caption_extension``, ``shuffle_caption``, ``keep_tokens``,
-  ``flip_aug``, and ``[[datasets.subsets]]`` keys ``image_dir``, ``num_repeats``, ``class_tokens`` and the
-  same caption/augmentation keys. Any other key is an error naming it.
+- ``--dataset_config FILE``: kohya's dataset TOML (its DreamBooth schema, ``library/config_util.py``):
+  ``[[datasets.subsets]]`` keys ``image_dir``, ``is_reg`` and the subset keys of ``SUBSET_TYPES`` (repeats,
+  class tokens, caption and augmentation settings); ``[[datasets]]`` adds ``DATASET_TYPES`` (resolution,
+  batch size, bucketing); ``[general]`` may hold any of both. A key is looked up subset -> dataset ->
+  general -> command line, as kohya does. Any other key is an error naming it.
+- ``--reg_data_dir DIR``: regularisation images in the same folder format (subsets with ``is_reg``); their
+  loss is weighted by ``--prior_loss_weight``.
 
 Missing caption (kohya's behaviour, kept): an image without a caption file is captioned with its folder's
 class tokens (``5_sks dog`` -> "sks dog"), and a notice counts how many. When there are no class tokens
 either (``--dataset_config`` subset without ``class_tokens``), it is an error naming the image.
 
-Images are resized (aspect kept, shorter side to the target) and centre-cropped to the resolution; there
-is no aspect-ratio bucketing. Every image is decoded once up front, so a corrupt or unreadable file is
-reported by name before any training time is spent.
+Images are resized (aspect kept) to cover their bucket and centre-cropped to it (``buckets``: with
+``enable_bucket`` a bucket near the image's aspect ratio, else the training resolution). Every image is
+decoded once up front, so a corrupt or unreadable file is reported by name before any training time is spent.
 """
 
 from __future__ import annotations
@@ -28,12 +31,29 @@ from pathlib import Path
 
 import torch
 
+from . import captions as caption_rules
+from .buckets import BucketSettings
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SUBSET_KEYS = {"image_dir", "num_repeats", "class_tokens", "caption_extension", "shuffle_caption",
-               "keep_tokens", "flip_aug"}
-DATASET_KEYS = {"resolution", "batch_size", "subsets", "caption_extension", "shuffle_caption", "keep_tokens",
-                "flip_aug"}
+# kohya's dataset-config keys and their TOML types (bool is not accepted where an int is meant); one list.
+# Subset keys may also stand in [[datasets]] and [general]; their command-line option has the same name.
+SUBSET_TYPES = {
+    "num_repeats": (int,), "class_tokens": (str,), "caption_extension": (str,), "shuffle_caption": (bool,),
+    "keep_tokens": (int,), "flip_aug": (bool,), "keep_tokens_separator": (str,), "caption_separator": (str,),
+    "secondary_separator": (str,), "caption_prefix": (str,), "caption_suffix": (str,),
+    "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
+    "caption_tag_dropout_rate": (float, int),
+}
+SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
+DATASET_TYPES = {
+    "resolution": (int, list, str), "batch_size": (int,), "enable_bucket": (bool,), "min_bucket_reso": (int,),
+    "max_bucket_reso": (int,), "bucket_reso_steps": (int,), "bucket_no_upscale": (bool,),
+}
+KEY_TYPES = {**SUBSET_TYPES, **SUBSET_ONLY_TYPES, **DATASET_TYPES, "subsets": (list,)}
+SUBSET_KEYS = set(SUBSET_TYPES) | set(SUBSET_ONLY_TYPES)
+DATASET_KEYS = set(SUBSET_TYPES) | set(DATASET_TYPES) | {"subsets"}
 GENERAL_KEYS = DATASET_KEYS - {"subsets"}
+BUCKET_KEYS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
 
 
 class DatasetError(ValueError):
@@ -49,6 +69,15 @@ class Subset:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     flip_aug: bool = False
+    keep_tokens_separator: str = ""
+    caption_separator: str = ","
+    secondary_separator: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    is_reg: bool = False
 
 
 @dataclass
@@ -56,6 +85,9 @@ class Item:
     image: Path
     caption: str
     subset: Subset
+    size: tuple[int, int] = (0, 0)  # the image file's (width, height)
+    bucket: tuple[int, int] | None = None  # (width, height) it trains at; set by buckets.assign
+    resized: tuple[int, int] | None = None  # its size after resizing, before the centre crop
 
 
 @dataclass
@@ -65,14 +97,29 @@ class DatasetSpec:
     batch_size: int | None = None
     items: list[Item] = field(default_factory=list)
     captions_from_class: int = 0
+    buckets: BucketSettings = field(default_factory=BucketSettings)
 
 
-def subsets_from_folder(train_data_dir: str | Path, args) -> list[Subset]:
+def subset_defaults(args) -> dict:
+    """The subset keys' values from the command line (kohya's lowest-priority fallback)."""
+    return {name: getattr(args, name) for name in SUBSET_TYPES
+            if name not in ("num_repeats", "class_tokens") and getattr(args, name, None) is not None}
+
+
+def bucket_settings(values: dict, args) -> BucketSettings:
+    """Bucket settings from a config table's values, else the command line, else kohya's defaults."""
+    defaults = BucketSettings()
+    return BucketSettings(**{k: values.get(k, getattr(args, k, None) if getattr(args, k, None) is not None
+                                           else getattr(defaults, k)) for k in BUCKET_KEYS})
+
+
+def subsets_from_folder(train_data_dir: str | Path, args, is_reg: bool = False) -> list[Subset]:
     root = Path(train_data_dir)
+    option = "--reg_data_dir" if is_reg else "--train_data_dir"
     if not root.exists():
-        raise DatasetError(f"--train_data_dir {str(root)!r} does not exist")
+        raise DatasetError(f"{option} {str(root)!r} does not exist")
     if not root.is_dir():
-        raise DatasetError(f"--train_data_dir {str(root)!r} is not a folder")
+        raise DatasetError(f"{option} {str(root)!r} is not a folder")
     subsets = []
     for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         match = re.fullmatch(r"(\d+)_(.*)", child.name)
@@ -80,19 +127,22 @@ def subsets_from_folder(train_data_dir: str | Path, args) -> list[Subset]:
             print(f"note: skipping {str(child)!r}: kohya folders are named <repeats>_<class tokens>, e.g. 10_dog")
             continue
         subsets.append(Subset(image_dir=child, num_repeats=int(match.group(1)), class_tokens=match.group(2),
-                              caption_extension=args.caption_extension, shuffle_caption=args.shuffle_caption,
-                              keep_tokens=args.keep_tokens, flip_aug=args.flip_aug))
+                              is_reg=is_reg, **subset_defaults(args)))
     if not subsets:
         raise DatasetError(
-            f"--train_data_dir {str(root)!r} has no <repeats>_<class tokens> subfolders (e.g. 10_dog/) with images")
+            f"{option} {str(root)!r} has no <repeats>_<class tokens> subfolders (e.g. 10_dog/) with images")
     return subsets
 
 
-# TOML value types of the dataset-config keys (bool is not accepted where an int is meant).
-KEY_TYPES = {"image_dir": (str,), "num_repeats": (int,), "class_tokens": (str,), "caption_extension": (str,),
-             "shuffle_caption": (bool,), "keep_tokens": (int,), "flip_aug": (bool,), "batch_size": (int,),
-             "resolution": (int, list, str), "subsets": (list,)}
-TYPE_TEXT = {str: "a quoted string", int: "an integer", bool: "true or false", list: "a list"}
+def spec_from_folders(args) -> DatasetSpec:
+    """``--train_data_dir`` (+ ``--reg_data_dir``): kohya's DreamBooth folders, settings from the command line."""
+    subsets = subsets_from_folder(args.train_data_dir, args)
+    if getattr(args, "reg_data_dir", None):
+        subsets += subsets_from_folder(args.reg_data_dir, args, is_reg=True)
+    return DatasetSpec(subsets=subsets, buckets=bucket_settings({}, args))
+
+
+TYPE_TEXT = {str: "a quoted string", int: "an integer", bool: "true or false", list: "a list", float: "a number"}
 
 
 def _check_keys(table: dict, valid: set[str], where: str, path: Path) -> None:
@@ -130,10 +180,9 @@ def spec_from_config(path: str | Path, args) -> DatasetSpec:
                            "supports exactly one (put several folders in its [[datasets.subsets]])")
     dataset = datasets[0]
     _check_keys(dataset, DATASET_KEYS, "[[datasets]]", path)
-    defaults = {"caption_extension": args.caption_extension, "shuffle_caption": args.shuffle_caption,
-                "keep_tokens": args.keep_tokens, "flip_aug": args.flip_aug}
-    defaults.update({k: v for k, v in general.items() if k in defaults})
-    defaults.update({k: v for k, v in dataset.items() if k in defaults})
+    defaults = subset_defaults(args)
+    defaults.update({k: v for k, v in general.items() if k in SUBSET_TYPES})
+    defaults.update({k: v for k, v in dataset.items() if k in SUBSET_TYPES})
     subsets = []
     for table in dataset.get("subsets", []):
         if not isinstance(table, dict):
@@ -146,6 +195,10 @@ def spec_from_config(path: str | Path, args) -> DatasetSpec:
         if not image_dir.is_dir():
             raise DatasetError(f"--dataset_config {str(path)!r}: image_dir {str(image_dir)!r} is not a folder")
         values = {**defaults, **{k: v for k, v in table.items() if k != "image_dir"}}
+        try:
+            caption_rules.check_rates(values, "")
+        except ValueError as e:
+            raise DatasetError(f"--dataset_config {str(path)!r}: [[datasets.subsets]] {e}") from None
         subsets.append(Subset(image_dir=image_dir, **values))
     if not subsets:
         raise DatasetError(f"--dataset_config {str(path)!r} has no [[datasets.subsets]] with an image_dir")
@@ -158,7 +211,9 @@ def spec_from_config(path: str | Path, args) -> DatasetSpec:
         except ArgumentError as e:
             raise DatasetError(f"--dataset_config {str(path)!r}: {e}".replace("--resolution", "resolution")) from None
     batch_size = dataset.get("batch_size", general.get("batch_size"))
-    return DatasetSpec(subsets=subsets, resolution=resolution, batch_size=batch_size)
+    buckets = bucket_settings({**{k: v for k, v in general.items() if k in BUCKET_KEYS},
+                               **{k: v for k, v in dataset.items() if k in BUCKET_KEYS}}, args)
+    return DatasetSpec(subsets=subsets, resolution=resolution, batch_size=batch_size, buckets=buckets)
 
 
 def _caption(image: Path, subset: Subset) -> tuple[str, bool]:
@@ -176,16 +231,19 @@ def _caption(image: Path, subset: Subset) -> tuple[str, bool]:
                        "class_tokens to fall back on; add the caption or set class_tokens")
 
 
-def check_image(path: Path) -> None:
-    """Decode ``path`` fully (JPEGs at reduced size) so corrupt files fail here, by name."""
+def check_image(path: Path) -> tuple[int, int]:
+    """Decode ``path`` fully (JPEGs at reduced size) so corrupt files fail here, by name; returns its
+    (width, height)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            size = image.size
             image.draft("RGB", (64, 64))
             image.load()
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ValueError...)
         raise DatasetError(f"image {str(path)!r} cannot be read: {type(e).__name__}: {e}") from None
+    return size
 
 
 def collect(spec: DatasetSpec) -> DatasetSpec:
@@ -200,10 +258,10 @@ def collect(spec: DatasetSpec) -> DatasetSpec:
         if not isinstance(subset.num_repeats, int) or subset.num_repeats < 1:
             raise DatasetError(f"folder {str(subset.image_dir)!r}: num_repeats {subset.num_repeats!r} must be >= 1")
         for image in images:
-            check_image(image)
+            size = check_image(image)
             caption, from_class = _caption(image, subset)
             spec.captions_from_class += from_class
-            items.append(Item(image=image, caption=caption, subset=subset))
+            items.append(Item(image=image, caption=caption, subset=subset, size=size))
     if spec.captions_from_class:
         print(f"note: {spec.captions_from_class} image(s) have no caption file; using the folder's class tokens "
               "(kohya's behaviour)")
@@ -211,49 +269,64 @@ def collect(spec: DatasetSpec) -> DatasetSpec:
     return spec
 
 
-def load_image(path: Path, width: int, height: int) -> torch.Tensor:
-    """RGB image -> float tensor (3, H, W) in [-1, 1]; shorter side resized, then centre-cropped."""
+def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB image -> float tensor (3, height, width) in [-1, 1]: resized to ``resized`` (default: the smallest
+    size, aspect kept, that covers width x height), then centre-cropped (kohya's ``trim_and_resize_if_required``)."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as image:
         image = image.convert("RGB")
-        scale = max(width / image.width, height / image.height)
-        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC)
-        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        if resized is None:
+            scale = max(width / image.width, height / image.height)
+            resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        if tuple(resized) != image.size:
+            image = image.resize(tuple(resized), Image.BICUBIC)
+        left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
         image = image.crop((left, top, left + width, top + height))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def process_caption(caption: str, subset: Subset, generator: torch.Generator) -> str:
-    """kohya's ``shuffle_caption`` / ``keep_tokens`` on comma-separated tags."""
-    if not subset.shuffle_caption:
-        return caption
-    tags = [t.strip() for t in caption.split(",")]
-    keep, rest = tags[:subset.keep_tokens], tags[subset.keep_tokens:]
-    order = torch.randperm(len(rest), generator=generator).tolist()
-    return ", ".join(keep + [rest[i] for i in order])
+def load_item(item: Item) -> torch.Tensor:
+    """The item's image at its bucket (``buckets.assign`` must have run)."""
+    return load_image(item.image, item.bucket[0], item.bucket[1], item.resized)
+
+
+def process_caption(caption: str, subset: Subset, generator: torch.Generator, epoch: int = 1) -> str:
+    """kohya's per-sample caption processing (``captions.process_caption``); ``epoch`` counts from 1."""
+    return caption_rules.process_caption(caption, subset, generator, epoch)
 
 
 class Epochs:
     """The sample order: each item ``num_repeats`` times per epoch, shuffled by (seed, epoch) alone.
 
+    With several buckets (kohya's bucketing), each batch comes from one bucket: every bucket's samples are
+    shuffled and cut into batches, and the batches are shuffled (kohya's ``shuffle_buckets``).
     Because the order is a pure function of the seed and the epoch number, a resumed run sees the same
     batches as an uninterrupted one without saving any sampler state.
     """
 
     def __init__(self, items: list[Item], batch_size: int, seed: int):
         self.indices = [i for i, item in enumerate(items) for _ in range(item.subset.num_repeats)]
+        self.by_bucket: dict = {}
+        for i in self.indices:
+            self.by_bucket.setdefault(items[i].bucket, []).append(i)
+        self.by_bucket = dict(sorted(self.by_bucket.items(), key=lambda kv: kv[0] or (0, 0)))
         self.batch_size = batch_size
         self.seed = seed
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return sum(math.ceil(len(group) / self.batch_size) for group in self.by_bucket.values())
 
     def batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if len(self.by_bucket) <= 1:
+            order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+            return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = []
+        for group in self.by_bucket.values():
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

@@ -1,0 +1,80 @@
+"""Caption processing per training sample, as kohya sd-scripts' ``BaseDataset.process_caption`` does it.
+
+In order:
+1. ``caption_prefix`` + " " + caption + " " + ``caption_suffix``;
+2. caption dropout: the whole caption becomes "" with probability ``caption_dropout_rate``, and in every
+   epoch divisible by ``caption_dropout_every_n_epochs`` (epochs counted from 1, as kohya counts them);
+3. tags (split at ``caption_separator``, default ","): the fixed head is the first ``keep_tokens`` tags, or,
+   when ``keep_tokens_separator`` occurs in the caption, the part before it (a second occurrence also fixes
+   a tail); the flexible tags in between are shuffled (``shuffle_caption``) and each dropped with
+   probability ``caption_tag_dropout_rate``; the tags are joined with ", ";
+4. ``secondary_separator`` is replaced by ``caption_separator`` (so "a;;b" stays one tag through shuffling).
+
+Randomness comes from the micro-batch's ``torch.Generator``, so a resumed run draws the same captions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _tags(text: str, separator: str) -> list[str]:
+    return [t.strip() for t in text.split(separator) if t.strip()]
+
+
+def split_fixed_flexible(caption: str, keep_tokens: int, keep_tokens_separator: str | None,
+                         separator: str = ",") -> tuple[list[str], list[str], list[str]]:
+    """(fixed head, flexible middle, fixed tail) tags of ``caption``, kohya's rule."""
+    if keep_tokens_separator and keep_tokens_separator in caption:
+        fixed, flexible = caption.split(keep_tokens_separator, 1)
+        tail: list[str] = []
+        if keep_tokens_separator in flexible:
+            flexible, tail_text = flexible.split(keep_tokens_separator, 1)
+            tail = _tags(tail_text, separator)
+        return _tags(fixed, separator), _tags(flexible, separator), tail
+    tags = [t.strip() for t in caption.strip().split(separator)]
+    if keep_tokens > 0:
+        return tags[:keep_tokens], tags[keep_tokens:], []
+    return [], tags, []
+
+
+def process_caption(caption: str, subset, generator: torch.Generator, epoch: int = 1) -> str:
+    """The caption a sample trains with this time (see the module docstring). ``subset`` carries kohya's
+    per-subset caption settings; ``epoch`` counts from 1."""
+    if subset.caption_prefix:
+        caption = subset.caption_prefix + " " + caption
+    if subset.caption_suffix:
+        caption = caption + " " + subset.caption_suffix
+    rate = subset.caption_dropout_rate
+    dropped = rate > 0 and float(torch.rand((), generator=generator)) < rate
+    every = subset.caption_dropout_every_n_epochs
+    if dropped or (every and every > 0 and epoch % every == 0):
+        return ""
+    separator = subset.caption_separator
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0:
+        fixed, flexible, tail = split_fixed_flexible(caption, subset.keep_tokens, subset.keep_tokens_separator,
+                                                     separator)
+        if subset.shuffle_caption:
+            flexible = [flexible[i] for i in torch.randperm(len(flexible), generator=generator).tolist()]
+        tag_rate = subset.caption_tag_dropout_rate
+        if tag_rate > 0:
+            keep = (torch.rand(len(flexible), generator=generator) >= tag_rate).tolist()
+            flexible = [t for t, k in zip(flexible, keep) if k]
+        caption = ", ".join(fixed + flexible + tail)
+    if subset.secondary_separator:
+        caption = caption.replace(subset.secondary_separator, separator)
+    return caption
+
+
+def check_rates(values: dict, where: str) -> None:
+    """Caption settings of one subset must be in range; raises ValueError naming the value."""
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        value = values.get(name, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{where}{name} {value!r} must be a number from 0 to 1")
+    value = values.get("caption_dropout_every_n_epochs", 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{where}caption_dropout_every_n_epochs {value!r} must be an integer >= 0 (0: off)")
+    value = values.get("caption_separator", ",")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}caption_separator {value!r} must be a non-empty string")

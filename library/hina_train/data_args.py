@@ -1,0 +1,134 @@
+"""kohya sd-scripts' data, caption, caching, sampling, noise and loss options: names, defaults and help as in
+sd-scripts' ``library/train_util.py`` / ``custom_train_functions.py`` / ``train_network.py``, and their checks.
+
+``args.build_parser`` adds them (``add_arguments``) and ``args.check_args`` checks them (``check``); the code
+that uses them lives in ``buckets``, ``captions``, ``text_encoding``, ``latent_cache``, ``sampling``,
+``noise`` and ``losses``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import ArgumentError
+
+# kohya's --sample_sampler names (the diffusers scheduler each maps to is in sampling.SAMPLERS).
+SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver",
+                   "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
+LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    # aspect-ratio buckets
+    a("--enable_bucket", action="store_true", help="enable buckets for multi aspect ratio training")
+    a("--min_bucket_reso", type=int, default=256, help="minimum resolution for buckets, divisible by bucket_reso_steps")
+    a("--max_bucket_reso", type=int, default=1024, help="maximum resolution for buckets, divisible by bucket_reso_steps")
+    a("--bucket_reso_steps", type=int, default=64, help="steps of resolution for buckets (SD: multiple of 64, SDXL: 32)")
+    a("--bucket_no_upscale", action="store_true", help="make bucket for each image without upscaling")
+    # captions
+    a("--caption_separator", type=str, default=",", help="separator for caption tags")
+    a("--keep_tokens_separator", type=str, default="",
+      help="tags before this separator are not shuffled (instead of --keep_tokens); a second one fixes a tail")
+    a("--secondary_separator", type=str, default=None,
+      help="replaced by caption_separator after shuffling/dropping (keeps a multi-part tag together)")
+    a("--caption_prefix", type=str, default=None, help="prefix for caption text")
+    a("--caption_suffix", type=str, default=None, help="suffix for caption text")
+    a("--caption_dropout_rate", type=float, default=0.0, help="rate of dropping the whole caption (0.0~1.0)")
+    a("--caption_dropout_every_n_epochs", type=int, default=0, help="drop all captions every N epochs")
+    a("--caption_tag_dropout_rate", type=float, default=0.0, help="rate of dropping each comma-separated tag (0.0~1.0)")
+    a("--max_token_length", type=int, default=None,
+      help="max token length of the text encoder (default 75; 150 or 225: captions encoded in 75-token chunks)")
+    # regularisation images, VAE
+    a("--reg_data_dir", type=str, default=None, help="folder of regularization images (kohya folder format)")
+    a("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
+    a("--vae", type=str, default=None, help="VAE to use instead of the model's: a diffusers folder or a single file")
+    # caching
+    a("--cache_latents_to_disk", action="store_true",
+      help="cache latents to .npz files beside the images (kohya's format; reused when valid)")
+    a("--cache_text_encoder_outputs", action="store_true", help="cache text encoder outputs (needs a frozen text encoder)")
+    a("--cache_text_encoder_outputs_to_disk", action="store_true", help="cache text encoder outputs to disk (.npz)")
+    # sample images
+    a("--sample_every_n_steps", type=int, default=None, help="generate sample images every N steps")
+    a("--sample_every_n_epochs", type=int, default=None,
+      help="generate sample images every N epochs (overrides --sample_every_n_steps)")
+    a("--sample_at_first", action="store_true", help="generate sample images before training")
+    a("--sample_prompts", type=str, default=None, help="file of prompts for sample images (.txt, .toml or .json)")
+    a("--sample_sampler", type=str, default="ddim", help=f"sampler for sample images: {', '.join(SAMPLE_SAMPLERS)}")
+    # noise
+    a("--noise_offset_random_strength", action="store_true",
+      help="use a random strength between 0 and noise_offset for the noise offset")
+    a("--multires_noise_iterations", type=int, default=None,
+      help="enable multires (pyramid) noise with this many iterations (6-10 recommended)")
+    a("--multires_noise_discount", type=float, default=0.3, help="discount of multires noise per iteration")
+    a("--ip_noise_gamma", type=float, default=None,
+      help="input perturbation noise strength (arXiv 2301.11706; about 0.1 recommended)")
+    a("--ip_noise_gamma_random_strength", action="store_true",
+      help="use a random strength between 0 and ip_noise_gamma for input perturbation noise")
+    a("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR (arXiv 2305.08891)")
+    # loss
+    a("--loss_type", type=str, default="l2", help=f"loss function: {', '.join(LOSS_TYPES)}")
+    a("--huber_schedule", type=str, default="snr",
+      help=f"Huber parameter schedule for huber/smooth_l1: {', '.join(HUBER_SCHEDULES)}")
+    a("--huber_c", type=float, default=0.1, help="Huber loss parameter (decay parameter of the schedule)")
+    a("--huber_scale", type=float, default=1.0, help="Huber loss scale (constant and exponential schedules)")
+    a("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting (arXiv 2310.08442)")
+    a("--scale_weight_norms", type=float, default=None,
+      help="max-norm regularization: scale each LoRA module's weight so its norm stays below this (1 is a good start)")
+
+
+def _positive_int(args, name: str) -> None:
+    value = getattr(args, name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ArgumentError(f"--{name} {value!r} must be a positive integer")
+
+
+def _number(args, name: str, low: float, high: float | None = None, text: str = "") -> None:
+    value = getattr(args, name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value > high):
+        raise ArgumentError(f"--{name} {value!r} must be {text or f'a number >= {low}'}")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Check the options above; raises ArgumentError naming the bad value and what is valid."""
+    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "sample_every_n_steps",
+                 "sample_every_n_epochs", "multires_noise_iterations"):
+        _positive_int(args, name)
+    if args.sample_sampler not in SAMPLE_SAMPLERS:
+        raise ArgumentError(f"--sample_sampler {args.sample_sampler!r} is not a sampler; valid: {', '.join(SAMPLE_SAMPLERS)}")
+    if args.loss_type not in LOSS_TYPES:
+        raise ArgumentError(f"--loss_type {args.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if args.huber_schedule not in HUBER_SCHEDULES:
+        raise ArgumentError(f"--huber_schedule {args.huber_schedule!r}; valid: {', '.join(HUBER_SCHEDULES)}")
+    if args.max_token_length is not None and args.max_token_length not in MAX_TOKEN_LENGTHS:
+        raise ArgumentError(f"--max_token_length {args.max_token_length!r}; valid: 75 (the default), 150, 225")
+    _number(args, "caption_dropout_rate", 0.0, 1.0, "a number from 0 to 1")
+    _number(args, "caption_tag_dropout_rate", 0.0, 1.0, "a number from 0 to 1")
+    _number(args, "multires_noise_discount", 0.0, 1.0, "a number from 0 to 1")
+    _number(args, "huber_c", 0.0, 1.0, "a number from 0 to 1 (exclusive of 0)")
+    if args.huber_c is not None and args.huber_c <= 0:
+        raise ArgumentError(f"--huber_c {args.huber_c!r} must be a number from 0 to 1 (exclusive of 0)")
+    for name in ("prior_loss_weight", "ip_noise_gamma", "huber_scale"):
+        _number(args, name, 0.0)
+    if args.scale_weight_norms is not None:
+        _number(args, "scale_weight_norms", 0.0)
+        if args.scale_weight_norms <= 0:
+            raise ArgumentError(f"--scale_weight_norms {args.scale_weight_norms!r} must be a number > 0")
+    if not isinstance(args.caption_dropout_every_n_epochs, int) or args.caption_dropout_every_n_epochs < 0:
+        raise ArgumentError(f"--caption_dropout_every_n_epochs {args.caption_dropout_every_n_epochs!r} "
+                            "must be an integer >= 0 (0: off)")
+    if not args.caption_separator:
+        raise ArgumentError("--caption_separator must not be empty (kohya's default: ',')")
+    if args.sample_prompts is None and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
+        raise ArgumentError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts FILE")
+    if args.cache_latents_to_disk:
+        args.cache_latents = True  # kohya: cache_latents_to_disk implies cache_latents
+    if args.cache_text_encoder_outputs_to_disk:
+        args.cache_text_encoder_outputs = True
+    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+        raise ArgumentError("--cache_text_encoder_outputs needs --network_train_unet_only (a text encoder "
+                            "that trains changes its outputs; kohya's rule)")
