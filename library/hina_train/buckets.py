@@ -21,8 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import ArgumentError
 
-class BucketError(ValueError):
+
+class BucketError(ArgumentError):
     """Bad bucket settings; the message names the value and what would be valid."""
 
 
@@ -155,7 +157,7 @@ def assign(items, resolution: tuple[int, int], settings: BucketSettings) -> dict
     counts: dict[tuple[int, int], int] = {}
     for item in items:
         item.bucket, item.resized = select_bucket(item.size, resolution, settings, predefined)
-        counts[item.bucket] = counts.get(item.bucket, 0) + item.subset.num_repeats
+        counts[item.bucket] = counts.get(item.bucket, 0) + item.num_repeats
     return dict(sorted(counts.items()))
 
 

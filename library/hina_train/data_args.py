@@ -125,6 +125,10 @@ def check(args: argparse.Namespace) -> None:
         raise ArgumentError("--caption_separator must not be empty (kohya's default: ',')")
     if args.sample_prompts is None and (args.sample_every_n_steps or args.sample_every_n_epochs or args.sample_at_first):
         raise ArgumentError("--sample_every_n_steps/--sample_every_n_epochs/--sample_at_first need --sample_prompts FILE")
+    if args.sample_prompts is not None:
+        from .sampling import load_prompts
+
+        load_prompts(args.sample_prompts)  # a bad file fails now, not at the first sample
     if args.cache_latents_to_disk:
         args.cache_latents = True  # kohya: cache_latents_to_disk implies cache_latents
     if args.cache_text_encoder_outputs_to_disk:

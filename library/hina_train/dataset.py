@@ -88,6 +88,7 @@ class Item:
     size: tuple[int, int] = (0, 0)  # the image file's (width, height)
     bucket: tuple[int, int] | None = None  # (width, height) it trains at; set by buckets.assign
     resized: tuple[int, int] | None = None  # its size after resizing, before the centre crop
+    num_repeats: int = 1  # the subset's, or more for regularisation images (balance_regularisation)
 
 
 @dataclass
@@ -261,12 +262,38 @@ def collect(spec: DatasetSpec) -> DatasetSpec:
             size = check_image(image)
             caption, from_class = _caption(image, subset)
             spec.captions_from_class += from_class
-            items.append(Item(image=image, caption=caption, subset=subset, size=size))
+            items.append(Item(image=image, caption=caption, subset=subset, size=size, num_repeats=subset.num_repeats))
     if spec.captions_from_class:
         print(f"note: {spec.captions_from_class} image(s) have no caption file; using the folder's class tokens "
               "(kohya's behaviour)")
     spec.items = items
+    balance_regularisation(items)
     return spec
+
+
+def balance_regularisation(items: list[Item]) -> None:
+    """kohya's DreamBooth rule: regularisation images (repeats included) are used as often as training images
+    in an epoch: the first pass takes each with its repeats, later passes add one repeat at a time, in
+    order, until the counts match. Fewer regularisation images than training images is fine (they repeat);
+    kohya warns about it, so do we."""
+    train = sum(it.num_repeats for it in items if not it.subset.is_reg)
+    regs = [it for it in items if it.subset.is_reg]
+    if not regs:
+        return
+    if len(regs) < train:
+        print(f"note: {len(regs)} regularisation image(s) for {train} training images (repeats included); "
+              "they are repeated to match, as kohya does")
+    for it in regs:
+        it.num_repeats = 0
+    n, first = 0, True
+    while n < train:
+        for it in regs:
+            step = it.subset.num_repeats if first else 1
+            it.num_repeats += step
+            n += step
+            if n >= train:
+                break
+        first = False
 
 
 def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | None = None) -> torch.Tensor:
@@ -308,7 +335,7 @@ class Epochs:
     """
 
     def __init__(self, items: list[Item], batch_size: int, seed: int):
-        self.indices = [i for i, item in enumerate(items) for _ in range(item.subset.num_repeats)]
+        self.indices = [i for i, item in enumerate(items) for _ in range(item.num_repeats)]
         self.by_bucket: dict = {}
         for i in self.indices:
             self.by_bucket.setdefault(items[i].bucket, []).append(i)

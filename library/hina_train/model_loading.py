@@ -5,6 +5,8 @@
 - single file (``.safetensors``/``.ckpt``): ``from_single_file``. diffusers needs the model's config for
   that; it comes from the local Hugging Face cache (nothing is downloaded when HF_HUB_OFFLINE=1).
 - nothing: ``tiny_model.build_tiny_sd`` (SD 1.x architecture, random weights, generated tokenizer).
+- ``--vae PATH`` replaces the model's VAE, as kohya's ``load_vae``: a diffusers ``AutoencoderKL`` folder (or a
+  pipeline folder with ``vae/``), or a single ``.safetensors``/``.ckpt`` file (``from_single_file``).
 
 The noise scheduler is kohya's: DDPM, scaled-linear betas 0.00085..0.012, 1000 steps, no sample clipping.
 """
@@ -69,7 +71,45 @@ def _from_pipeline(pipe, is_sdxl: bool, name: str, model_hash: str | None, v2: b
                   default_resolution=1024 if is_sdxl else (768 if v2 else 512))
 
 
+def load_vae(path: str):
+    """kohya's ``--vae``: an AutoencoderKL from a diffusers folder or a single file, float32, frozen."""
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"--vae {path!r} does not exist (give a diffusers VAE folder or a .safetensors/.ckpt file)")
+    try:
+        if p.is_dir():
+            folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
+            if not (folder / "config.json").is_file():
+                raise ModelError(f"--vae {path!r} is a folder without config.json (expected a diffusers "
+                                 "AutoencoderKL folder, or a pipeline folder with vae/)")
+            vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32)
+        elif p.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+            vae = AutoencoderKL.from_single_file(str(p), torch_dtype=torch.float32)
+        else:
+            raise ModelError(f"--vae {path!r}: expected a diffusers folder or a .safetensors/.ckpt file")
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"cannot load --vae {path!r}: {type(e).__name__}: {e}") from None
+    vae.requires_grad_(False)
+    vae.eval()
+    return vae
+
+
 def load_models(args) -> Models:
+    models = _load_base(args)
+    if getattr(args, "vae", None):
+        vae = load_vae(args.vae)
+        if vae.config.latent_channels != models.unet.config.in_channels:
+            raise ModelError(f"--vae {args.vae!r} makes {vae.config.latent_channels}-channel latents; the UNet "
+                             f"takes {models.unet.config.in_channels}")
+        models.vae = vae
+    return models
+
+
+def _load_base(args) -> Models:
     path = args.pretrained_model_name_or_path
     if path is None:
         from .demo_data import caption_words
