@@ -39,7 +39,15 @@ Behaviour at the edges (tested):
 
 All functions are functional (no in-place writes to their inputs), have no host synchronisation and no
 Python loop over blocks, so they trace into one fused kernel under ``torch.compile``; compiled and
-eager results are bit-identical (tested).
+eager results are bit-identical (tested): the final choice compares exact map values, so a different
+rounding of the index arithmetic under compilation cannot change a code.
+
+Measured (``OMP_NUM_THREADS=2 python benchmarks/quant_speed.py [--signed]``; 1M float32 elements, block
+2048, this project's 2-core CPU while other jobs loaded it (load average 8-9), so read ratios, not
+nanoseconds), encode + decode per element: unsigned map — eager 1047 ns, compiled 61 ns, bitsandbytes
+``quantize_blockwise`` + ``dequantize_blockwise`` 67 ns; signed map — eager 937 ns, compiled 53 ns,
+bitsandbytes 61 ns. Compiled, encode and decode fuse into a few vectorised loops; eager runs ~40 separate
+ops and is meant only as the fallback.
 """
 
 from __future__ import annotations
@@ -65,6 +73,22 @@ def _build_dynamic_map(signed: bool) -> torch.Tensor:
     qmap = torch.cat(values)
     assert qmap.numel() == 256, qmap.numel()
     return qmap.sort().values
+
+
+def _decade_constants(signed: bool) -> list[tuple[float, float]]:
+    """Per decade i = 0..6 of the map: (slope, offset) with floor index = floor(a * slope + offset)."""
+    zero_index, first_items = (127, 1) if signed else (0, 2)
+    constants = []
+    for decade in range(_MAX_EXPONENT):
+        items = first_items * 2 ** decade                # codes in this decade
+        start = zero_index + 1 + items - first_items     # index of its first code
+        scale = 10.0 ** (decade - (_MAX_EXPONENT - 1))   # its codes are scale * (0.1 .. 1)
+        constants.append((items / (0.9 * scale), start - 0.1 * items / 0.9 - 0.5))
+    return constants
+
+
+_DECADE_THRESHOLDS = [10.0 ** exponent for exponent in range(-(_MAX_EXPONENT - 1), 0)]  # 1e-6 .. 1e-1
+_DECADE_CONSTANTS = {signed: _decade_constants(signed) for signed in (True, False)}
 
 
 def dynamic_map(signed: bool, device) -> torch.Tensor:
@@ -96,16 +120,18 @@ def encode(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) -> tup
     y = torch.nan_to_num(blocks / safe_absmax[:, None], nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1.0, 1.0)
     a = y.abs() if signed else y.clamp(min=0.0)
 
-    # decade i: 10^(i-7) <= a < 10^(i-6), clamped to 0..6 (below 10^-7 the floor index clamps to the zero code)
-    decade = torch.zeros_like(a)
-    for exponent in range(-6, 0):
-        decade = decade + (a >= 10.0 ** exponent).to(a.dtype)
-    extra = 0 if signed else 1
-    items = torch.exp2(decade + extra)                 # codes in this decade
+    # Decade i (10^(i-7) <= a < 10^(i-6), clamped to 0..6; below 10^-7 the floor index clamps to the zero
+    # code) picks two constants so that floor(a * slope + offset) is the floor index (see module docstring):
+    # slope = k_i / (0.9 * 10^(i-6)), offset = start_i - 0.1 k_i / 0.9 - 1/2. Comparisons and selects
+    # instead of pow/log keep it to a few cheap fused instructions per element.
+    slope, offset = _DECADE_CONSTANTS[bool(signed)][0]
+    slope, offset = torch.full_like(a, slope), torch.full_like(a, offset)
+    for threshold, (decade_slope, decade_offset) in zip(_DECADE_THRESHOLDS, _DECADE_CONSTANTS[bool(signed)][1:]):
+        in_decade = a >= threshold
+        slope = torch.where(in_decade, decade_slope, slope)
+        offset = torch.where(in_decade, decade_offset, offset)
     zero_index = 127 if signed else 0
-    start = zero_index + 1 + items - 2 ** extra        # index of the decade's first code
-    fraction = a / torch.pow(10.0, decade - (_MAX_EXPONENT - 1))  # in [0.1, 1) inside the decade
-    floor_index = start + torch.floor((fraction - 0.1) * (items / 0.9) - 0.5)
+    floor_index = torch.floor(a * slope + offset)
     low = floor_index.clamp(zero_index, 254).to(torch.int64)
     high = low + 1
     low_value, high_value = qmap[low], qmap[high]
