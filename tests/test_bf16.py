@@ -41,12 +41,33 @@ def test_shift_buffer_keeps_ten_thousand_tiny_updates():
     assert (param.float() + shift.float() - exact).abs().max() <= bf16_ulp / 2
 
 
-def test_only_bfloat16_parameters_are_accepted():
-    with pytest.raises(TypeError, match=r"model\.to\(torch\.bfloat16\)"):
-        AdamWBF16_HinaAdaptive(torch.nn.Linear(3, 3).parameters())
-    opt = AdamWBF16_HinaAdaptive([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))])
-    with pytest.raises(TypeError, match=r"model\.to\(torch\.bfloat16\)"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+def test_fp32_params_are_accepted_at_construction_and_checked_at_step():
+    """kohya sd-scripts builds the optimizer, then --full_bf16 casts the network (same Parameter objects)."""
+    model = torch.nn.Linear(3, 3)
+    opt = AdamWBF16_HinaAdaptive(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(TypeError, match=r"--full_bf16.*model\.to\(torch\.bfloat16\)"):
+        opt.step()
+    model.to(torch.bfloat16)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
+def test_lr_zero_leaves_bf16_weights_bit_identical():
+    """With lr = 0 the weights stay exactly as they are (the compensation is not re-rounded into them)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16()) for s in ((64, 32), (32,))]
+    before = [p.detach().clone() for p in params]
+    opt = AdamWBF16_HinaAdaptive(params, lr=0.0, use_lr_mask=False)
+    for _ in range(10):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
 
 
 def test_tracks_fp32_adamw_over_200_steps():

@@ -342,20 +342,43 @@ def test_defaults_reduce_a_regression_loss():
     assert loss.item() < 0.1 * first
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_huge_finite_gradient_is_skipped_and_counted(bits, orthogonal):
+    """A gradient of 1e20 is finite, but its square overflows float32 (as does ⊥Grad's norm): the tensor is
+    skipped like a non-finite one, counted, its weights and states untouched; the other tensor steps."""
+    params = make_params(shapes=[(16, 64), (64, 16)])
+    opt = HinaAdamW(params, lr=1e-3, min_8bit_size=0, optim_bits=bits, use_orthogonal_grad=orthogonal)
+    run(opt, params, 2)
+    before = [p.detach().clone() for p in params]
+    states = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    params[0].grad = torch.full((16, 64), 1e20)
+    params[1].grad = torch.randn(64, 16)
+    opt.step()
+    assert torch.equal(params[0], before[0])
+    assert not torch.equal(params[1], before[1])
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in states.items())
+    assert opt.state[params[0]]["step"] == 2 and opt.state[params[1]]["step"] == 3
+    assert opt.get_optimization_info()["training_stats"]["skipped_updates"] == 1
+
+
 def test_nonfinite_8bit_state_falls_back_to_fp32_with_a_warning():
-    """A gradient of 1e25 is finite, but its square overflows the second moment to inf: bitsandbytes has no
-    code for that, so the tensor's states move to fp32 (with a warning) instead of being stored as garbage."""
+    """A non-finite 8-bit state (here: written into the storage) has no code: the tensor's states move to
+    fp32 (with a warning) instead of being stored as garbage, and a state_dict saved after that loads."""
     params = make_params(shapes=[(16, 64), (64, 16)])
     opt = HinaAdamW(params, lr=1e-3, min_8bit_size=0, **ALL_OFF)
     run(opt, params, 2)
-    params[0].grad = torch.full((16, 64), 1e25)
-    params[1].grad = torch.randn(64, 16)
+    opt.state[params[0]]["exp_avg_sq_absmax"].fill_(float("inf"))
     with pytest.warns(RuntimeWarning, match="fp32"):
-        opt.step()
+        run(opt, params, 1, start=2)
     state = opt.state[params[0]]
-    assert state["exp_avg_sq"].dtype == torch.float32 and torch.isinf(state["exp_avg_sq"]).all()
+    assert state["exp_avg_sq"].dtype == torch.float32 and not torch.isfinite(state["exp_avg_sq"]).all()
     assert "exp_avg_sq_absmax" not in state
     assert opt.state[params[1]]["exp_avg_sq"].dtype == torch.uint8  # the other tensor stays 8-bit
+    for p in params:  # a finite restart for the round trip below
+        p.data.nan_to_num_(0.0)
+    state["exp_avg_sq"].nan_to_num_(0.0, posinf=1.0)
+    state["exp_avg"].nan_to_num_(0.0)
     run(opt, params, 2, start=3)
     assert all(torch.isfinite(p).all() for p in params)
 

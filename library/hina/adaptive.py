@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import StepContext
+from .base import MIN_8BIT_SIZE, StepContext
 from .hina_adamw import HinaAdamW
 from .techniques import importance as imp
 from .techniques import lr_mask
@@ -49,6 +49,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
     """
 
     optimizer_type = "AdamW_HinaAdaptive"
+    fused_step = None  # importance and the lr mask need the update between direction and apply
     feature_flags = ("use_spd", "spd_lambda", "use_cautious", "use_orthogonal_grad", "use_adopt_stability",
                      "use_grams", "use_agr", "use_tam", "tam_beta", "use_alora", "alora_ratio",
                      "dynamic_weight_decay", "wd_transition_steps",
@@ -65,7 +66,8 @@ class AdamW_HinaAdaptive(HinaAdamW):
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
                  min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
-                 use_alora: bool = True, alora_ratio: float = 16.0, optim_bits: int = 8, block_size: int = 256, min_8bit_size: int = 1024):
+                 use_alora: bool = True, alora_ratio: float = 16.0, optim_bits: int = 8, block_size: int = 256,
+                 min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None):
         extra = self._validate_adaptive(use_dynamic_adaptation, adaptation_strength, relationship_discovery_interval,
                                         importance_decay, compatibility_threshold, use_lr_mask, lr_bump, min_lr,
                                         max_lr, warmup_steps)
@@ -75,7 +77,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
                          use_tam=use_tam, tam_beta=tam_beta, use_alora=use_alora, alora_ratio=alora_ratio,
                          dynamic_weight_decay=dynamic_weight_decay, wd_transition_steps=wd_transition_steps,
                          wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio, optim_bits=optim_bits,
-                         block_size=block_size, min_8bit_size=min_8bit_size)
+                         block_size=block_size, min_8bit_size=min_8bit_size, compile_step=compile_step)
         self._add_defaults(extra)
         self._partner_cache: tuple | None = None
 
@@ -143,7 +145,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
         update = super().compute_update(ctx, states, vectors)
 
         if adaptive:
-            active = torch.tensor(ctx.active, dtype=torch.float32, device=pack.device)
+            active = ctx.active_vector
             score = imp.importance_score(cosine, update, ctx.weight, pack, active, scratch)
             decay = group["importance_decay"]
             vectors["importance"].mul_(decay).add_(score, alpha=1.0 - decay)
@@ -184,12 +186,13 @@ class AdamW_HinaAdaptive(HinaAdamW):
         partners = self._partners()
         if not partners:
             return own
-        other = []
+        other = own.clone()
         for i, p in enumerate(pack.params):
             partner = partners.get(id(p))
             state = self.state[partner] if partner is not None else None
-            other.append(state["importance"] if state is not None and "importance" in state else own[i])
-        return (own * torch.stack(other)).clamp_min_(0.0).sqrt_()
+            if state is not None and "importance" in state:
+                other[i] = state["importance"]
+        return (own * other).clamp_min_(0.0).sqrt_()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -15,7 +15,7 @@ Seed document 004 (and 000 for the series). The recipe, in the order it runs:
     apply              decoupled weight decay at the group lr (the reference Automagic decays with the
                        per-element lr), by the optimizer core
     state codec        fp32, or 8-bit blockwise for every large flat state (momentum buffers, lr mask):
-                       ``Automagic_CameAMP8bit``, ``Automagic_CameAMP_COptim8bit`` (seed: blocksize=4096)
+                       ``Automagic_CameAMP8bit``, ``Automagic_CameAMP_COptim8bit`` (``block_size``, seed name ``blocksize``: 4096)
 
 Seed defaults: lr=1e-6, min_lr=1e-7, max_lr=1e-3, lr_bump=3e-6, betas=(0.8, 0.99, 0.999),
 eps=(1e-30, 1e-16, 1e-8), clip_threshold=1.0, weight_decay=5e-4, warmup_steps=500. The paper's CAME
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, StepContext
+from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, StepContext
 from .techniques import came, lr_mask
 from .techniques import multiscale_momentum as msm
 from .techniques.agr import agr_
@@ -63,7 +63,8 @@ class _AutomagicCame(HinaOptimizer):
     def _setup(self, params, *, lr, min_lr, max_lr, lr_bump, betas, eps, clip_threshold, weight_decay,
                warmup_steps, use_lr_mask, use_grams, use_cautious, use_tam, tam_beta, use_orthogonal_grad,
                use_agr, use_alora, use_fft_suppression, fft_cutoff, fft_strength, use_lowrank_reg, lowrank_rank,
-               lowrank_strength, optim_bits, blocksize, min_8bit_size, context=None):
+               lowrank_strength, optim_bits, block_size=256, blocksize=None, min_8bit_size=0, compile_step=None,
+               context=None):
         betas = _check_triple("betas", betas, 0.0, 1.0)
         eps = _check_triple("eps", eps, 0.0, float("inf"))
         if clip_threshold <= 0.0:
@@ -103,7 +104,12 @@ class _AutomagicCame(HinaOptimizer):
             if not 0.0 < context["adaptation_rate"] <= 1.0:
                 raise ValueError(f"Invalid adaptation_rate: {context['adaptation_rate']!r} (valid: 0 < rate <= 1)")
             defaults["momentum_scales"] = [int(s) if float(s).is_integer() else float(s) for s in scales]
-        super().__init__(params, defaults, optim_bits=optim_bits, block_size=blocksize, min_8bit_size=min_8bit_size)
+        if blocksize is not None and blocksize != block_size and block_size != 4096:
+            raise ValueError(f"block_size={block_size!r} and blocksize={blocksize!r} disagree: pass one of them "
+                             "(blocksize is the seed's spelling of block_size)")
+        block_size = block_size if blocksize is None else blocksize
+        super().__init__(params, defaults, optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size,
+                         compile_step=compile_step)
         if context is not None:
             self.c_optim = ContextualModule(self, context["context_window"], context["edge_threshold"],
                                             context["adaptation_rate"], context["verbose"])
@@ -219,7 +225,7 @@ class _AutomagicCame(HinaOptimizer):
     # --- C-Optim context --------------------------------------------------------------------------------------------
     def _observe(self, ctx: StepContext) -> None:
         gi = next(i for i, g in enumerate(self.param_groups) if g is ctx.group)
-        pi = next(i for i, p in enumerate(self._layouts[gi].packs) if p is ctx.pack)
+        pi = next(i for i, p in enumerate(self._layouts[gi].chunks) if p is ctx.pack)
         self._sketches[(gi, pi)] = sketch(ctx.grad)
         self._grad_sq.append(torch.dot(ctx.grad, ctx.grad))
 
@@ -237,7 +243,7 @@ class _AutomagicCame(HinaOptimizer):
             parts = []
             for gi in range(len(self.param_groups)):
                 layout = self._layouts.get(gi)
-                for pi, pack in enumerate(layout.packs if layout else []):
+                for pi, pack in enumerate(layout.chunks if layout else []):
                     part = self._sketches.get((gi, pi))
                     parts.append(part if part is not None
                                  else torch.zeros(sketch_length(pack.total), device=pack.device))
@@ -268,7 +274,11 @@ _COMMON_DOC = """
         use_alora: ALLoRA row scaling of LoRA/LoKr matrices (arXiv 2410.09692).
         use_fft_suppression, fft_cutoff, fft_strength: ``techniques/frequency.py`` (off by default).
         use_lowrank_reg, lowrank_rank, lowrank_strength: ``techniques/lowrank.py`` (off by default).
+        compile_step: torch.compile the core's apply stage: True, False, or None (auto: models of 1M+ elements).
 """
+_CODEC_DOC = ("        block_size: 8-bit quantisation block (seed: 4096; ``blocksize``, the seed's spelling, is "
+              "accepted too).\n        min_8bit_size: smaller tensors keep fp32 states (1024: every rank-4..64 "
+              "LoRA matrix is quantised, base.MIN_8BIT_SIZE).\n")
 
 
 class Automagic_CameAMP(_AutomagicCame):
@@ -281,13 +291,13 @@ class Automagic_CameAMP(_AutomagicCame):
                  use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
                  use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
-                 use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2):
-        self._setup(params, **_args(locals()), optim_bits=32, blocksize=256, min_8bit_size=0)
+                 use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
+                 compile_step: bool | None = None):
+        self._setup(params, **_args(locals()), optim_bits=32)
 
 
 class Automagic_CameAMP8bit(_AutomagicCame):
-    __doc__ = ("CAME with the Automagic lr mask, 8-bit blockwise states (momentum, lr mask)." + _COMMON_DOC +
-               "        blocksize: 8-bit quantisation block (seed: 4096). min_8bit_size: smaller tensors keep fp32.\n")
+    __doc__ = ("CAME with the Automagic lr mask, 8-bit blockwise states (momentum, lr mask)." + _COMMON_DOC + _CODEC_DOC)
     optimizer_type = "Automagic_CameAMP8bit"
 
     def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
@@ -297,7 +307,8 @@ class Automagic_CameAMP8bit(_AutomagicCame):
                  use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
                  use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
-                 blocksize: int = 4096, min_8bit_size: int = 4096):
+                 block_size: int = 4096, min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None,
+                 blocksize: int | None = None):
         self._setup(params, **_args(locals()), optim_bits=8)
 
 
@@ -318,16 +329,15 @@ class Automagic_CameAMP_COptim(_AutomagicCame):
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
                  use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
                  context_window: int = 100, edge_threshold: float = 0.95, adaptation_rate: float = 0.1,
-                 momentum_scales=(1, 5, 10, 25), verbose: bool = False):
-        self._setup(params, **_args(locals()), optim_bits=32, blocksize=256, min_8bit_size=0,
+                 momentum_scales=(1, 5, 10, 25), verbose: bool = False, compile_step: bool | None = None):
+        self._setup(params, **_args(locals()), optim_bits=32,
                     context=_context(locals()))
 
 
 class Automagic_CameAMP_COptim8bit(_AutomagicCame):
     __doc__ = ("Automagic_CameAMP_COptim with 8-bit blockwise states (momentum buffers, lr mask)." + _COMMON_DOC +
                "        context_window, edge_threshold, adaptation_rate, verbose: ``techniques/contextual.py``.\n"
-               "        momentum_scales: ``techniques/multiscale_momentum.py``.\n"
-               "        blocksize: 8-bit quantisation block (seed: 4096). min_8bit_size: smaller tensors keep fp32.\n")
+               "        momentum_scales: ``techniques/multiscale_momentum.py``.\n" + _CODEC_DOC)
     optimizer_type = "Automagic_CameAMP_COptim8bit"
     contextual = True
     feature_flags = _AutomagicCame.feature_flags + ("momentum_scales",)
@@ -340,8 +350,8 @@ class Automagic_CameAMP_COptim8bit(_AutomagicCame):
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
                  use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
                  context_window: int = 100, edge_threshold: float = 0.95, adaptation_rate: float = 0.1,
-                 momentum_scales=(1, 5, 10, 25), verbose: bool = False, blocksize: int = 4096,
-                 min_8bit_size: int = 4096):
+                 momentum_scales=(1, 5, 10, 25), verbose: bool = False, block_size: int = 4096,
+                 min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None, blocksize: int | None = None):
         self._setup(params, **_args(locals()), optim_bits=8, context=_context(locals()))
 
 

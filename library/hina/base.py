@@ -3,16 +3,34 @@
 ``HinaOptimizer`` is a ``torch.optim.Optimizer`` that, per param group, runs the pipeline of DESIGN.md:
 
 1. collect the params that have a gradient (a param whose ``.grad`` is None is skipped, its state left
-   untouched); a tensor whose gradient is not finite is skipped the same way and counted;
-2-4. ``compute_update`` (each optimizer's recipe): gradient transforms, moment rule, update transforms;
+   untouched); a tensor whose gradient is not finite, or so large that its square overflows float32
+   (``sum(g^2)`` not finite), is skipped the same way and counted in ``skipped_updates``;
+2-4. the optimizer's recipe: gradient transforms, moment rule, update transforms;
 5. learning rate per tensor: the group's current ``lr`` times role multipliers (so schedulers work);
 6. apply: decoupled weight decay (optionally on the dynamic schedule), the update, SPD;
 7. write-back (fp32 by default; the bf16 optimizer overrides it), state codec fp32 or 8-bit blockwise.
 
-Parameters of a group are laid out in flat buffers (``FlatPack``) so each technique is a few large
-vector operations; ``optimizer.state[p]`` holds views into those buffers, so ``state_dict()`` is per
-parameter as in torch.optim, and ``load_state_dict()`` restores it exactly (dtypes included: torch's
-default would cast 8-bit codes to the parameter dtype).
+Bounded chunks. Each param group is cut into *chunks*: ``FlatPack``s of whole tensors holding at most
+``chunk_elements`` (``CHUNK_ELEMENTS`` = 2^20) elements; a larger tensor gets a chunk of its own. Tensors are
+packed first-fit by decreasing size, so chunks are nearly full. A chunk's shape is padded to a small fixed
+set (``chunk_shape``): ``total`` to one of 4 sizes per octave (a full chunk to exactly ``chunk_elements``),
+``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``. Full chunks all share one shape,
+so a recipe compiles one graph per (state layout, slot count) for them plus one per partial chunk (one per
+state layout and param group) and one per distinct size of tensors above the chunk size: in practice 2-6
+graphs. That is bounded by the recompile limit (8 by default); past it, the extra shapes step eagerly, said
+once in a warning (compiled.py). Work buffers (gathered gradient, weight copy, decoded states, scratch) come from one
+``WorkPool`` per optimizer, sized by the largest chunk, never by the model: ``workspace_bytes`` in
+``get_optimization_info()['training_stats']``. Per-tensor reductions stay exact because a chunk holds whole
+tensors, and the result does not depend on the chunk size (a per-tensor sum adds the same blocks in the
+same order).
+
+State lives per chunk (fp32 buffers, or 8-bit codes + absmax); ``optimizer.state[p]`` holds views into those
+buffers, so ``state_dict()`` is per parameter as in torch.optim, and ``load_state_dict()`` restores it exactly
+(dtypes included: torch's default would cast 8-bit codes to the parameter dtype).
+
+Two ways to run a chunk: an optimizer with ``fused_step`` (HinaAdamW) decodes, computes, applies and encodes
+a chunk in one function (compiled when ``compile_step`` asks for it); the others run ``compute_update`` on
+decoded fp32 buffers of the pool and let the core apply it.
 """
 
 from __future__ import annotations
@@ -21,7 +39,7 @@ import copy
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Callable, Iterable
 
@@ -29,8 +47,8 @@ import torch
 
 from . import naming
 from .codec import Blockwise8bitCodec, Fp32Codec
-from .pack import FlatPack
-from .compiled import MaybeCompiled
+from .compiled import AUTO_MIN_ELEMENTS, MaybeCompiled
+from .pack import FlatPack, WorkPool
 from .techniques.alora import row_scale_flat_
 from .techniques.spd import spd_ratio
 from .techniques.weight_decay import weight_decay_ratio
@@ -41,19 +59,58 @@ ADAPTER_MATRIX_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES)
 # Block alignment of fp32 packs (8-bit packs align to the quantisation block): per-tensor reductions are
 # block sums, so blocks must not straddle tensors; 64 keeps padding small for tiny tensors.
 FP32_ALIGN = 64
+CHUNK_ELEMENTS = 1 << 20   # elements per chunk: 4 MiB per fp32 work buffer
+MIN_SLOTS = 16             # smallest padded per-tensor vector
+#: ``min_8bit_size`` default of every 8-bit class: the smallest LoRA matrix of SD1.5/SDXL at rank 4 is
+#: 4 x 320 = 1280 elements, so every rank-4..64 LoRA/LoKr matrix gets 8-bit states; smaller tensors (norm
+#: deltas, scalars) keep fp32 states, where a 256-element block would cost more than it saves.
+MIN_8BIT_SIZE = 1024
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def chunk_shape(used: int, count: int, align: int, chunk_elements: int) -> tuple[int, int]:
+    """(total, slots) a chunk of ``used`` elements and ``count`` tensors is padded to (see the module doc).
+
+    ``total``: ``used`` rounded up to an eighth of the next power of two, i.e. one of 4 sizes per octave (so
+    padding is under 25 %, and a full chunk pads to ``chunk_elements``); above ``chunk_elements`` (one large
+    tensor), to a multiple of ``chunk_elements / 16``. ``slots``: a power of two, at least ``MIN_SLOTS``.
+    """
+    if used <= chunk_elements:
+        granule = max(_next_pow2(used) // 8, align)
+    else:
+        granule = max(chunk_elements // 16, align)
+    return -(-used // granule) * granule, max(_next_pow2(count), MIN_SLOTS)
+
+
+def pack_chunks(sizes: dict[int, int], chunk_elements: int) -> list[list[int]]:
+    """First-fit decreasing: indices grouped so each group's sizes sum to at most ``chunk_elements`` (a
+    larger item alone). Deterministic: ties keep index order."""
+    bins: list[list] = []
+    for index in sorted(sizes, key=lambda i: (-sizes[i], i)):
+        size = sizes[index]
+        for b in bins:
+            if b[0] + size <= chunk_elements:
+                b[0] += size
+                b[1].append(index)
+                break
+        else:
+            bins.append([size, [index]])
+    return [b[1] for b in bins]
 
 
 @dataclass
 class GroupLayout:
-    """How one param group is laid out: its roles/pairs and its packs."""
+    """How one param group is laid out: its chunks."""
 
-    pairing: naming.Pairing
-    packs: list[FlatPack]
+    chunks: list[FlatPack]
 
 
 @dataclass
 class StepContext:
-    """What ``compute_update`` sees for one pack in one step."""
+    """What ``compute_update`` sees for one chunk in one step."""
 
     group: dict
     pack: FlatPack
@@ -62,14 +119,18 @@ class StepContext:
     roles: list[str]
     active: list[bool]
     _weight: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def weight(self) -> torch.Tensor:
-        """Flat fp32 copy of the parameters (built on first use)."""
+        """Flat fp32 copy of the parameters (built on first use, in the work pool)."""
         if self._weight is None:
-            self._weight = self.pack.gather([p.detach() for p in self.pack.params], self.pack.workspace("weight"))
+            self._weight = self.pack.gather([p.detach() for p in self.pack.params], self.pack.buffer("weight"))
         return self._weight
+
+    @property
+    def active_vector(self) -> torch.Tensor:
+        """1.0 per active tensor, 0.0 for inactive tensors and spare slots: (slots,)."""
+        return self.pack.per_tensor([float(a) for a in self.active])
 
     def scratch(self, name: str) -> torch.Tensor:
         return self.pack.workspace(name)
@@ -126,14 +187,16 @@ def _normalize_param_groups(params: Any) -> list[dict]:
 
 
 class HinaOptimizer(torch.optim.Optimizer):
-    """Base class. Subclasses define ``compute_update`` and the states they keep."""
+    """Base class. Subclasses define their states and either ``compute_update`` or ``fused_step``."""
 
     optimizer_type = "HinaOptimizer"
     #: Feature flags reported by ``get_optimization_info()['features']``.
     feature_flags: tuple[str, ...] = ()
+    #: Elements per chunk (see the module docstring); tests set a tiny value on an instance.
+    chunk_elements = CHUNK_ELEMENTS
 
     def __init__(self, params: Iterable, defaults: dict, *, optim_bits: int = 32, block_size: int = 256,
-                 min_8bit_size: int = 1024, compile_step: bool | None = None):
+                 min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None):
         if optim_bits not in (8, 32):
             raise ValueError(f"Invalid optim_bits: {optim_bits!r} (valid: 8 or 32)")
         if block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
@@ -153,12 +216,13 @@ class HinaOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid compile_step: {compile_step!r} (valid: True, False, None for auto)")
         self.compile_step = compile_step
         self._layouts: dict[int, GroupLayout] = {}
+        self._work = WorkPool()
         super().__init__(_normalize_param_groups(params), defaults)
 
     # ------------------------------------------------------------------------------------------------
     # subclass interface
     def state_specs(self, group: dict, roles: list[str]) -> list[tuple[str, bool]]:
-        """Flat states (name, signed) kept by the codec for a pack whose tensors have ``roles``."""
+        """Flat states (name, signed) kept by the codec for a chunk whose tensors have ``roles``."""
         return []
 
     def vector_specs(self, group: dict) -> list[str]:
@@ -169,6 +233,9 @@ class HinaOptimizer(torch.optim.Optimizer):
                        vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Return the flat update u (p <- p - lr_i * u), or None for no update this step."""
         raise NotImplementedError
+
+    #: Optimizers that run a whole chunk (decode, math, apply, encode) in one function define ``fused_step``.
+    fused_step = None
 
     def lr_multipliers(self, group: dict, roles: list[str]) -> list[float]:
         return [1.0] * len(roles)
@@ -209,43 +276,53 @@ class HinaOptimizer(torch.optim.Optimizer):
             return group["name_source"]
         return "param_names"
 
+    def _pairings(self) -> list[naming.Pairing]:
+        """Roles and pairs of every param group, one ``naming.Pairing`` per group (the one place roles come from)."""
+        pairings = []
+        for group in self.param_groups:
+            shapes = [tuple(p.shape) for p in group["params"]]
+            pairings.append(naming.pair_parameters(group.get("param_names"), shapes, self._name_source(group)))
+        return pairings
+
     def _layout(self, index: int, group: dict) -> GroupLayout:
         layout = self._layouts.get(index)
         if layout is None:
-            layout = self._layouts[index] = self._build_layout(group)
+            layout = self._layouts[index] = self._build_layout(group, self._pairings()[index].roles())
         return layout
 
-    def _pairing(self, group: dict) -> naming.Pairing:
-        shapes = [tuple(p.shape) for p in group["params"]]
-        return naming.pair_parameters(group.get("param_names"), shapes, self._name_source(group))
-
-    def _build_layout(self, group: dict) -> GroupLayout:
-        pairing = self._pairing(group)
-        roles = pairing.roles()
+    def _build_layout(self, group: dict, roles: list[str]) -> GroupLayout:
         buckets: dict[tuple, list[int]] = {}
+        seen: set[int] = set()
         for index, p in enumerate(group["params"]):
+            if id(p) in seen:  # a param listed twice steps once
+                continue
+            seen.add(id(p))
             eight_bit = (self.optim_bits == 8 and p.numel() >= self.min_8bit_size
                          and not _has_fp32_codec_state(self.state.get(p, {}), self.state_specs(group, [roles[index]])))
             key = (str(p.device), eight_bit, tuple(self.state_specs(group, [roles[index]])))
             buckets.setdefault(key, []).append(index)
-        packs = []
+        chunks = []
         for (_, eight_bit, specs), indices in buckets.items():
-            # Order by row length, so tensors whose rows are equally long sit side by side and ALLoRA's
-            # row scaling can treat each run of them as one matrix (techniques/alora.py).
-            indices = sorted(indices, key=lambda i: _row_length(group["params"][i]))
-            params = [group["params"][i] for i in indices]
-            pack = FlatPack(params, indices, align=self.block_size if eight_bit else FP32_ALIGN)
-            pack.roles = [roles[i] for i in indices]
-            pack.codec = Blockwise8bitCodec(pack, self.block_size) if eight_bit else Fp32Codec(pack)
-            pack.vectors = {name: torch.zeros(len(params), device=pack.device) for name in self.vector_specs(group)}
-            for name, signed in specs:
-                pack.codec.create(name, signed)
-            self._adopt_state(pack, [name for name, _ in specs])
-            packs.append(pack)
-        return GroupLayout(pairing, packs)
+            align = self.block_size if eight_bit else FP32_ALIGN
+            sizes = {i: -(-max(group["params"][i].numel(), 1) // align) * align for i in indices}
+            for members in pack_chunks(sizes, self.chunk_elements):
+                # Within a chunk, order by row length, so tensors whose rows are equally long sit side by side
+                # and ALLoRA's row scaling treats each run of them as one matrix (techniques/alora.py).
+                members = sorted(members, key=lambda i: (_row_length(group["params"][i]), i))
+                total, slots = chunk_shape(sum(sizes[i] for i in members), len(members), align, self.chunk_elements)
+                chunk = FlatPack([group["params"][i] for i in members], members, align=align, total=total, slots=slots)
+                chunk.pool = self._work
+                chunk.roles = [roles[i] for i in members]
+                chunk.codec = Blockwise8bitCodec(chunk, self.block_size) if eight_bit else Fp32Codec(chunk)
+                chunk.vectors = {name: torch.zeros(slots, device=chunk.device) for name in self.vector_specs(group)}
+                for name, signed in specs:
+                    chunk.codec.create(name, signed)
+                self._adopt_state(chunk, [name for name, _ in specs])
+                chunks.append(chunk)
+        return GroupLayout(chunks)
 
     def _adopt_state(self, pack: FlatPack, names: list[str]) -> None:
-        """Move existing per-param state (from load_state_dict) into the pack, then point state at views."""
+        """Move existing per-param state (from load_state_dict) into the chunk, then point state at views."""
         views = {}
         for name in names:
             views.update(pack.codec.state_views(name))
@@ -261,6 +338,15 @@ class HinaOptimizer(torch.optim.Optimizer):
                 state[name] = vector[i]  # a 0-d view
             state.setdefault("step", 0)
 
+    def use_compile(self) -> bool:
+        """compile_step True/False, or None: compile when the model is large enough to repay compiling."""
+        if self.compile_step is not None:
+            return self.compile_step
+        if "_auto_compile" not in self.__dict__:
+            total = sum(p.numel() for g in self.param_groups for p in g["params"])
+            self._auto_compile = total >= AUTO_MIN_ELEMENTS
+        return self._auto_compile
+
     # ------------------------------------------------------------------------------------------------
     # the step
     @torch.no_grad()
@@ -274,13 +360,15 @@ class HinaOptimizer(torch.optim.Optimizer):
         if self.__dict__.pop("_rebuild_layouts", False):
             self._layouts.clear()
         for index, group in enumerate(self.param_groups):
+            if not any(p.grad is not None for p in group["params"]):
+                continue  # nothing to do: global_step (dynamic weight decay, lr-mask warm-up) does not advance
             layout = self._layout(index, group)
             group["global_step"] = group.get("global_step", 0) + 1
-            for pack in layout.packs:
-                self._step_pack(group, pack)
+            for chunk in layout.chunks:
+                self._step_chunk(group, chunk)
         return loss
 
-    def _step_pack(self, group: dict, pack: FlatPack) -> None:
+    def _step_chunk(self, group: dict, pack: FlatPack) -> None:
         grads = [p.grad for p in pack.params]
         active = [g is not None for g in grads]
         if not any(active):
@@ -289,21 +377,21 @@ class HinaOptimizer(torch.optim.Optimizer):
             if g is not None and g.is_sparse:
                 raise RuntimeError(f"{self.optimizer_type} does not support sparse gradients; "
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
-        grad = pack.workspace("grad")
-        if all(active):
-            pack.gather(grads, grad)
-        else:
-            for view, g in zip(pack.views(grad), grads):
-                view.copy_(g) if g is not None else view.zero_()
+        pack.begin_step()
+        grad = pack.gather_present(grads, pack.buffer("grad"))
+        views = pack.views(grad)
+        if self.fused_step is not None:
+            self._run_fused(group, pack, grad, active)
+            return
 
-        # Non-finite gradients: one host sync per pack, skip those tensors like grad-None ones.
-        sums = pack.sum(grad)
+        # Non-finite gradients, or gradients whose square overflows: one host sync per chunk, skip those
+        # tensors like grad-None ones.
+        sums = pack.segments.dot(grad, grad)[:len(pack)]
         if not bool(torch.isfinite(sums).all()):
-            finite = torch.isfinite(sums).tolist()
-            for i, ok in enumerate(finite):
+            for i, ok in enumerate(torch.isfinite(sums).tolist()):
                 if active[i] and not ok:
                     active[i] = False
-                    pack.views(grad)[i].zero_()
+                    views[i].zero_()
                     group["skipped_updates"] = group.get("skipped_updates", 0) + 1
             if not any(active):
                 return
@@ -324,34 +412,45 @@ class HinaOptimizer(torch.optim.Optimizer):
         if snapshot is not None:
             self._restore(snapshot)
         if pack.codec.bits == 8:
-            self._fall_back_to_fp32(group, pack, specs, decoded, states)
+            self._fall_back_to_fp32(group, pack, specs, states, decoded)
         for state, is_active in zip(states, active):
             if is_active:
                 state["step"] += 1
 
-    # --- 8-bit states that are not finite -----------------------------------------------------------------
-    def _fall_back_to_fp32(self, group, pack, specs, decoded, states) -> None:
-        """A non-finite value has no 8-bit code (bitsandbytes would store NaN as an arbitrary finite code):
-        such a tensor keeps that state in fp32 from now on, with a warning, instead of being corrupted.
+    def _run_fused(self, group: dict, pack: FlatPack, grad: torch.Tensor, active: list[bool]) -> None:
+        """One chunk through ``fused_step``; it returns which tensors it skipped as non-finite (a bool per slot)."""
+        states = [self.state[p] for p in pack.params]
+        weight = pack.gather([p.detach() for p in pack.params], pack.buffer("weight"))
+        nonfinite = self.fused_step(group, pack, grad, weight, [s["step"] for s in states], active)
+        moved = [p for p, a in zip(pack.params, active) if a]
+        torch._foreach_copy_(moved, [v for v, a in zip(pack.views(weight), active) if a])
+        skipped = nonfinite[:len(pack)].tolist()  # the chunk's one host sync
+        for state, is_active, bad in zip(states, active, skipped):
+            if is_active and bad:
+                group["skipped_updates"] = group.get("skipped_updates", 0) + 1
+            elif is_active:
+                state["step"] += 1
+        if pack.codec.bits == 8:
+            self._fall_back_to_fp32(group, pack, self.state_specs(group, pack.roles), states)
 
-        Its fp32 values go into ``optimizer.state`` in place of the codes; the layout is rebuilt, and
-        ``_build_layout`` puts a tensor whose state is already fp32 into an fp32 pack (so a state_dict
-        saved after a fallback loads the same way). One host sync per 8-bit state per step; the layout is
-        rebuilt at the start of the next step.
+    # --- 8-bit states that are not finite -----------------------------------------------------------------
+    def _fall_back_to_fp32(self, group, pack, specs, states, decoded: dict | None = None) -> None:
+        """A non-finite value has no 8-bit code: such a tensor keeps its states in fp32 from now on, with a
+        warning, instead of being corrupted.
+
+        Its decoded values go into ``optimizer.state`` in place of the codes; the layout is rebuilt at the
+        next step (``decoded``: this step's fp32 values, when the caller still has them; else the codes are
+        decoded, non-finite across the block), and ``_build_layout`` puts a tensor whose state is already fp32 into an fp32 chunk (so a
+        state_dict saved after a fallback loads the same way). The check reads the block absmax (NaN or inf
+        wherever a block holds a non-finite value): one small pass and one host sync per 8-bit state.
         """
         bad: dict[int, list[str]] = {}
+        codec = pack.codec
         for name, _ in specs:
-            value = decoded[name]
-            # The quantiser's block absmax (one float per block, already computed) is inf wherever a block
-            # holds an inf. bitsandbytes skips NaN there, but with finite gradients (non-finite ones are
-            # skipped before any state update) a NaN state can only come from an inf one, caught a step
-            # earlier. So this is nearly free on the hot path; the per-tensor check runs only after a hit.
-            absmax = getattr(pack.codec, "absmax", {}).get(name)
-            if absmax is not None and bool(torch.isfinite(absmax).all()):
+            absmax = codec.absmax[name]
+            if bool(torch.isfinite(absmax).all()):
                 continue
-            if absmax is None and bool(torch.isfinite(value).all()):
-                continue
-            for i, view in enumerate(pack.views(value)):  # rare path; padding does not count
+            for i, view in enumerate(pack.padded_views(absmax, codec.block_size)):  # rare path
                 if not bool(torch.isfinite(view).all()):
                     bad.setdefault(i, []).append(name)
         if not bad:
@@ -359,7 +458,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         for i, names in bad.items():
             state = states[i]
             for name, _ in specs:  # every codec state of that tensor moves to fp32 together
-                state[name] = pack.views(decoded[name])[i].clone()
+                value = decoded[name] if decoded is not None else codec.decode(name)
+                state[name] = pack.views(value)[i].clone()
                 state.pop(f"{name}_absmax", None)
             warnings.warn(f"{self.optimizer_type}: non-finite values in the 8-bit state(s) {', '.join(names)} of a "
                           f"tensor of shape {tuple(pack.shapes[i])}: that tensor keeps its states in fp32 from now on",
@@ -383,11 +483,12 @@ class HinaOptimizer(torch.optim.Optimizer):
                 view.copy_(value)
 
     # --- apply ---------------------------------------------------------------------------------------------
-    def _per_tensor_lr(self, ctx: StepContext) -> list[float]:
-        lr = ctx.group["lr"]
+    def _lr_vector(self, group: dict, pack: FlatPack, roles: list[str]) -> torch.Tensor:
+        """lr_i = group lr x role multiplier, (slots,) on the chunk's device (spare slots 0)."""
+        lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        return [lr * m for m in self.lr_multipliers(ctx.group, ctx.roles)]
+        return pack.per_tensor([lr * m for m in self.lr_multipliers(group, roles)])
 
     def current_weight_decay(self, group: dict) -> float:
         wd = group.get("weight_decay", 0.0)
@@ -396,23 +497,24 @@ class HinaOptimizer(torch.optim.Optimizer):
                                      group["wd_decay_factor"], group["wd_min_ratio"])
         return wd
 
+    def _decay_vector(self, group: dict, pack: FlatPack, roles: list[str], lrs: torch.Tensor) -> torch.Tensor:
+        """1 - lr_i wd_i per tensor (decoupled, as AdamW), (slots,)."""
+        wd = self.current_weight_decay(group)
+        return 1.0 - lrs * pack.per_tensor([wd * m for m in self.weight_decay_multipliers(group, roles)])
+
     def _apply(self, ctx: StepContext, update: torch.Tensor, decoded: dict) -> None:
         """Row scaling, then p <- p * (1 - lr_i wd_i) - lr_i u, then SPD, computed on a flat fp32 copy."""
         pack, group = ctx.pack, ctx.group
-        lrs = self._per_tensor_lr(ctx)
+        lr_t = self._lr_vector(group, pack, ctx.roles)
+        decay_t = self._decay_vector(group, pack, ctx.roles, lr_t)
         scaled = self.row_scaled(group, ctx.roles)
         if any(scaled):
             row_scale_flat_(update, ctx.weight, pack, scaled)
-        wd = self.current_weight_decay(group)
-        wd_mult = self.weight_decay_multipliers(group, ctx.roles)
-        device = pack.device
-        lr_t = torch.tensor(lrs, dtype=torch.float32, device=device)
-        decay_t = torch.tensor([1.0 - lr * wd * m for lr, m in zip(lrs, wd_mult)], dtype=torch.float32, device=device)
-        plain = type(self).write_back is HinaOptimizer.write_back
+        plain = self.write_back_policy == "plain"
         # The plain policy copies the new weights out, so they can overwrite the flat weight copy in place;
-        # a custom policy (e.g. bf16 stochastic rounding) needs the old copy too, to hand it the delta.
+        # another policy (bf16 stochastic rounding) needs the old copy too, to hand it the delta.
         new_weight = ctx.weight if plain else pack.workspace("new_weight")
-        _decoupled_step(_decoupled_step.wanted(self.compile_step, pack.total), ctx.weight, update, ctx.grad,
+        _decoupled_step(self.use_compile(), ctx.weight, update, ctx.grad,
                         decoded.get("spd_anchor"), new_weight, pack.segments, lr_t, decay_t,
                         float(group.get("spd_lambda", 0.0)), spd=bool(group.get("use_spd", False)))
         idx = [i for i, a in enumerate(ctx.active) if a]
@@ -425,9 +527,11 @@ class HinaOptimizer(torch.optim.Optimizer):
             self.write_back(params, [deltas[i] for i in idx], [1.0] * len(idx))
         ctx._weight = None  # the flat copy no longer holds the parameters' old values
 
+    #: "plain": new weights are copied (rounded) into the params; otherwise ``write_back`` gets the deltas.
+    write_back_policy = "plain"
+
     def write_back(self, params: list[torch.Tensor], updates: list[torch.Tensor], scales: list[float]) -> None:
-        """p += scale * u. The default policy (fp32, or plain rounding into the param's dtype) is fused into
-        ``_apply``; subclasses override this for other policies (bf16 stochastic rounding)."""
+        """p += scale * u, for optimizers whose ``write_back_policy`` is not "plain"."""
         for p, u, s in zip(params, updates, scales):
             p.add_(u.to(p.dtype), alpha=s)
 
@@ -477,25 +581,27 @@ class HinaOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_layouts", {})
+        self.__dict__.setdefault("_work", WorkPool())
 
     # ------------------------------------------------------------------------------------------------
     # introspection
-    def _all_pairings(self) -> list[naming.Pairing]:
-        return [self._pairing(group) for group in self.param_groups]
-
     def state_nbytes(self) -> int:
         """Bytes of optimizer state (flat codec buffers and per-tensor vectors), layouts built so far."""
         total = 0
         for layout in self._layouts.values():
-            for pack in layout.packs:
+            for pack in layout.chunks:
                 total += pack.codec.nbytes() + sum(v.numel() * v.element_size() for v in pack.vectors.values())
         return total
+
+    def workspace_nbytes(self) -> int:
+        """Bytes of the step's work buffers (the pool): bounded by the chunk size, not the model."""
+        return self._work.nbytes()
 
     def features(self) -> dict:
         return {flag: self.defaults.get(flag) for flag in self.feature_flags}
 
     def get_optimization_info(self) -> dict:
-        pairings = self._all_pairings()
+        pairings = self._pairings()
         count = lambda *roles: sum(p.count(*roles) for p in pairings)  # noqa: E731
         return {
             "optimizer_type": self.optimizer_type,
@@ -519,12 +625,13 @@ class HinaOptimizer(torch.optim.Optimizer):
                 "global_step": max((g.get("global_step", 0) for g in self.param_groups), default=0),
                 "skipped_updates": sum(g.get("skipped_updates", 0) for g in self.param_groups),
                 "state_bytes": self.state_nbytes(),
+                "workspace_bytes": self.workspace_nbytes(),
             },
         }
 
     def diagnose_lora_pairing(self) -> dict:
         groups = []
-        for index, (group, pairing) in enumerate(zip(self.param_groups, self._all_pairings())):
+        for index, (group, pairing) in enumerate(zip(self.param_groups, self._pairings())):
             infos = pairing.infos
             describe = lambda i: {"index": i, "name": infos[i].name, "shape": list(infos[i].shape)}  # noqa: E731
             paired = {i for pair in pairing.lora_pairs for i in pair}
@@ -546,27 +653,30 @@ class HinaOptimizer(torch.optim.Optimizer):
         return {"optimizer_type": self.optimizer_type, "groups": groups}
 
 
-def decoupled_step(weight, update, grad, anchor, out, segments, lr, decay, spd_lambda: float, *, spd: bool):
-    """out = weight * decay_i - lr_i * u, then SPD (arXiv 2411.01713) toward ``anchor`` (None: zero).
+def decoupled_update(weight, update, grad, anchor, segments, lr, decay, spd_lambda: float, *, spd: bool):
+    """weight * decay_i - lr_i * u, then SPD (arXiv 2411.01713) toward ``anchor`` (None: zero); a new tensor.
 
-    ``out`` may be ``weight`` itself (the update is then computed in place).
-
-    ``lr`` and ``decay`` hold one value per tensor (decay = 1 - lr_i * wd_i, decoupled as in AdamW).
+    ``lr`` and ``decay`` hold one value per tensor (decay = 1 - lr_i * wd_i, decoupled as in AdamW); ``grad``
+    is the transformed gradient, whose sign against the deviation decides where SPD acts.
     Pure tensor code, so it runs eagerly or under ``torch.compile``.
     """
     block = segments.block
-    if spd:  # before ``out`` is written: it may be ``weight`` itself
+    w = weight.view(-1, block)
+    new = w * segments.expand(decay) - update.view(-1, block) * segments.expand(lr)
+    if spd:
         deviation = weight if anchor is None else weight - anchor
         grad_dot_dev = segments.sum(grad * deviation)
         old_norm = segments.sum(deviation * deviation).sqrt()
-    new = out.view(-1, block)
-    torch.mul(weight.view(-1, block), segments.expand(decay), out=new)
-    new.sub_(update.view(-1, block) * segments.expand(lr))
-    if spd:
-        deviation = out if anchor is None else out - anchor
-        new_norm = segments.sum(deviation * deviation).sqrt()
+        new_deviation = new if anchor is None else new - anchor.view(-1, block)
+        new_norm = segments.sum((new_deviation * new_deviation).view(-1)).sqrt()
         factor = spd_ratio(grad_dot_dev, old_norm, new_norm, spd_lambda)
-        new.sub_(deviation.view(-1, block) * segments.expand(factor))
+        new = new - new_deviation * segments.expand(factor)
+    return new.view(-1)
+
+
+def decoupled_step(weight, update, grad, anchor, out, segments, lr, decay, spd_lambda: float, *, spd: bool):
+    """``decoupled_update`` into ``out`` (which may be ``weight`` itself)."""
+    out.copy_(decoupled_update(weight, update, grad, anchor, segments, lr, decay, spd_lambda, spd=spd))
     return out
 
 

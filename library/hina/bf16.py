@@ -14,7 +14,8 @@ Seed document 002. On top of AdamW_HinaAdaptive (``adaptive.py``):
 
 Random numbers for stochastic rounding come from generators seeded by (``sr_seed``, global step, call
 order within the step): reproducible, equal on every rank, and a resumed run continues to the bit.
-Only bfloat16 parameters are accepted.
+Parameters must be bfloat16 when the step runs (they may still be float32 when the optimizer is built,
+as in kohya sd-scripts with ``--full_bf16``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Bf16Codec:
         return {name: self.pack.views(self.flat[name])}
 
     def decode(self, name: str) -> torch.Tensor:
-        out = self.pack.workspace(f"bf16_decoded_{name}")
+        out = self.pack.buffer(f"bf16_decoded_{name}")
         return out.copy_(self.flat[name])
 
     def encode(self, name: str, value: torch.Tensor) -> None:
@@ -100,6 +101,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     """
 
     optimizer_type = "AdamWBF16_HinaAdaptive"
+    write_back_policy = "compensated"  # p += delta through the shift buffer (write_back below)
     feature_flags = AdamW_HinaAdaptive.feature_flags + ("delayed_wd_threshold",)
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -111,7 +113,8 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
                  min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
-                 use_alora: bool = True, alora_ratio: float = 16.0, delayed_wd_threshold: float = 1e-4, sr_seed: int = 0):
+                 use_alora: bool = True, alora_ratio: float = 16.0, delayed_wd_threshold: float = 1e-4, sr_seed: int = 0,
+                 compile_step: bool | None = None):
         if delayed_wd_threshold < 0.0:
             raise ValueError(f"Invalid delayed_wd_threshold: {delayed_wd_threshold!r} (must be >= 0)")
         self._pool = BufferPool()
@@ -130,27 +133,27 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                          relationship_discovery_interval=relationship_discovery_interval,
                          importance_decay=importance_decay, compatibility_threshold=compatibility_threshold,
                          use_lr_mask=use_lr_mask, lr_bump=lr_bump, min_lr=min_lr, max_lr=max_lr,
-                         warmup_steps=warmup_steps, use_alora=use_alora, alora_ratio=alora_ratio, optim_bits=32)
+                         warmup_steps=warmup_steps, use_alora=use_alora, alora_ratio=alora_ratio, optim_bits=32,
+                         compile_step=compile_step)
         self._add_defaults({"delayed_wd_threshold": float(delayed_wd_threshold)})
-        self._check_bf16(self.param_groups)
 
-    def _check_bf16(self, groups) -> None:
-        for gi, group in enumerate(groups):
+    def _check_bf16(self) -> None:
+        """Parameters must be bfloat16 when the step runs. Not checked at construction: kohya sd-scripts
+        builds the optimizer first and casts the network to bf16 afterwards (``--full_bf16``); Module.to
+        keeps the Parameter objects, so the optimizer sees the cast."""
+        for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.dtype != torch.bfloat16:
-                    raise TypeError(f"{self.optimizer_type} only supports bfloat16 parameters, but group {gi} "
-                                    f"param {pi} (shape {tuple(p.shape)}) is {p.dtype}. Convert the model first: "
-                                    "model.to(torch.bfloat16)")
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        if hasattr(self, "_pool"):
-            self._check_bf16(self.param_groups[-1:])
+                    raise TypeError(f"{self.optimizer_type} steps bfloat16 parameters only, but group {gi} param {pi} "
+                                    f"(shape {tuple(p.shape)}) is {p.dtype}. In kohya sd-scripts train with "
+                                    "--mixed_precision bf16 --full_bf16 (the network is cast after the optimizer "
+                                    "is built, which is fine); elsewhere call model.to(torch.bfloat16) before "
+                                    "the first step, or use AdamW_HinaAdaptive for float32 parameters")
 
     # --- bf16 storage ------------------------------------------------------------------------------------------
-    def _build_layout(self, group):
-        layout = super()._build_layout(group)
-        for pack in layout.packs:
+    def _build_layout(self, group, roles):
+        layout = super()._build_layout(group, roles)
+        for pack in layout.chunks:
             names = [name for name, _ in self.state_specs(group, pack.roles)]
             pack.codec = Bf16Codec(pack, self)
             for name in names:
@@ -173,6 +176,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_bf16()
         self._sr_step = max(g.get("global_step", 0) for g in self.param_groups)
         self._sr_calls = 0
         return super().step(closure)
@@ -184,13 +188,13 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     def finish_update(self, ctx, update):
         # The core encodes the states after the write-back: the compensation goes into the decoded (fp32)
         # shift buffer, which is then stochastically rounded into its bf16 storage with the other states.
-        shifts = ctx.pack.views(ctx.pack.workspace("bf16_decoded_shift"))
+        shifts = ctx.pack.views(ctx.pack.buffer("bf16_decoded_shift"))
         self._pending_shift = {id(p): view for p, view in zip(ctx.pack.params, shifts)}
         group = ctx.group
         wd = HinaOptimizer.current_weight_decay(self, group)
         if wd:
-            lrs = torch.tensor(self._per_tensor_lr(ctx), dtype=torch.float32, device=ctx.pack.device)
-            active = torch.tensor(ctx.active, dtype=torch.float32, device=ctx.pack.device)
+            lrs = self._lr_vector(group, ctx.pack, ctx.roles)
+            active = ctx.active_vector
             acc = ctx.pack.vectors["wd_accum"]
             acc.add_(lrs * wd * active)
             due = acc >= group["delayed_wd_threshold"]

@@ -1,21 +1,23 @@
-"""State codecs: how optimizer state buffers are stored between steps.
+"""State codecs: how a pack's optimizer states are stored between steps.
 
 - ``Fp32Codec``: plain float32 flat buffers.
 - ``Blockwise8bitCodec``: 8-bit blockwise dynamic quantisation (Dettmers et al., "8-bit Optimizers via
-  Block-wise Quantization", arXiv 2110.02861) through ``bitsandbytes.functional.quantize_blockwise`` /
-  ``dequantize_blockwise``, which run on CPU and CUDA with bitsandbytes >= 0.50. Signed states (first
-  moments) use the signed dynamic map, non-negative states (second moments) the unsigned one, as
-  bitsandbytes' own 8-bit optimizers do. Every state is decoded at the start of a step and quantised
-  back at its end.
+  Block-wise Quantization", arXiv 2110.02861): uint8 codes into bitsandbytes' dynamic map plus one float32
+  absmax per ``block_size`` elements, written in plain torch (``quant.py``) so the codec can run inside the
+  compiled step. Signed states (first moments) use the signed dynamic map, non-negative ones (second
+  moments) the unsigned one, as bitsandbytes' own 8-bit optimizers do; the codes are bitsandbytes', so
+  state_dicts saved by earlier releases (which quantised through bitsandbytes) load unchanged.
 
-Each codec owns the flat storage of one ``FlatPack`` and hands out per-parameter views for
-``optimizer.state``; ``adopt`` copies per-parameter tensors (from a loaded state_dict) into the storage.
+Each codec owns the flat storage of one pack and hands out per-parameter views for ``optimizer.state``.
+``decode`` gives an fp32 buffer (the storage itself for fp32; a pool buffer of the pack's size for 8-bit)
+and ``encode`` writes it back; the fused step reads ``storage(name)`` directly instead.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import quant
 from .pack import FlatPack
 
 
@@ -33,8 +35,8 @@ class Fp32Codec:
         """Per-parameter views: ``{state_key: [view per param]}``."""
         return {name: self.pack.views(self.flat[name])}
 
-    def adopt(self, name: str, loaded: dict[str, list[torch.Tensor]]) -> None:
-        torch._foreach_copy_(self.pack.views(self.flat[name]), [t.to(torch.float32) for t in loaded[name]])
+    def storage(self, name: str) -> torch.Tensor:
+        return self.flat[name]
 
     def decode(self, name: str) -> torch.Tensor:
         return self.flat[name]  # decoded in place: the math updates the stored buffer directly
@@ -47,21 +49,14 @@ class Fp32Codec:
         return sum(t.numel() * t.element_size() for t in self.flat.values())
 
 
-def _bnb_functional():
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError as error:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError("8-bit optimizer states need bitsandbytes >= 0.50: pip install 'bitsandbytes>=0.50'") from error
-    return bnb_functional
+_DYNAMIC_MAPS: dict[tuple[bool, str], torch.Tensor] = {}
 
 
-_DYNAMIC_MAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
-
-
-def dynamic_map(signed: bool, device: torch.device) -> torch.Tensor:
-    key = (signed, torch.device(device))
+def dynamic_map(signed: bool, device) -> torch.Tensor:
+    """bitsandbytes' dynamic map (256 values), one copy per (signedness, device)."""
+    key = (signed, str(torch.device(device)))
     if key not in _DYNAMIC_MAPS:
-        _DYNAMIC_MAPS[key] = _bnb_functional().create_dynamic_map(signed=signed).to(device)
+        _DYNAMIC_MAPS[key] = quant.dynamic_map(signed, device)
     return _DYNAMIC_MAPS[key]
 
 
@@ -77,31 +72,33 @@ class Blockwise8bitCodec:
         self.block_size = block_size
         self.codes: dict[str, torch.Tensor] = {}
         self.absmax: dict[str, torch.Tensor] = {}
-        self.maps: dict[str, torch.Tensor] = {}
-        self.F = _bnb_functional()
+        self.signed: dict[str, bool] = {}
 
     def create(self, name: str, signed: bool = True) -> None:
-        self.maps[name] = dynamic_map(signed, self.pack.device)
+        self.signed[name] = signed
         self.codes[name] = self.pack.zeros(torch.uint8)
         # absmax 0 decodes every code to 0, so a fresh state reads as zeros.
         self.absmax[name] = self.pack.zeros(torch.float32, scale=self.block_size)
+
+    def qmap(self, name: str) -> torch.Tensor:
+        return dynamic_map(self.signed[name], self.pack.device)
 
     def state_views(self, name: str) -> dict[str, list[torch.Tensor]]:
         return {name: self.pack.padded_views(self.codes[name]),
                 f"{name}_absmax": self.pack.padded_views(self.absmax[name], self.block_size)}
 
-    def adopt(self, name: str, loaded: dict[str, list[torch.Tensor]]) -> None:
-        torch._foreach_copy_(self.pack.padded_views(self.codes[name]), loaded[name])
-        torch._foreach_copy_(self.pack.padded_views(self.absmax[name], self.block_size), loaded[f"{name}_absmax"])
+    def storage(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codes[name], self.absmax[name]
 
     def decode(self, name: str) -> torch.Tensor:
-        return self.F.dequantize_blockwise(self.codes[name], absmax=self.absmax[name], code=self.maps[name],
-                                           blocksize=self.block_size)
+        out = self.pack.buffer(f"decoded_{name}")
+        out.copy_(quant.decode(self.codes[name], self.absmax[name], self.qmap(name), self.block_size))
+        return out
 
     def encode(self, name: str, value: torch.Tensor) -> None:
-        # out= and absmax= write into the existing storage, so the per-parameter views stay valid.
-        self.F.quantize_blockwise(value, code=self.maps[name], absmax=self.absmax[name], out=self.codes[name],
-                                  blocksize=self.block_size)
+        codes, absmax = quant.encode(value, self.qmap(name), self.block_size, self.signed[name])
+        self.codes[name].copy_(codes)  # into the existing storage: the per-parameter views stay valid
+        self.absmax[name].copy_(absmax)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.codes.values(), *self.absmax.values()))

@@ -14,17 +14,15 @@ With ``optim_bits=32`` and every technique off this is ``torch.optim.AdamW`` (te
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import naming
+from . import naming, quant, techniques
+from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, ZERO_ANCHOR_ROLES, HinaOptimizer, StepContext, decoupled_update
+from .codec import dynamic_map
 from .compiled import MaybeCompiled
-from .base import ADAPTER_MATRIX_ROLES, ZERO_ANCHOR_ROLES, HinaOptimizer, StepContext
-from . import techniques
 from .techniques.adopt import adopt_normalize
-from .techniques.agr import agr_
-from .techniques.orthogonal import orthogonalize_
+from .techniques.alora import row_coefficients
+from .techniques.tam import tam_step
 
 
 def _check_betas(betas) -> tuple[float, float]:
@@ -71,7 +69,7 @@ class HinaAdamW(HinaOptimizer):
                  use_grams: bool = True, use_agr: bool = True, use_tam: bool = True, tam_beta: float = 0.999,
                  use_alora: bool = True, alora_ratio: float = 16.0, dynamic_weight_decay: bool = True,
                  wd_transition_steps: int = 1000, wd_decay_factor: float = 0.7, wd_min_ratio: float = 0.1,
-                 optim_bits: int = 8, block_size: int = 256, min_8bit_size: int = 1024,
+                 optim_bits: int = 8, block_size: int = 256, min_8bit_size: int = MIN_8BIT_SIZE,
                  compile_step: bool | None = None):
         betas = _check_betas(betas)
         if eps < 0.0:
@@ -122,79 +120,91 @@ class HinaAdamW(HinaOptimizer):
         return [group["use_alora"] and role in ADAPTER_MATRIX_ROLES for role in roles]
 
     # --- the update -----------------------------------------------------------------------------------------
-    def compute_update(self, ctx: StepContext, states, vectors):
-        group, pack, grad = ctx.group, ctx.pack, ctx.grad
+    def _step_vectors(self, group, pack, steps, active) -> torch.Tensor:
+        """Per-tensor inputs of a chunk's step, one (7, slots) tensor: lr, 1 - lr wd, 1 - b1^t, sqrt(1 - b2^t),
+        ADOPT's clip t^(1/4) (t: completed steps), active, first step."""
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = states["exp_avg"], states["exp_avg_sq"]
+        steps_t = torch.tensor(list(steps) + [0] * (pack.slots - len(steps)), dtype=torch.float64)
+        first = (steps_t == 0).to(torch.float64)
+        lr = self._lr_vector(group, pack, pack.roles).cpu().double()
+        if group["use_adopt_stability"]:
+            lr = lr * (1.0 - first)  # ADOPT's first step only initialises v: no parameter change at all
+        decay = self._decay_vector(group, pack, pack.roles, lr.float().to(pack.device)).cpu().double()
+        rows = [lr, decay, 1.0 - beta1 ** (steps_t + 1), (1.0 - beta2 ** (steps_t + 1)).sqrt(),
+                steps_t.clamp(min=1).pow(0.25), pack.per_tensor([float(a) for a in active]).cpu().double(), first]
+        return torch.stack(rows).float().to(pack.device)
+
+    def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
+        """One chunk: decode -> the recipe -> apply -> encode, in one (optionally compiled) function."""
+        beta1, beta2 = group["betas"]
+        codec = pack.codec
+        names = [name for name, _ in self.state_specs(group, pack.roles)]
+        stored = [codec.storage(name) for name in names]
+        anchor = stored[2] if "spd_anchor" in names else None
+        scaled = self.row_scaled(group, pack.roles)
+        row_coef = None
+        if any(scaled):
+            row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef"))
+        qmaps = (dynamic_map(True, pack.device), dynamic_map(False, pack.device)) if codec.bits == 8 else None
+        return _fused(self.use_compile(), grad, weight, row_coef, stored[0], stored[1], anchor,
+                      pack.vectors.get("tam_smoothed"), self._step_vectors(group, pack, steps, active),
+                      pack.segments, qmaps, beta1=beta1, beta2=beta2, eps=group["eps"], tam_beta=group["tam_beta"],
+                      spd_lambda=float(group["spd_lambda"]), orthogonal=group["use_orthogonal_grad"],
+                      agr=group["use_agr"], adopt=group["use_adopt_stability"], tam=group["use_tam"],
+                      grams=group["use_grams"], cautious=group["use_cautious"], spd=group["use_spd"])
+
+    def compute_update(self, ctx: StepContext, states, vectors):
+        """HinaAdamW's direction on decoded fp32 states, for subclasses that extend it (AdamW_HinaAdaptive)."""
+        group, pack, grad = ctx.group, ctx.pack, ctx.grad
         adopt = group["use_adopt_stability"]
-        uniform = len(set(ctx.steps)) == 1
-        if adopt and uniform and ctx.steps[0] == 0:
+        if adopt and all(s == 0 for s, a in zip(ctx.steps, ctx.active) if a):
             # ADOPT's first step only initialises v = g^2; there is no parameter update.
             if group["use_orthogonal_grad"]:
-                orthogonalize_(grad, ctx.weight, pack)
+                grad.copy_(techniques.orthogonalize(grad, ctx.weight, pack.segments))
             if group["use_agr"]:
-                agr_(grad, pack)
-            torch.mul(grad, grad, out=exp_avg_sq)
+                grad.copy_(techniques.agr(grad, pack.segments))
+            torch.mul(grad, grad, out=states["exp_avg_sq"])
             return None
-
-        if uniform:
-            t = ctx.steps[0] + 1  # this step, 1-based
-            clip = float(max(ctx.steps[0], 1)) ** 0.25
-            bias1, bias2_sqrt = 1.0 - beta1 ** t, math.sqrt(1.0 - beta2 ** t)
-        else:  # tensors at different steps (some were skipped): per-tensor values
-            steps = torch.tensor(ctx.steps, dtype=torch.float64)
-            clip = steps.clamp(min=1).pow(0.25).float()
-            bias1 = (1.0 - beta1 ** (steps + 1)).float()
-            bias2_sqrt = (1.0 - beta2 ** (steps + 1)).sqrt().float()
-            clip, bias1, bias2_sqrt = (pack.segments.expand(x.to(pack.device)) for x in (clip, bias1, bias2_sqrt))
-        scalars = torch.tensor([clip, bias1, bias2_sqrt], device=pack.device) if uniform else None
+        vec = self._step_vectors(group, pack, ctx.steps, ctx.active)
         update = ctx.scratch("update")
         weight = ctx.weight if group["use_orthogonal_grad"] else None
-        use_compile = _direction.wanted(self.compile_step, pack.total) and uniform
-        _direction(use_compile, grad, exp_avg, exp_avg_sq, vectors.get("tam_smoothed"), weight, update,
-                   pack.segments, scalars if uniform else (clip, bias1, bias2_sqrt),
-                   beta1=beta1, beta2=beta2, eps=group["eps"], tam_beta=group["tam_beta"],
-                   orthogonal=group["use_orthogonal_grad"], agr=group["use_agr"], adopt=adopt,
-                   tam=group["use_tam"], grams=group["use_grams"], cautious=group["use_cautious"])
-
+        _direction(self.use_compile(), grad, states["exp_avg"], states["exp_avg_sq"], vectors.get("tam_smoothed"),
+                   weight, update, pack.segments, vec[2:5], beta1=group["betas"][0], beta2=group["betas"][1],
+                   eps=group["eps"], tam_beta=group["tam_beta"], orthogonal=group["use_orthogonal_grad"],
+                   agr=group["use_agr"], adopt=adopt, tam=group["use_tam"], grams=group["use_grams"],
+                   cautious=group["use_cautious"])
         first = [i for i, s in enumerate(ctx.steps) if s == 0 and ctx.active[i]]
         if adopt and first:
             # Tensors seen for the first time among older ones: ADOPT's initialisation step for them.
             for i in first:
-                pack.views(exp_avg_sq)[i].copy_(pack.views(grad)[i].square())
-                pack.views(exp_avg)[i].zero_()
+                pack.views(states["exp_avg_sq"])[i].copy_(pack.views(grad)[i].square())
+                pack.views(states["exp_avg"])[i].zero_()
                 pack.views(update)[i].zero_()
         return update
 
 
-def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, segments, step_scalars, *,
-                    beta1: float, beta2: float, eps: float, tam_beta: float, orthogonal: bool, agr: bool,
-                    adopt: bool, tam: bool, grams: bool, cautious: bool):
-    """HinaAdamW's update direction u over a pack's flat buffers; states and ``update`` written in place.
+def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bias2_sqrt, clip, *, beta1: float,
+               beta2: float, eps: float, tam_beta: float, orthogonal: bool, agr: bool, adopt: bool, tam: bool,
+               grams: bool, cautious: bool):
+    """HinaAdamW's direction over a chunk's flat fp32 buffers, purely functional.
 
-    ``step_scalars`` = (ADOPT clip t^(1/4), 1 - b1^t, sqrt(1 - b2^t)), each a 0-d tensor or a per-block
-    column. Written functionally (new tensors, one write per output) so that ``torch.compile`` fuses
-    the chain into a few loops; it runs eagerly as well (see compiled.py).
+    Order (each stage's paper in its module): ⊥Grad, AGR on g; the moment input x = g (Adam) or ADOPT's
+    clip(g / max(sqrt(v), eps), t^(1/4)); TAM damps x by the smoothed cosine of (m, x); m = lerp(m, x, 1 - b1);
+    v from g; u = Adam's bias-corrected m / (sqrt(v) + eps) (ADOPT: u = m); Grams, then Cautious.
+    ``bias1``, ``bias2_sqrt``, ``clip`` are per-block columns (``segments.expand`` of per-tensor values).
+    Returns (g, m, v, u, tam_smoothed): the transformed gradient (SPD reads it), the new states, the update.
     """
     block = segments.block
-    clip, bias1, bias2_sqrt = step_scalars[0], step_scalars[1], step_scalars[2]
-    g = grad
     if orthogonal:
         g = techniques.orthogonalize(g, weight, segments)
     if agr:
         g = techniques.agr(g, segments)
-
-    # Moment input x: the gradient (Adam) or the ADOPT-normalised gradient (arXiv 2411.02853).
-    if adopt:
-        x = adopt_normalize(g, exp_avg_sq, eps, clip, block)
-    else:
-        x = g
+    x = adopt_normalize(g, exp_avg_sq, eps, clip, block) if adopt else g
     if tam:
-        damping = techniques.tam_damping(exp_avg, x, tam_smoothed, tam_beta, segments)
+        damping, tam_smoothed = tam_step(exp_avg, x, tam_smoothed, tam_beta, segments)
         x = (x.view(-1, block) * segments.expand(damping)).view(-1)
     m = torch.lerp(exp_avg, x, 1.0 - beta1)
     v = exp_avg_sq * beta2 + (1.0 - beta2) * g * g
-
     if adopt:
         u = m  # ADOPT uses the raw momentum, no bias correction; v is updated after (above, from g)
     else:
@@ -205,11 +215,83 @@ def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, seg
         u = techniques.grams(u, g)
     if cautious:
         u = techniques.cautious(u, g, segments)
+    return g, m, v, u, tam_smoothed
+
+
+def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, segments, step_vectors, **flags):
+    """``adamw_math`` writing its results in place (states, ``update``, and the transformed ``grad``)."""
+    bias1, bias2_sqrt, clip = (segments.expand(v) for v in step_vectors.unbind(0))
+    g, m, v, u, smoothed = adamw_math(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bias2_sqrt,
+                                      clip, **flags)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     update.copy_(u)
     grad.copy_(g)  # the transformed gradient, for SPD's condition in the apply stage
+    if smoothed is not None and smoothed is not tam_smoothed:
+        tam_smoothed.copy_(smoothed)
     return update
 
 
+def _decode(stored, qmap, block_size):
+    if isinstance(stored, tuple):
+        return quant.decode(stored[0], stored[1], qmap, block_size)
+    return stored
+
+
+def _store(stored, value, keep_blocks, qmap, signed: bool, block_size: int) -> None:
+    """Write ``value`` into fp32 or (codes, absmax) storage; blocks where ``keep_blocks`` stay as they were."""
+    if isinstance(stored, tuple):
+        codes, absmax = quant.encode(value, qmap, block_size, signed)
+        stored[0].copy_(torch.where(keep_blocks, stored[0].view(-1, block_size), codes.view(-1, block_size)).view(-1))
+        stored[1].copy_(torch.where(keep_blocks.squeeze(1), stored[1], absmax))
+    else:
+        stored.copy_(torch.where(keep_blocks, stored.view(-1, block_size), value.view(-1, block_size)).view(-1))
+
+
+def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_smoothed, step_vectors, segments,
+                     qmaps, *, spd_lambda: float, spd: bool, **flags):
+    """HinaAdamW's whole step for one chunk: decode, ``adamw_math``, ALLoRA, decoupled weight decay and SPD,
+    encode. Mutates the states (fp32 buffers or 8-bit codes + absmax), ``tam_smoothed`` and ``weight`` (which
+    becomes the new weights) in place; ``grad`` is read only.
+
+    A tensor whose gradient is not finite, or whose sum of squares overflows float32 (a finite 1e20 gradient
+    would make g^2 inf), counts as inactive, like one without a gradient: its states and weights stay
+    exactly as they were (kept block by block, codes included). Returns that skipped set, a bool per slot.
+    """
+    block = segments.block
+    lr, decay, bias1, bias2_sqrt, clip, active, first = step_vectors.unbind(0)
+    finite = torch.isfinite(segments.sum(grad * grad))
+    live = (active > 0) & finite
+    keep = ~segments.expand(live)                      # (blocks, 1): blocks whose tensor does not step
+    qs, qu = (None, None) if qmaps is None else qmaps
+    m = _decode(exp_avg, qs, block)
+    v = _decode(exp_avg_sq, qu, block)
+    g = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
+    anchor_value = None
+    if anchor is not None:
+        anchor_value = torch.where(segments.expand(first > 0), weight.view(-1, block),
+                                   _decode(anchor, qs, block).view(-1, block)).view(-1)
+    expand = segments.expand
+    flags_adopt = flags["adopt"]
+    g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1),
+                                              expand(bias2_sqrt), expand(clip), **flags)
+    if flags_adopt:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (lr is 0 for it)
+        starting = expand(first > 0)
+        v_new = torch.where(starting, (g * g).view(-1, block), v_new.view(-1, block)).view(-1)
+        m_new = torch.where(starting, 0.0, m_new.view(-1, block)).view(-1)
+        u = torch.where(starting, 0.0, u.view(-1, block)).view(-1)
+    if row_coef is not None:
+        u = u * row_coef
+    new_weight = decoupled_update(weight, u, g, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
+    _store(exp_avg, m_new, keep, qs, True, block)
+    _store(exp_avg_sq, v_new, keep, qu, False, block)
+    if anchor is not None:
+        _store(anchor, anchor_value, keep, qs, True, block)
+    if tam_smoothed is not None:
+        tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
+    weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
+    return (active > 0) & ~finite
+
+
 _direction = MaybeCompiled(adamw_direction)
+_fused = MaybeCompiled(hina_adamw_chunk)

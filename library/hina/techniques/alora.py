@@ -34,6 +34,17 @@ def row_scale_flat_(update: torch.Tensor, weight: torch.Tensor, pack, selected: 
         update.narrow(0, start, length).view(-1, cols).mul_(coefficient)
 
 
+def row_coefficients(weight: torch.Tensor, pack, selected: list[bool], out: torch.Tensor) -> torch.Tensor:
+    """ALLoRA's coefficient 1 / sqrt(1 + ||w_row||^2) per element of the flat buffer (1 where not selected),
+    written to ``out``; the fused step multiplies its update by it (runs of equal row length as above)."""
+    out.fill_(1.0)
+    for start, length, cols in _row_runs(pack, selected):
+        rows = weight.narrow(0, start, length).view(-1, cols)
+        coefficient = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square_().add_(1.0).rsqrt_()
+        out.narrow(0, start, length).view(-1, cols).copy_(coefficient.expand(-1, cols))
+    return out
+
+
 def _row_runs(pack, selected: list[bool]) -> list[tuple[int, int, int]]:
     """(offset, length, row length) of each maximal run of selected, contiguous, same-row-length tensors."""
     key = tuple(selected)

@@ -10,10 +10,10 @@
   bf16 compensation buffer and added back on the next write:
 
       target = p + shift + delta          (in float32)
-      p      = round_bf16(target)
-      shift  = round_bf16(target - p)
+      p      = round_to_nearest_bf16(target)
+      shift  = stochastic_round_bf16(target - p)
 
-  so many updates smaller than half a bf16 ulp of p still add up.
+  so many updates smaller than half a bf16 ulp of p still add up, and delta = 0 leaves p as it is.
 
 Random numbers come from a ``torch.Generator`` seeded from (seed, step, stream), so a run is reproducible,
 every distributed rank draws the same numbers, and a resumed run continues to the bit.
@@ -61,8 +61,13 @@ def to_bf16_stochastic(x: torch.Tensor, out: torch.Tensor, generator: torch.Gene
 
 def compensated_add_(param: torch.Tensor, shift: torch.Tensor, delta: torch.Tensor, generator: torch.Generator,
                      noise: torch.Tensor | None = None) -> None:
-    """param (bf16) += delta (float32) through the shift (bf16) compensation buffer; both in place."""
+    """param (bf16) += delta (float32) through the shift (bf16) compensation buffer; both in place.
+
+    Kahan summation as optimi's low-precision AdamW does it: the parameter takes ``p + shift + delta`` rounded
+    to nearest, and the shift buffer keeps what that rounding lost (itself stochastically rounded, so tiny
+    residuals add up without bias). With delta = 0 nothing moves: the rounding to nearest of ``p + shift``
+    is p again (the shift is below half an ulp of p), so lr = 0 leaves the weights bit-identical.
+    """
     target = param.float().add_(shift.float()).add_(delta)
-    rounded = stochastic_round_(target.clone(), generator, noise)
-    param.copy_(rounded)
-    to_bf16_stochastic(target.sub_(rounded), shift, generator, noise)
+    param.copy_(target)  # round to nearest
+    to_bf16_stochastic(target.sub_(param.float()), shift, generator, noise)

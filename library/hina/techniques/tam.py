@@ -19,13 +19,20 @@ from ..pack import FlatPack, Segments, as_segments
 EPS = 1e-8
 
 
-def tam_damping(exp_avg: torch.Tensor, grad: torch.Tensor, smoothed: torch.Tensor, tam_beta: float,
-                pack: FlatPack | Segments, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Update ``smoothed`` (ŝ, one value per tensor) in place and return ``eps + d`` per tensor."""
-    segments = as_segments(pack)
+def tam_step(exp_avg: torch.Tensor, grad: torch.Tensor, smoothed: torch.Tensor, tam_beta: float,
+             segments: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps + d, new ŝ) per tensor, functionally: ŝ = tam_beta ŝ + (1 - tam_beta) cos(m, g), d = (1 + ŝ) / 2."""
     m_dot_g = segments.sum(exp_avg * grad)
     m_norm = segments.sum(exp_avg * exp_avg).sqrt()
     g_norm = segments.sum(grad * grad).sqrt()
     cosine = m_dot_g / (m_norm * g_norm).clamp_min(1e-30)
-    smoothed.mul_(tam_beta).add_(cosine, alpha=1.0 - tam_beta)
-    return (smoothed + 1.0) * 0.5 + EPS
+    smoothed = smoothed * tam_beta + cosine * (1.0 - tam_beta)
+    return (smoothed + 1.0) * 0.5 + EPS, smoothed
+
+
+def tam_damping(exp_avg: torch.Tensor, grad: torch.Tensor, smoothed: torch.Tensor, tam_beta: float,
+                pack: FlatPack | Segments, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Update ``smoothed`` (ŝ, one value per tensor) in place and return ``eps + d`` per tensor."""
+    damping, new = tam_step(exp_avg, grad, smoothed, tam_beta, as_segments(pack))
+    smoothed.copy_(new)
+    return damping
