@@ -21,6 +21,10 @@ from pathlib import Path
 
 import toml
 
+from .errors import ArgumentError
+from .schedulers import NAMES as SCHEDULER_NAMES, int_or_float
+from .tracking import check_logging_args
+
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
     "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
@@ -39,12 +43,10 @@ UNSUPPORTED = (
     "vae", "tokenizer_cache_dir", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
     "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
     "async_upload", "save_last_n_steps", "save_last_n_steps_state", "save_last_n_epochs",
-    "save_last_n_epochs_state", "save_n_epoch_ratio", "save_state_on_train_end", "lr_scheduler_type",
-    "lr_scheduler_args", "lr_decay_steps", "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio",
+    "save_last_n_epochs_state", "save_n_epoch_ratio", "save_state_on_train_end",
     "scale_weight_norms", "base_weights", "base_weights_multiplier", "dim_from_weights",
     "stop_text_encoder_training", "deepspeed", "zero_stage", "ddp_timeout", "ddp_gradient_as_bucket_view",
-    "ddp_static_graph", "wandb_api_key", "wandb_run_name", "log_tracker_name", "log_tracker_config",
-    "log_config", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups",
+    "ddp_static_graph", "wandb_api_key", "wandb_run_name", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups",
     "unet_lr_weights", "network_train_text_encoder_only_lr", "skip_until_initial_step", "initial_epoch",
     "initial_step", "no_token_padding", "train_text_encoder", "vae_batch_size", "cpu_offload_checkpointing",
     "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list",
@@ -64,11 +66,6 @@ NOT_SAVED = {"config_file", "output_config", "sd_scripts"}
 
 SAVE_MODEL_AS = ("safetensors",)
 MIXED_PRECISION = ("no", "fp16", "bf16")
-LOG_WITH = ("tensorboard",)
-
-
-class ArgumentError(ValueError):
-    """A bad command line or config file value; the message names it and says what is valid."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,11 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--optimizer_args", type=str, default=None, nargs="*", help="k=v optimizer arguments")
     a("--learning_rate", type=float, default=2.0e-6)
     a("--unet_lr", type=float, default=None)
-    a("--text_encoder_lr", type=float, default=None)
-    a("--lr_scheduler", type=str, default="constant", help="a diffusers scheduler name")
-    a("--lr_warmup_steps", type=int, default=0)
+    a("--text_encoder_lr", type=float, default=None, nargs="*",
+      help="text encoder lr; several values: one per text encoder (SDXL)")
+    a("--lr_scheduler", type=str, default="constant", help=f"one of: {', '.join(SCHEDULER_NAMES)}")
+    a("--lr_warmup_steps", type=int_or_float, default=0, help="steps, or below 1 (or N%%): a fraction of the steps")
+    a("--lr_decay_steps", type=int_or_float, default=0, help="warmup_stable_decay: steps, or a fraction below 1")
     a("--lr_scheduler_num_cycles", type=int, default=1)
     a("--lr_scheduler_power", type=float, default=1.0)
+    a("--lr_scheduler_timescale", type=int, default=None, help="inverse_sqrt timescale (default: the warmup)")
+    a("--lr_scheduler_min_lr_ratio", type=float, default=None,
+      help="cosine_with_min_lr / warmup_stable_decay: final lr as a ratio of the initial lr")
+    a("--lr_scheduler_type", type=str, default="", help="torch.optim.lr_scheduler class, or module.Class")
+    a("--lr_scheduler_args", type=str, default=None, nargs="*", help="k=v arguments of the scheduler")
     # output
     a("--output_dir", type=str, default=None, help="default: output/")
     a("--output_name", type=str, default=None, help="default: last (demo: demo)")
@@ -145,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metadata_title", type=str, default=None)
     a("--logging_dir", type=str, default=None)
     a("--log_with", type=str, default=None)
-    a("--log_prefix", type=str, default=None)
+    a("--log_prefix", type=str, default=None, help="prefix of each run's timestamped folder in --logging_dir")
+    a("--log_tracker_name", type=str, default=None, help="TensorBoard run name (default network_train)")
+    a("--log_tracker_config", type=str, default=None, help="TOML file of tracker init arguments")
+    a("--log_config", action="store_true", help="log the arguments as the run's hyperparameters")
     for name in INERT:
         a(f"--{name}", nargs="?", const=True, default=None, help=f"accepted, no effect: {INERT[name]}")
     for name in UNSUPPORTED:
@@ -233,8 +240,7 @@ def check_args(args: argparse.Namespace) -> None:
         args.caption_extension = args.caption_extention
     if args.save_model_as != "safetensors":
         raise ArgumentError(f"--save_model_as {args.save_model_as!r} is not supported; valid: safetensors")
-    if args.log_with is not None and args.log_with not in LOG_WITH:
-        raise ArgumentError(f"--log_with {args.log_with!r} is not supported; valid: {', '.join(LOG_WITH)}")
+    check_logging_args(args)
     if args.mixed_precision not in MIXED_PRECISION:
         raise ArgumentError(f"--mixed_precision {args.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
     positive = ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "max_train_epochs",
@@ -243,10 +249,15 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ArgumentError(f"--{name} {value!r} must be a positive integer")
+    args.text_encoder_lr = text_encoder_lrs(args.text_encoder_lr)
     for name in ("learning_rate", "unet_lr", "text_encoder_lr"):
         value = getattr(args, name)
-        if value is not None and (not isinstance(value, (int, float)) or value < 0):
-            raise ArgumentError(f"--{name} {value!r} must be a number >= 0")
+        for number in value if isinstance(value, list) else [value]:
+            if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0):
+                raise ArgumentError(f"--{name} {number!r} must be a number >= 0")
+    from .schedulers import check_scheduler_args
+
+    check_scheduler_args(args)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise ArgumentError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.train_data_dir and args.dataset_config:
@@ -259,6 +270,17 @@ def check_args(args: argparse.Namespace) -> None:
         args.resolution_wh = parse_resolution(args.resolution)
     else:
         args.resolution_wh = None
+
+
+def text_encoder_lrs(value):
+    """kohya's ``--text_encoder_lr``: none, one value, or one per text encoder. A TOML file may give a plain
+    number; an empty list means none."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    values = list(value)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def parse_resolution(value) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The training loop: accelerate for device, mixed precision and processes; kohya's denoising objective.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches. Each micro-batch: encode images (or take
+One optimizer step = ``gradient_accumulation_steps`` micro-batches (fewer for an epoch's last step). Each micro-batch: encode images (or take
 cached latents), add noise at random timesteps (DDPM, kohya's schedule), predict with the UNet conditioned
 on the captions, MSE against the noise (or the velocity with ``--v_parameterization``), optionally
 Min-SNR weighted. Then clip (``--max_grad_norm``), step, step the lr scheduler, and report the loss to
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from . import dataset as data
+from . import tracking
+from .schedulers import build_scheduler
 from .saving import (load_state, model_file_name, save_network, save_state, state_folder_name)
 from .summary import format_summary, plot_losses
 
@@ -79,9 +81,10 @@ class Trainer:
 
         self.plan = plan
         args = plan.args
-        log_with = args.log_with
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=log_with, cpu=use_cpu(),
-                                       project_dir=args.logging_dir if log_with else None)
+        self.log_with = tracking.log_with(args)
+        self.log_dir = tracking.run_log_dir(args.logging_dir, args.log_prefix) if self.log_with else None
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=self.log_with, cpu=use_cpu(),
+                                       project_dir=self.log_dir)
         self.device = self.accelerator.device
         self.scheduler = noise_scheduler()
         if args.v_parameterization:
@@ -115,11 +118,9 @@ class Trainer:
         self.conditioner = TextConditioner(models, args.clip_skip, plan.resolution)
         self.network, self.optimizer = self.accelerator.prepare(plan.network, plan.optimizer)
         self.inner_optimizer = plan.optimizer
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(args.lr_scheduler, plan.optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                          num_training_steps=plan.max_train_steps,
-                                          num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power)
+        self.lr_scheduler = build_scheduler(args, plan.optimizer, plan.max_train_steps)
+        self.lr_tags = tracking.lr_tags(plan.param_descriptions, len(plan.optimizer.param_groups),
+                                        args.network_train_unet_only)
 
     def _cache_latents(self):
         plan = self.plan
@@ -275,8 +276,12 @@ class Trainer:
         plan, args = self.plan, self.plan.args
         self._setup_models()
         plan.output_dir.mkdir(parents=True, exist_ok=True)
-        if args.log_with:
-            self.accelerator.init_trackers(args.log_prefix or "network_train", config=None)
+        if self.log_with:
+            self.accelerator.init_trackers(args.log_tracker_name or tracking.DEFAULT_TRACKER_NAME,
+                                           config=tracking.hparams(args),
+                                           init_kwargs=tracking.tracker_init_kwargs(args.log_tracker_config)
+                                           if args.log_tracker_config else {})
+            print(f"logging to {self.log_dir} (TensorBoard: tensorboard --logdir {args.logging_dir})")
         global_step = 0
         self._cache_latents()  # before loading a state: the cache must equal the saved run's (same draws)
         if plan.resume_state is not None:
@@ -292,33 +297,34 @@ class Trainer:
         accum = args.gradient_accumulation_steps
         per_epoch = plan.epochs.batches_per_epoch
         nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
-        micro = global_step * accum * nproc  # micro-batches consumed so far (all processes)
+        rounds = math.ceil(per_epoch / nproc)  # micro-batches per epoch on each process
+        epoch_updates = updates_per_epoch(per_epoch, accum, nproc)
         bar = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps", dynamic_ncols=True,
                    disable=not self.accelerator.is_local_main_process, mininterval=0.5)
         self.network.train()
         last_path = None
         start = time.time()
         start_step = global_step
+        shown_group = tracking.shown_lr_index(self.lr_tags)
         while global_step < plan.max_train_steps:
-            epoch, offset = divmod(micro, per_epoch)
+            epoch, first_update = divmod(global_step, epoch_updates)
             batches = plan.epochs.batches(epoch)
-            epoch_done = False
-            step_loss = 0.0
-            for k in range(offset, per_epoch, nproc):
-                j = k + rank
-                indices = batches[j] if j < per_epoch else batches[j % per_epoch]
-                micro_in_step = ((micro // nproc) % accum)
-                sync = micro_in_step == accum - 1
-                self.draws = self._micro_batch_generator(micro + rank)
-                latents, captions = self._batch(indices)
-                ctx = self.accelerator.no_sync(self.network) if not sync else _nullcontext()
-                with ctx:
-                    loss = self._loss(latents, captions)
-                    self.accelerator.backward(loss / accum)
-                step_loss += loss.detach().float().item() / accum
-                micro += nproc
-                if not sync:
-                    continue
+            for update in range(first_update, epoch_updates):
+                # an update is ``accum`` micro-batches, fewer at the end of an epoch: like accelerate's
+                # gradient accumulation (sync_with_dataloader), an epoch always ends with a finished update
+                first, last = update * accum, min(update * accum + accum, rounds)
+                step_loss = 0.0
+                for r in range(first, last):
+                    j = r * nproc + rank
+                    indices = batches[j] if j < per_epoch else batches[j % per_epoch]
+                    sync = r == last - 1
+                    self.draws = self._micro_batch_generator(epoch * per_epoch + r * nproc + rank)
+                    latents, captions = self._batch(indices)
+                    ctx = self.accelerator.no_sync(self.network) if not sync else _nullcontext()
+                    with ctx:
+                        loss = self._loss(latents, captions)
+                        self.accelerator.backward(loss / accum)  # accelerate's scaling, short updates included
+                    step_loss += loss.detach().float().item() / (last - first)  # the update's mean loss
                 self._average_gradients()
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(self.network.parameters(), args.max_grad_norm)
@@ -327,6 +333,7 @@ class Trainer:
                     observe(step_loss)
                 self.optimizer.step()
                 self._report_skips(global_step + 1)
+                lrs = self.lr_scheduler.get_last_lr()  # the lrs this update used
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 global_step += 1
@@ -334,13 +341,12 @@ class Trainer:
                 n = len(self.losses)
                 self.smoothed = SMOOTHING * self.smoothed + (1 - SMOOTHING) * step_loss
                 shown = self.smoothed / (1 - SMOOTHING ** n)
-                lr = self.lr_scheduler.get_last_lr()[0]
                 bar.update(1)
-                bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if args.log_with:
-                    self.accelerator.log({"loss/current": step_loss, "loss/average": shown, "lr/unet": lr},
-                                         step=global_step)
-                step_loss = 0.0
+                bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lrs[shown_group]:.2e}", refresh=False)
+                if self.log_with:
+                    logs = {"loss/current": step_loss, "loss/average": shown}
+                    logs.update({tag: float(lr) for tag, lr in zip(self.lr_tags, lrs)})
+                    self.accelerator.log(logs, step=global_step)
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
                         and global_step < plan.max_train_steps:
                     self.accelerator.wait_for_everyone()
@@ -348,9 +354,6 @@ class Trainer:
                 if global_step >= plan.max_train_steps:
                     break
             else:
-                epoch_done = True
-            if epoch_done:
-                micro = (epoch + 1) * per_epoch
                 if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 \
                         and global_step < plan.max_train_steps:
                     self.accelerator.wait_for_everyone()
@@ -358,7 +361,7 @@ class Trainer:
         bar.close()
         seconds = time.time() - start
         self.accelerator.wait_for_everyone()
-        final_epoch = micro // per_epoch + (1 if micro % per_epoch else 0)
+        final_epoch = math.ceil(global_step / epoch_updates)
         last_path = self._save(global_step, final_epoch, final=True)
         plot_path = None
         if self.accelerator.is_main_process and self.losses:
@@ -369,10 +372,15 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(format_summary(steps=global_step - start_step, seconds=seconds, losses=self.losses,
                                  output=last_path, plot=plot_path, optimizer_info=info))
-        if args.log_with:
+        if self.log_with:
             self.accelerator.end_training()
         return {"losses": list(self.losses), "output": last_path, "plot": plot_path, "seconds": seconds,
                 "global_step": global_step, "optimizer_info": info}
+
+
+def updates_per_epoch(batches_per_epoch: int, accum: int, num_processes: int = 1) -> int:
+    """Optimizer steps per epoch (kohya: ceil(batches / processes / accumulation); the last may be short)."""
+    return math.ceil(math.ceil(batches_per_epoch / num_processes) / accum)
 
 
 def _skipped_updates(optimizer) -> int:

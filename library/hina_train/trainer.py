@@ -187,6 +187,10 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
                                         neuron_dropout=args.network_dropout, **network_kwargs)
     except (ValueError, TypeError) as e:
         raise ArgumentError(f"--network_module {args.network_module} rejected the arguments: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a foreign module's failure (lycoris asserts) as one clear line
+        raise ArgumentError(f"--network_module {args.network_module} failed to build the network for this model "
+                            f"({type(e).__name__}: {e or 'no message'}); check --network_args "
+                            f"{' '.join(args.network_args or []) or '(none)'}") from None
     network.apply_to(models.text_encoder_for_network, models.unet, train_text_encoder, train_unet)
     if args.network_weights is not None:
         weights_fit(network, Path(args.network_weights), "--network_weights")
@@ -208,18 +212,37 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
         optimizer.attach_names(network)
 
     epochs = data.Epochs(spec.items, batch_size, args.seed)
-    updates_per_epoch = math.ceil(epochs.batches_per_epoch / args.gradient_accumulation_steps)
+    from accelerate import PartialState
+
+    from .distributed import use_cpu
+    from .loop import updates_per_epoch
+
+    epoch_updates = updates_per_epoch(epochs.batches_per_epoch, args.gradient_accumulation_steps,
+                                      PartialState(cpu=use_cpu()).num_processes)
     if args.max_train_epochs is not None:
-        max_train_steps = args.max_train_epochs * updates_per_epoch
+        max_train_steps = args.max_train_epochs * epoch_updates
     else:
         max_train_steps = args.max_train_steps
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    num_epochs = math.ceil(max_train_steps / epoch_updates)
+    if resume_state is not None:
+        check_resume_has_work(args, resume_state, max_train_steps)
     return Plan(args=args, output_dir=output_dir, output_name=output_name, models=models, spec=spec,
                 resolution=resolution, batch_size=batch_size, network=network, network_module=args.network_module,
                 network_kwargs=network_kwargs, train_unet=train_unet, train_text_encoder=train_text_encoder,
                 optimizer=optimizer, param_descriptions=descriptions, epochs=epochs,
                 max_train_steps=max_train_steps, num_epochs=num_epochs, resume_state=resume_state,
                 builtin=builtin)
+
+
+def check_resume_has_work(args, resume_state: dict, max_train_steps: int) -> None:
+    """A state at or past the planned steps has nothing left to train: say so instead of rewriting the final
+    files with zero steps."""
+    done = int(resume_state.get("global_step", 0))
+    if done >= max_train_steps:
+        plan = (f"--max_train_epochs {args.max_train_epochs} = {max_train_steps} steps"
+                if args.max_train_epochs is not None else f"--max_train_steps {max_train_steps}")
+        raise SaveError(f"--resume {args.resume!r} has already trained {done} steps and this run plans {plan}: "
+                        "nothing left to train (raise --max_train_steps or --max_train_epochs to continue)")
 
 
 def _param_groups(network, args):
