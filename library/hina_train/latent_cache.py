@@ -52,7 +52,7 @@ def read_valid(path: Path, bucket: tuple[int, int], flip: bool):
                     return None
                 flipped = torch.from_numpy(npz["latents_flipped"].copy())
             return torch.from_numpy(latents.copy()), flipped
-    except (OSError, ValueError) as e:  # truncated or foreign file: encode again
+    except Exception as e:  # truncated or foreign file (BadZipFile, EOFError, OSError, ...): encode again
         print(f"note: latent cache {str(path)!r} cannot be read ({type(e).__name__}); encoding again")
         return None
 

@@ -152,7 +152,7 @@ def _read(path: Path, caption: str, sdxl: bool, length: int):
                 hidden = torch.cat([torch.from_numpy(npz["hidden_state1"]), torch.from_numpy(npz["hidden_state2"])], -1)
                 return hidden, torch.from_numpy(npz["pool2"].copy())
             return torch.from_numpy(npz["hidden_state1"].copy()), None
-    except (OSError, ValueError):
+    except Exception:  # truncated or foreign file (BadZipFile, EOFError, OSError, ...): encode again
         return None
 
 
