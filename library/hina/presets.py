@@ -42,13 +42,19 @@ class RecipeError(ValueError):
 
 
 def recipe_path(path_or_name: str | Path) -> Path:
-    """A path to a .toml file, or a recipe name in ``configs/`` (``"sd_lora"``, ``"llm_lora"``, ``"lokr"``)."""
+    """Where a recipe is, tried in this order: a path that exists (absolute or from the current folder), a
+    path relative to the project root (``"configs/llm_lora.toml"`` from any folder), a recipe name in
+    ``configs/`` (``"sd_lora"``, ``"llm_lora"``, ``"lokr"``)."""
     path = Path(path_or_name)
-    if path.suffix == ".toml" or path.exists():
+    if path.exists():
         return path
+    if not path.is_absolute() and (CONFIG_DIR.parent / path).is_file():
+        return CONFIG_DIR.parent / path
     candidate = CONFIG_DIR / f"{path_or_name}.toml"
-    if candidate.exists():
+    if path.suffix != ".toml" and candidate.exists():
         return candidate
+    if path.suffix == ".toml":
+        return path  # load_recipe reports the missing file with its path
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
     raise RecipeError(f"No recipe {str(path_or_name)!r}: not a file, and not a name in {CONFIG_DIR} "
                       f"(available: {', '.join(names) or 'none'})")

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 import importlib
 import importlib.util
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -86,8 +87,12 @@ def _hina(name, cls, aliases=()) -> OptimizerSpec:
 BNB = "bitsandbytes.optim"
 _NO_RELATIVE_STEP = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
 _GALORE_GROUP = {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+# transformers gives the projected group its adam_kwargs too (APOLLOAdamW's own eps is 1e-6)
 _APOLLO_GROUP = {"rank": 128, "proj": "random", "scale_type": "channel", "update_proj_gap": 200, "scale": 1.0,
-                 "proj_type": "std"}
+                 "proj_type": "std", "betas": (0.9, 0.999), "eps": 1e-8}
+# TrainingArguments' adam_beta1, adam_beta2, adam_epsilon defaults, which Trainer passes to these classes
+_HF_ADAM = {"betas": (0.9, 0.999), "eps": 1e-8}
+_HF_LION = {"betas": (0.9, 0.999)}
 
 OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     # --- the Hina suite (library.hina) ----------------------------------------------------------------------
@@ -107,8 +112,8 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     _kohya("SGDNesterov", "torch.optim:SGD", defaults={"momentum": 0.9}, fixed={"nesterov": True}),
     _kohya("SGDNesterov8bit", f"{BNB}:SGD8bit", defaults={"momentum": 0.9}, fixed={"nesterov": True}),
     _kohya("Lion", "lion_pytorch:Lion", "lion-pytorch"),
-    _kohya("Lion8bit", f"{BNB}:Lion8bit", aliases=("lion_8bit",)),
-    _kohya("PagedLion8bit", f"{BNB}:PagedLion8bit", aliases=("paged_lion_8bit",)),
+    _kohya("Lion8bit", f"{BNB}:Lion8bit"),
+    _kohya("PagedLion8bit", f"{BNB}:PagedLion8bit"),
     # sd-scripts' help lists these two but its get_optimizer has no branch for them (48d368fa): built here.
     _kohya("AdEMAMix8bit", f"{BNB}:AdEMAMix8bit", aliases=("ademamix_8bit",), builtin=None),
     _kohya("PagedAdEMAMix8bit", f"{BNB}:PagedAdEMAMix8bit", aliases=("paged_ademamix_8bit",), builtin=None),
@@ -136,12 +141,17 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
                      "an unrelated project)"),
     _hf("adamw_anyprecision", "torchdistx.optimizers:AnyPrecisionAdamW", None,
         install_hint="torchdistx, which is not on PyPI (build it from the pytorch/torchdistx repository)"),
-    _hf("adamw_torch_4bit", "torchao.optim:AdamW4bit", "torchao"),
-    _hf("adamw_torch_8bit", "torchao.optim:AdamW8bit", "torchao"),
-    _hf("lion_32bit", f"{BNB}:Lion32bit"),
-    _hf("paged_lion_32bit", f"{BNB}:PagedLion32bit"),
-    _hf("ademamix", f"{BNB}:AdEMAMix32bit", needs="cuda-kernel"),
-    _hf("paged_ademamix_32bit", f"{BNB}:PagedAdEMAMix32bit", needs="cuda-kernel"),
+    _hf("adamw_torch_4bit", "torchao.optim:AdamW4bit", "torchao", defaults={"block_size": 256}),  # torchao: 128
+    _hf("adamw_torch_8bit", "torchao.optim:AdamW8bit", "torchao", defaults={"block_size": 256}),
+    # transformers passes Lion its adam_beta1/adam_beta2 (0.9, 0.999); bitsandbytes' own default is (0.9, 0.99),
+    # which kohya's Lion8bit/PagedLion8bit keep. The HF spellings mean what Trainer(optim=...) builds.
+    _hf("lion_8bit", f"{BNB}:Lion8bit", defaults=_HF_LION),
+    _hf("paged_lion_8bit", f"{BNB}:PagedLion8bit", defaults=_HF_LION),
+    _hf("lion_32bit", f"{BNB}:Lion32bit", defaults=_HF_LION),
+    _hf("paged_lion_32bit", f"{BNB}:PagedLion32bit", defaults=_HF_LION),
+    # Trainer builds bnb.optim.AdEMAMix(optim_bits=32), which steps on the CPU too (paged falls back to plain).
+    _hf("ademamix", f"{BNB}:AdEMAMix", fixed={"optim_bits": 32, "is_paged": False}),
+    _hf("paged_ademamix_32bit", f"{BNB}:AdEMAMix", fixed={"optim_bits": 32, "is_paged": True}),
     _hf("galore_adamw", "galore_torch:GaLoreAdamW", "galore-torch", group_keys=_GALORE_GROUP),
     _hf("galore_adamw_8bit", "galore_torch:GaLoreAdamW8bit", "galore-torch", group_keys=_GALORE_GROUP, needs="cuda"),
     _hf("galore_adafactor", "galore_torch:GaLoreAdafactor", "galore-torch", group_keys=_GALORE_GROUP,
@@ -164,7 +174,8 @@ OPTIMIZERS: tuple[OptimizerSpec, ...] = (
     _hf("lomo", "lomo_optim:Lomo", "lomo-optim", takes_model=True),
     _hf("adalomo", "lomo_optim:AdaLomo", "lomo-optim", takes_model=True, needs="cuda"),
     _hf("grokadamw", "grokadamw:GrokAdamW", "grokadamw"),
-    _hf("stable_adamw", "optimi:StableAdamW", "torch-optimi"),
+    # optimi's own defaults are (0.9, 0.99), 1e-6, 1e-2; Trainer passes its adam_* and weight_decay (0.0)
+    _hf("stable_adamw", "optimi:StableAdamW", "torch-optimi", defaults={**_HF_ADAM, "weight_decay": 0.0}),
 )
 
 _BY_NAME: dict[str, OptimizerSpec] = {}
@@ -176,8 +187,6 @@ for _spec in OPTIMIZERS:
 
 _NEEDS_TEXT = {
     "cuda": "a CUDA GPU (this build of the library is CUDA-only)",
-    # bitsandbytes 0.50's CPU path for 32-bit AdEMAMix breaks on 2-D tensors (shape mismatch in its update).
-    "cuda-kernel": "a CUDA GPU (bitsandbytes has no working CPU kernel for it)",
     "xla": "an XLA device (TPU) and the torch-xla package",
     "npu": "an Ascend NPU and the torch-npu package",
     "apex": "a CUDA GPU and NVIDIA apex",
@@ -207,7 +216,7 @@ def _unknown(name: str) -> UnknownOptimizerError:
 def _hardware_missing(needs: str | None) -> bool:
     if needs is None:
         return False
-    if needs in ("cuda", "cuda-kernel", "apex"):
+    if needs in ("cuda", "apex"):
         return not torch.cuda.is_available()
     if needs == "xla":
         return importlib.util.find_spec("torch_xla") is None
@@ -424,10 +433,15 @@ def validate_kwargs(kwargs: Mapping[str, Any], cls: type, spec: OptimizerSpec | 
         if key in group_keys:
             check_value(key, value, group_keys[key])
             continue
+        if key == TARGET_MODULES_KEY and group_keys:
+            if not (isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+                raise _type_error(key, value, "a regex string, 'all-linear' or a list of module names")
+            continue
         if key not in params:
             if var_kw:
                 continue
-            valid = sorted(k for k in (*params, *group_keys) if k != "lr")
+            valid = sorted(k for k in (*params, *group_keys, *([TARGET_MODULES_KEY] if group_keys else []))
+                           if k != "lr")
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
             raise OptimizerArgsError(
                 f"optimizer_args: {label} has no argument {key!r}"
@@ -466,25 +480,69 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return closure() if closure is not None else None
 
 
-def _with_group_keys(params: Any, keys: Mapping[str, Any]) -> Any:
-    """GaLore/APOLLO: project the 2-D tensors (put ``keys`` on their group), leave the rest plain."""
+TARGET_MODULES_KEY = "optim_target_modules"  # GaLore/APOLLO: which layers to project (TrainingArguments' name)
+
+
+def target_module_matches(targets: str | Iterable[str], module_name: str) -> bool:
+    """transformers' ``check_target_module_exists`` rules: a string is a regex (full match) or "all-linear";
+    a list matches a name in it, a name containing one of its items, or one of its items as a full regex."""
+    if isinstance(targets, str):
+        return targets.replace("_", "-") == "all-linear" or bool(re.fullmatch(targets, module_name))
+    targets = list(targets)
+    return (module_name in targets or any(t in module_name for t in targets)
+            or any(re.fullmatch(t, module_name) for t in targets))
+
+
+def _projection_rule(targets) -> Callable[[str | None, torch.Tensor], bool]:
+    """Which tensors GaLore/APOLLO project: without ``optim_target_modules`` every 2-D tensor; with it, the
+    2-D ``<module>.weight`` tensors whose module matches (names needed: a nameless tensor is not projected)."""
+    if targets is None:
+        return lambda name, p: p.dim() == 2
+
+    def chosen(name, p):
+        if p.dim() != 2 or not name or not name.endswith(".weight"):
+            return False
+        return target_module_matches(targets, name[: -len(".weight")])
+
+    return chosen
+
+
+def _with_group_keys(params: Any, keys: Mapping[str, Any], projected: Callable[[str | None, torch.Tensor], bool]) -> list:
+    """GaLore/APOLLO: put ``keys`` on the tensors ``projected`` chooses, in their own groups.
+
+    Works on a tensor list and on param-group dicts (the kohya hook, ``hf`` and ``create_optimizer([{...}])``
+    pass dicts): each group is split into its plain part and its projected part, both keeping the group's
+    other settings (lr, weight_decay, param_names).
+    """
     items = list(params)
-    if not items or isinstance(items[0], dict):
-        return items  # the caller made the groups
-    matrices = [p for p in items if p.dim() == 2]
-    others = [p for p in items if p.dim() != 2]
-    groups = [{"params": others}] if others else []
-    if matrices:
-        groups.append({"params": matrices, **keys})
-    return groups
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    out = []
+    for group in groups:
+        tensors = group["params"]
+        tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        names = group.get("param_names") or [None] * len(tensors)
+        settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        chosen = [projected(n, p) for n, p in zip(names, tensors)]
+        for is_projected in (False, True):
+            part = [(n, p) for n, p, c in zip(names, tensors, chosen) if c is is_projected]
+            if not part:
+                continue
+            split = {"params": [p for _, p in part], **settings, **(keys if is_projected else {})}
+            if "param_names" in group:
+                split["param_names"] = [n for n, _ in part]
+            out.append(split)
+    return out
 
 
 def create_optimizer(name: str, params: Any, lr: float,
-                     optimizer_args: Iterable[str] | Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
+                     optimizer_args: Iterable[str] | Mapping[str, Any] | None = None, *,
+                     projected: Callable[[str | None, torch.Tensor], bool] | None = None) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` (a table name or ``module.Class``) over ``params`` with learning rate ``lr``.
 
     ``optimizer_args``: kohya ``["key=value", ...]`` or a dict. LOMO names take the ``nn.Module`` as
-    ``params``. Schedule-free optimizers are put in train mode, as sd-scripts does.
+    ``params``. Schedule-free optimizers are put in train mode, as sd-scripts does. GaLore/APOLLO names
+    take ``optim_target_modules`` (transformers' matching rules, on the groups' ``param_names``) or, from
+    a caller that knows the model, ``projected(name, tensor)``; without either every 2-D tensor is projected.
     """
     spec, cls = resolve(name)
     kwargs = split_optimizer_args(optimizer_args)
@@ -493,6 +551,7 @@ def create_optimizer(name: str, params: Any, lr: float,
         optimizer = cls(params, lr=lr, **kwargs)
     else:
         group_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in spec.group_keys}
+        targets = kwargs.pop(TARGET_MODULES_KEY, None) if spec.group_keys else None
         kwargs = {**spec.defaults, **kwargs, **spec.fixed}
         if spec.takes_model:
             if not isinstance(params, torch.nn.Module):
@@ -501,7 +560,8 @@ def create_optimizer(name: str, params: Any, lr: float,
             optimizer = cls(params, lr=lr, **kwargs)
         else:
             if spec.group_keys:
-                params = _with_group_keys(params, {**spec.group_keys, **group_overrides})
+                rule = projected if projected is not None else _projection_rule(targets)
+                params = _with_group_keys(params, {**spec.group_keys, **group_overrides}, rule)
             if spec.layerwise:
                 optimizer = LayerwiseOptimizer(params, cls, lr=lr, **kwargs)
             else:
