@@ -21,35 +21,26 @@ from pathlib import Path
 
 import toml
 
+from . import data_args
 from .errors import ArgumentError
 from .schedulers import NAMES as SCHEDULER_NAMES, int_or_float
 from .tracking import check_logging_args
 
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
-    "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
-    "xformers", "mem_eff_attn", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "highvram",
-    "cache_latents_to_disk", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-    "reg_data_dir", "prior_loss_weight", "in_json", "dataset_class", "conditioning_data_dir",
-    "color_aug", "random_crop", "face_crop_aug_range", "caption_prefix", "caption_suffix",
-    "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
-    "caption_separator", "secondary_separator", "enable_wildcard", "keep_tokens_separator",
-    "weighted_captions", "max_token_length", "token_warmup_min", "token_warmup_step",
-    "ip_noise_gamma", "ip_noise_gamma_random_strength", "noise_offset_random_strength",
-    "multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale",
-    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "debiased_estimation_loss", "masked_loss",
-    "alpha_mask", "loss_type", "huber_schedule", "huber_c", "zero_terminal_snr",
-    "sample_every_n_steps", "sample_every_n_epochs", "sample_prompts", "sample_sampler", "sample_at_first",
-    "vae", "tokenizer_cache_dir", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo",
-    "huggingface_token", "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface",
-    "async_upload", "save_last_n_steps", "save_last_n_steps_state", "save_last_n_epochs",
-    "save_last_n_epochs_state", "save_n_epoch_ratio", "save_state_on_train_end",
-    "scale_weight_norms", "base_weights", "base_weights_multiplier", "dim_from_weights",
+    "xformers", "mem_eff_attn", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "highvram", "in_json",
+    "dataset_class", "conditioning_data_dir", "color_aug", "random_crop", "face_crop_aug_range", "enable_wildcard",
+    "weighted_captions", "token_warmup_min", "token_warmup_step", "adaptive_noise_scale",
+    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "alpha_mask", "tokenizer_cache_dir",
+    "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+    "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
+    "save_last_n_steps", "save_last_n_steps_state", "save_last_n_epochs", "save_last_n_epochs_state",
+    "save_n_epoch_ratio", "save_state_on_train_end", "base_weights", "base_weights_multiplier", "dim_from_weights",
     "stop_text_encoder_training", "deepspeed", "zero_stage", "ddp_timeout", "ddp_gradient_as_bucket_view",
-    "ddp_static_graph", "wandb_api_key", "wandb_run_name", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups",
-    "unet_lr_weights", "network_train_text_encoder_only_lr", "skip_until_initial_step", "initial_epoch",
-    "initial_step", "no_token_padding", "train_text_encoder", "vae_batch_size", "cpu_offload_checkpointing",
-    "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list",
+    "ddp_static_graph", "wandb_api_key", "wandb_run_name", "training_comment_file", "fused_backward_pass",
+    "fused_optimizer_groups", "unet_lr_weights", "network_train_text_encoder_only_lr", "skip_until_initial_step",
+    "initial_epoch", "initial_step", "no_token_padding", "train_text_encoder", "vae_batch_size",
+    "cpu_offload_checkpointing", "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list",
 )
 
 # kohya performance hints that do not change what is computed; accepted with a printed notice.
@@ -153,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log_tracker_name", type=str, default=None, help="TensorBoard run name (default network_train)")
     a("--log_tracker_config", type=str, default=None, help="TOML file of tracker init arguments")
     a("--log_config", action="store_true", help="log the arguments as the run's hyperparameters")
+    data_args.add_arguments(p)  # buckets, captions, caching, sample images, noise, loss
     for name in INERT:
         a(f"--{name}", nargs="?", const=True, default=None, help=f"accepted, no effect: {INERT[name]}")
     for name in UNSUPPORTED:
@@ -258,6 +250,7 @@ def check_args(args: argparse.Namespace) -> None:
     from .schedulers import check_scheduler_args
 
     check_scheduler_args(args)
+    data_args.check(args)
     if args.network_train_unet_only and args.network_train_text_encoder_only:
         raise ArgumentError("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.train_data_dir and args.dataset_config:

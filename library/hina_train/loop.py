@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from . import dataset as data
+from . import losses, sampling
+from .noise import apply_zero_terminal_snr, input_noise, training_noise
+from .text_encoding import TextConditioner
 from . import tracking
 from .schedulers import build_scheduler
 from .saving import (load_state, model_file_name, save_network, save_state, state_folder_name)
@@ -32,37 +35,6 @@ SMOOTHING = 0.9
 
 def _dtype(name: str | None):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(name or "", None)
-
-
-class TextConditioner:
-    """Captions -> UNet conditioning (SD 1.x/2.x: one CLIP; SDXL: two, plus pooled embeds and time ids)."""
-
-    def __init__(self, models, clip_skip: int | None, resolution):
-        self.models = models
-        self.clip_skip = clip_skip
-        self.resolution = resolution
-
-    def _ids(self, tokenizer, captions, device):
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
-
-    def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, dict | None]:
-        m = self.models
-        if not m.is_sdxl:
-            encoder = m.text_encoders[0]
-            ids = self._ids(m.tokenizers[0], captions, device)
-            if self.clip_skip is None or self.clip_skip <= 1:
-                return encoder(ids)[0], None
-            out = encoder(ids, output_hidden_states=True)
-            hidden = out.hidden_states[-self.clip_skip]
-            return encoder.text_model.final_layer_norm(hidden), None
-        te1, te2 = m.text_encoders
-        hidden1 = te1(self._ids(m.tokenizers[0], captions, device), output_hidden_states=True).hidden_states[-2]
-        out2 = te2(self._ids(m.tokenizers[1], captions, device), output_hidden_states=True)
-        hidden = torch.cat([hidden1, out2.hidden_states[-2]], dim=-1)
-        w, h = self.resolution
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden.dtype, device=device).repeat(len(captions), 1)
-        return hidden, {"text_embeds": out2.text_embeds, "time_ids": time_ids}
 
 
 def _min_snr_weights(scheduler, timesteps, gamma: float, v_pred: bool) -> torch.Tensor:
@@ -89,6 +61,8 @@ class Trainer:
         self.scheduler = noise_scheduler()
         if args.v_parameterization:
             self.scheduler.register_to_config(prediction_type="v_prediction")
+        if args.zero_terminal_snr:
+            apply_zero_terminal_snr(self.scheduler)
         self.generator = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
         self.draws = self.generator  # the generator of the current micro-batch (see _micro_batch_generator)
         if args.seed is not None:
@@ -97,6 +71,7 @@ class Trainer:
             set_seed(args.seed)
         self.losses: list[float] = []
         self.smoothed = 0.0
+        self.epoch = 1
 
     # --- set-up ----------------------------------------------------------------------------------
     def _setup_models(self):
@@ -115,7 +90,7 @@ class Trainer:
             for te in models.text_encoders:
                 te.gradient_checkpointing_enable()
                 te.train()
-        self.conditioner = TextConditioner(models, args.clip_skip, plan.resolution)
+        self.conditioner = TextConditioner(models, args.clip_skip, plan.resolution, args.max_token_length)
         self.network, self.optimizer = self.accelerator.prepare(plan.network, plan.optimizer)
         self.inner_optimizer = plan.optimizer
         self.lr_scheduler = build_scheduler(args, plan.optimizer, plan.max_train_steps)
@@ -127,14 +102,24 @@ class Trainer:
         self.latent_cache = None
         if not plan.args.cache_latents:
             return
-        w, h = plan.resolution
-        cache = []
-        with torch.no_grad():
-            for start in range(0, len(plan.spec.items), 8):
-                items = plan.spec.items[start:start + 8]
-                pixels = torch.stack([data.load_image(it.image, w, h) for it in items]).to(self.device)
-                cache.append(self._encode(pixels).cpu())
-        self.latent_cache = torch.cat(cache)
+        from . import latent_cache
+
+        self.latent_cache, counts = latent_cache.build(plan.spec.items, plan.models.vae, self.draws, self.device,
+                                                       plan.args.cache_latents_to_disk, plan.models.is_sdxl)
+        if plan.args.cache_latents_to_disk:
+            print(f"latents cached to disk: {counts['encoded']} encoded, {counts['reused']} reused (.npz beside the images)")
+
+    def _cache_text_encoder_outputs(self):
+        args = self.plan.args
+        if not args.cache_text_encoder_outputs:
+            return
+        from .text_encoding import cache_outputs
+
+        fixed = torch.Generator()  # cacheable captions draw nothing (text_encoding.check_cacheable)
+        counts = cache_outputs(self.plan.spec.items, self.conditioner, self.device,
+                               args.cache_text_encoder_outputs_to_disk,
+                               lambda it: data.process_caption(it.caption, it.subset, fixed))
+        print(f"text encoder outputs cached: {counts['encoded']} encoded, {counts['reused']} reused")
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.plan.models.vae
@@ -157,14 +142,13 @@ class Trainer:
     def _batch(self, indices: list[int]):
         plan = self.plan
         items = [plan.spec.items[i] for i in indices]
+        self.batch_items = items  # _loss weighs regularisation images by --prior_loss_weight
         flips = [it.subset.flip_aug and bool(torch.rand((), generator=self.draws) < 0.5) for it in items]
-        captions = [data.process_caption(it.caption, it.subset, self.draws) for it in items]
+        captions = [data.process_caption(it.caption, it.subset, self.draws, self.epoch) for it in items]
         if self.latent_cache is not None:
-            latents = self.latent_cache[indices].to(self.device)
-            latents = torch.stack([l.flip(-1) if f else l for l, f in zip(latents, flips)])
+            latents = self.latent_cache.batch(indices, flips).to(self.device)
         else:
-            w, h = plan.resolution
-            pixels = torch.stack([data.load_image(it.image, w, h) for it in items])
+            pixels = torch.stack([data.load_item(it) for it in items])
             pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flips)]).to(self.device)
             with torch.no_grad():
                 latents = self._encode(pixels)
@@ -174,24 +158,37 @@ class Trainer:
         args = self.plan.args
         models = self.plan.models
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.draws)
-        if args.noise_offset:
-            noise = noise + args.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=self.draws)
+        noise = training_noise(latents.shape, args, self.draws)
         t_min = args.min_timestep or 0
         t_max = args.max_timestep or self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(t_min, t_max, (b,), generator=self.draws)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.scheduler.add_noise(latents, input_noise(noise, args, self.draws), timesteps)
         with self.accelerator.autocast():
             with torch.set_grad_enabled(self.plan.train_text_encoder):
-                hidden, added = self.conditioner(captions, self.device)
+                hidden, added = self.conditioner(captions, self.device, self.batch_items)
             kwargs = {"added_cond_kwargs": added} if added is not None else {}
             pred = models.unet(noisy.to(models.unet.dtype), timesteps, hidden.to(models.unet.dtype), **kwargs).sample
         target = self.scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        c = None
+        if args.loss_type in ("huber", "smooth_l1"):
+            c = losses.huber_c(timesteps, self.scheduler.alphas_cumprod, args.huber_schedule, args.huber_c,
+                               args.huber_scale, self.scheduler.config.num_train_timesteps)
+        loss = losses.elementwise_loss(pred.float(), target.float(), args.loss_type, c).mean(dim=(1, 2, 3))
+        loss = loss * losses.prior_weights(self.batch_items, args.prior_loss_weight).to(loss.device)
         if args.min_snr_gamma:
             loss = loss * _min_snr_weights(self.scheduler, timesteps, args.min_snr_gamma, args.v_parameterization)
+        if args.debiased_estimation_loss:
+            loss = loss * losses.debiased_weights(timesteps, self.scheduler.alphas_cumprod, args.v_parameterization)
         return loss.mean()
+
+    def _max_norm_regularization(self) -> dict:
+        """``--scale_weight_norms``: kohya's max-norm step after each update; its figures, for the log."""
+        if not self.plan.args.scale_weight_norms:
+            return {}
+        scaled, mean_norm, max_norm = losses.apply_max_norm(self.accelerator.unwrap_model(self.network),
+                                                            self.plan.args.scale_weight_norms)
+        return {"max_norm/keys_scaled": scaled, "max_norm/max_key_norm": max_norm, "norm/avg_key_norm": mean_norm}
 
     # --- saving ----------------------------------------------------------------------------------
     def _metadata(self, step: int, epoch: int) -> dict | None:
@@ -284,6 +281,7 @@ class Trainer:
             print(f"logging to {self.log_dir} (TensorBoard: tensorboard --logdir {args.logging_dir})")
         global_step = 0
         self._cache_latents()  # before loading a state: the cache must equal the saved run's (same draws)
+        self._cache_text_encoder_outputs()
         if plan.resume_state is not None:
             load_state(Path(args.resume), self.accelerator.unwrap_model(self.network), self.inner_optimizer,
                        self.lr_scheduler, self.generator, scaler=self.accelerator.scaler)
@@ -306,9 +304,11 @@ class Trainer:
         start = time.time()
         start_step = global_step
         shown_group = tracking.shown_lr_index(self.lr_tags)
+        self.sample_paths = sampling.sample_images(self, global_step, 0)  # --sample_at_first
         while global_step < plan.max_train_steps:
             epoch, first_update = divmod(global_step, epoch_updates)
             batches = plan.epochs.batches(epoch)
+            self.epoch = epoch + 1  # kohya counts epochs from 1 (caption_dropout_every_n_epochs)
             for update in range(first_update, epoch_updates):
                 # an update is ``accum`` micro-batches, fewer at the end of an epoch: like accelerate's
                 # gradient accumulation (sync_with_dataloader), an epoch always ends with a finished update
@@ -336,6 +336,7 @@ class Trainer:
                 lrs = self.lr_scheduler.get_last_lr()  # the lrs this update used
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                norm_logs = self._max_norm_regularization()
                 global_step += 1
                 self.losses.append(step_loss)
                 n = len(self.losses)
@@ -346,7 +347,9 @@ class Trainer:
                 if self.log_with:
                     logs = {"loss/current": step_loss, "loss/average": shown}
                     logs.update({tag: float(lr) for tag, lr in zip(self.lr_tags, lrs)})
+                    logs.update(norm_logs)
                     self.accelerator.log(logs, step=global_step)
+                self.sample_paths += sampling.sample_images(self, global_step, None)
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
                         and global_step < plan.max_train_steps:
                     self.accelerator.wait_for_everyone()
@@ -354,11 +357,14 @@ class Trainer:
                 if global_step >= plan.max_train_steps:
                     break
             else:
+                self.sample_paths += sampling.sample_images(self, global_step, epoch + 1)
                 if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 \
                         and global_step < plan.max_train_steps:
                     self.accelerator.wait_for_everyone()
                     self._save(global_step, epoch + 1, final=False, by_epoch=True)
         bar.close()
+        if global_step > start_step:  # the last epoch ends here (kohya samples at every epoch's end)
+            self.sample_paths += sampling.sample_images(self, global_step, math.ceil(global_step / epoch_updates))
         seconds = time.time() - start
         self.accelerator.wait_for_everyone()
         final_epoch = math.ceil(global_step / epoch_updates)

@@ -124,12 +124,11 @@ def _dataset(args, builtin: bool, output_dir: Path) -> data.DatasetSpec:
 
         with PartialState(cpu=use_cpu()).main_process_first():  # under accelerate launch: rank 0 writes, the others read
             root = make_demo_dataset(output_dir / "demo_data")
-        spec = data.DatasetSpec(subsets=data.subsets_from_folder(root, args))
+        spec = data.DatasetSpec(subsets=data.subsets_from_folder(root, args), buckets=data.bucket_settings({}, args))
     elif args.dataset_config:
         spec = data.spec_from_config(args.dataset_config, args)
     elif args.train_data_dir:
-        spec = data.subsets_from_folder(args.train_data_dir, args)
-        spec = data.DatasetSpec(subsets=spec)
+        spec = data.spec_from_folders(args)
     else:
         raise ArgumentError("--pretrained_model_name_or_path was given without data: add --train_data_dir DIR "
                             "(kohya folder format) or --dataset_config FILE")
@@ -175,6 +174,13 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
             print(f"note: resolution {resolution[0]},{resolution[1]} is not a multiple of 64 (SD's usual step); "
                   "it works, but the UNet pads internally")
     batch_size = spec.batch_size or args.train_batch_size
+    from .buckets import assign_buckets
+
+    assign_buckets(spec, resolution, models.unet)
+    if args.cache_text_encoder_outputs:
+        from .text_encoding import check_cacheable
+
+        check_cacheable(spec.subsets)
 
     # network
     module = _network_module(args.network_module)
@@ -192,6 +198,12 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
                             f"({type(e).__name__}: {e or 'no message'}); check --network_args "
                             f"{' '.join(args.network_args or []) or '(none)'}") from None
     network.apply_to(models.text_encoder_for_network, models.unet, train_text_encoder, train_unet)
+    if args.scale_weight_norms:
+        from .losses import lora_pairs
+
+        if not lora_pairs(network):
+            raise ArgumentError(f"--scale_weight_norms needs a LoRA network (lora_down/lora_up weights); "
+                                f"--network_module {args.network_module} has none")
     if args.network_weights is not None:
         weights_fit(network, Path(args.network_weights), "--network_weights")
         network.load_weights(args.network_weights)
