@@ -1,0 +1,63 @@
+"""benchmarks/gpu_check.sh in plumbing mode: the one-shot GPU check's control flow, on any machine, in seconds.
+
+Plumbing mode (always on without CUDA) runs no CUDA step: it checks each step's command line (the script
+accepts every flag and value given) and writes the summary; a failing step makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+STEPS = ["preflight", "pytest", "step_speed", "convergence", "demo_fp16"]
+
+
+def gpu_check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_OUT": str(tmp_path / "out"),
+                   "GPU_CHECK_LOGS": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_plumbing_mode_checks_every_step_and_writes_the_summary(tmp_path):
+    proc = gpu_check(tmp_path, "--plumbing")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "device:" in proc.stdout.splitlines()[0]
+    summary = (tmp_path / "out" / "gpu_check_plumbing.md").read_text()
+    for step in STEPS:
+        assert f"| {step} | command line ok (not run: no CUDA) |" in summary, summary
+    assert "--device cuda --model sd15 sdxl" in summary and "--mixed_precision fp16" in summary
+    assert not list((tmp_path / "out").glob(".*")), "temporary summary left behind"
+    assert "cuda]" in (tmp_path / "logs" / "pytest.log").read_text()  # the device matrix's cuda tests collected
+
+
+def test_a_rejected_command_line_fails_the_check(tmp_path):
+    proc = gpu_check(tmp_path, "--plumbing", GPU_CHECK_STEPS="step_speed", GPU_CHECK_SPEED_STEPS="ten")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "step_speed: FAILED: command line" in proc.stdout and "invalid int value: 'ten'" in proc.stdout
+    summary = (tmp_path / "out" / "gpu_check_plumbing.md").read_text()
+    assert "| step_speed | FAILED: command line |" in summary and "| pytest |" not in summary
+
+
+def test_without_cuda_the_cuda_parts_are_skipped_and_said_so(tmp_path):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the plain run is the real GPU check, not a smoke test")
+    proc = gpu_check(tmp_path, GPU_CHECK_STEPS="preflight")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stdout and "the CUDA parts are skipped" in proc.stdout
+    assert (tmp_path / "out" / "gpu_check_plumbing.md").is_file()
+    assert not (tmp_path / "out" / "gpu_check_cuda.md").exists()
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    proc = gpu_check(tmp_path, "--fast")
+    assert proc.returncode == 2 and "unknown argument '--fast'; valid: --plumbing" in proc.stderr
+    proc = gpu_check(tmp_path, "--plumbing", GPU_CHECK_STEPS="speed")
+    assert proc.returncode == 2 and "GPU_CHECK_STEPS names 'speed'; valid: preflight pytest" in proc.stderr
