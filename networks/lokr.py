@@ -84,6 +84,12 @@ def find_target_layers(root: nn.Module, prefix: str, target_classes: Iterable[st
     return list(found.items())
 
 
+def all_layers(root: nn.Module, prefix: str, path_prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """Every ``nn.Linear``/``nn.Conv2d`` under ``root`` with its kohya key name, targeted or not."""
+    return [(f"{prefix}.{path_prefix}{name}".replace(".", "_"), module) for name, module in root.named_modules()
+            if name and isinstance(module, (nn.Linear, nn.Conv2d))]
+
+
 def is_kxk_conv(layer: nn.Module) -> bool:
     """A conv with a kernel larger than 1x1 (kohya gives these ``conv_dim``, the rest ``network_dim``)."""
     return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
@@ -690,15 +696,27 @@ def modules_from_weights(weights_sd, file, text_encoder, unet, kind: str, build)
     layer the file has. Returns ``(text_encoder_modules per encoder, unet_modules)``."""
     by_module = split_by_module(weights_sd)
     te_layers, unet_layers = find_targets(text_encoder, unet, with_conv=True)
-    known = {name: layer for layers in te_layers for name, layer in layers}
-    known.update(unet_layers)
+    # A file may adapt layers outside kohya's target classes (LyCORIS presets reach time_embedding, conv_in,
+    # proj_in ...); LyCORIS loads them by name, and so does this: each is appended after the targets.
+    te_everything = [all_layers(te, prefix, path_prefix) for prefix, te, path_prefix in text_encoder_roots(text_encoder)]
+    unet_everything = all_layers(unet, PREFIX_UNET) if unet is not None else []
+    te_layers = [_with_extra(layers, everything, by_module) for layers, everything in zip(te_layers, te_everything)]
+    unet_layers = _with_extra(unet_layers, unet_everything, by_module)
+    known = {name for layers in te_layers for name, _ in layers} | {name for name, _ in unet_layers}
     unknown = sorted(name for name in by_module if name not in known)
     if unknown:
-        raise ValueError(f"{file or 'weights'}: {len(unknown)} {kind} modules name layers this model does not have: "
+        raise ValueError(f"{file or 'weights'}: {len(unknown)} {kind} modules name layers this model does not have "
+                         f"(no nn.Linear/nn.Conv2d of the UNet or text encoder has that kohya name): "
                          + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
     te_modules = [[build(n, layer, by_module[n]) for n, layer in layers if n in by_module] for layers in te_layers]
     unet_modules = [build(n, layer, by_module[n]) for n, layer in unet_layers if n in by_module]
     return te_modules, unet_modules
+
+
+def _with_extra(targets, everything, wanted) -> list[tuple[str, nn.Module]]:
+    """``targets`` plus the layers of ``everything`` outside them that ``wanted`` names."""
+    have = {name for name, _ in targets}
+    return list(targets) + [(name, layer) for name, layer in everything if name in wanted and name not in have]
 
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet,

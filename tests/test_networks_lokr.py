@@ -269,3 +269,35 @@ def test_bad_network_args_are_named(models):
     with pytest.raises(ValueError, match="'block_dims' is not supported"):
         lokr.create_network(1.0, 4, 1, None, text_encoder, unet, block_dims="4,4")
     assert math.isfinite(lokr.LoKrModule("m", nn.Linear(4, 4), lokr.plan_lokr((4, 4), 1), 1, 0).scale)
+
+
+def test_lycoris_modules_outside_kohya_targets_load(models, tmp_path):
+    # LyCORIS presets adapt layers kohya's targets never reach (time_embedding, conv_in); such a file used to
+    # fail with "LoKr modules name layers this model does not have" although the model has them.
+    unet, text_encoder = models
+    te_layers, unet_layers = lokr.find_targets(text_encoder, unet, with_conv=True)
+    targeted = dict(unet_layers)
+    extra = {"lora_unet_time_embedding_linear_1": unet.time_embedding.linear_1, "lora_unet_conv_in": unet.conv_in}
+    assert not set(extra) & set(targeted)
+    layers = {**extra, unet_layers[0][0]: unet_layers[0][1]}
+    theirs, weights_sd = {}, {}
+    for index, (name, layer) in enumerate(layers.items()):
+        module = LokrModule(name, layer, 1.0, 4, 2.0, factor=-1)
+        randomize(module, seed=index)
+        theirs[name] = module
+        weights_sd.update(module.state_dict(prefix=name + "."))
+    path = str(tmp_path / "lycoris_extra.safetensors")
+    save_file(weights_sd, path)
+    network, _ = lokr.create_network_from_weights(1.0, path, None, text_encoder, unet)
+    info = network.load_weights(path)
+    assert not info.missing_keys and not info.unexpected_keys
+    assert sorted(m.lora_name for m in network.unet_loras) == sorted(layers)
+    for module in network.unet_loras:
+        x = layer_input(module.org_module)
+        with torch.no_grad():
+            assert torch.allclose(module.eval()(x), theirs[module.lora_name](x), atol=1e-5, rtol=1e-4)
+    # a name that is no layer at all is still an error that names it
+    weights_sd["lora_unet_no_such_layer.lokr_w1"] = torch.zeros(2, 2)
+    save_file(weights_sd, path)
+    with pytest.raises(ValueError, match="1 LoKr modules name layers this model does not have .*lora_unet_no_such_layer"):
+        lokr.create_network_from_weights(1.0, path, None, text_encoder, unet)
