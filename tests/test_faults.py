@@ -1,7 +1,8 @@
 """Faults (issue 7): non-finite gradients, fp16 grad scaling, a writer killed mid-save, a run killed mid-way.
 
 Claims tested
-- Every Hina optimizer: a NaN/+Inf/-Inf in one tensor's gradient at step k skips that tensor's update (its
+- Every Hina optimizer: a NaN/+Inf/-Inf, or a finite 1e20 whose square overflows, in one tensor's gradient
+  at step k skips that tensor's update (its
   weights and its state unchanged to the bit), counts it in ``training_stats.skipped_updates``, updates the
   other tensors, and training goes on with finite weights.
 - The trainer prints a warning naming the step when the optimizer skipped something, and finishes with
@@ -37,7 +38,8 @@ from safetensors.torch import load_file
 from _hina_cases import CLASSES, IDS, bits, dtype_of, lora_params, make, same_state, set_grads, skipped, state_bits
 
 ROOT = Path(__file__).resolve().parents[1]
-BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+# "huge": finite, but its square overflows float32 (g^2 = 1e40): skipped like a non-finite one, not turned into NaN
+BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": 1e20}
 
 
 # --- optimizer level -------------------------------------------------------------------------------------

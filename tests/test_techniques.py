@@ -7,7 +7,7 @@ import torch
 
 from library.hina.pack import FlatPack
 from library.hina.techniques.adopt import adopt_normalize
-from library.hina.techniques.agr import agr_
+from library.hina.techniques.agr import agr, agr_
 from library.hina.techniques.alora import row_scale_
 from library.hina.techniques.cautious import cautious_
 from library.hina.techniques.grams import grams_
@@ -28,6 +28,15 @@ def make(seed, align=1):
 
 def flat(pack, tensors):
     return pack.gather(tensors, pack.zeros())
+
+
+def test_agr_on_a_one_element_tensor_is_exactly_zero():
+    """g (1 - |g| / sum|g|) = 0 for a single element: exactly, for 2000 values (a reciprocal left 1-ulp residues)."""
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 6, 2000)
+    tensors = [v.reshape(1) for v in values]
+    pack = FlatPack(tensors, list(range(len(tensors))), align=64)
+    out = agr(pack.gather(tensors, pack.zeros()), pack.segments)
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 @pytest.mark.parametrize("align", [1, 64])

@@ -220,7 +220,8 @@ def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bi
 
 def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, segments, step_vectors, **flags):
     """``adamw_math`` writing its results in place (states, ``update``, and the transformed ``grad``)."""
-    bias1, bias2_sqrt, clip = (segments.expand(v) for v in step_vectors.unbind(0))
+    bias1, bias2_sqrt, clip = step_vectors.unbind(0)
+    bias1, bias2_sqrt, clip = segments.expand(bias1, 1.0), segments.expand(bias2_sqrt, 1.0), segments.expand(clip)
     g, m, v, u, smoothed = adamw_math(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bias2_sqrt,
                                       clip, **flags)
     exp_avg.copy_(m)
@@ -273,8 +274,8 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
                                    _decode(anchor, qs, block).view(-1, block)).view(-1)
     expand = segments.expand
     flags_adopt = flags["adopt"]
-    g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1),
-                                              expand(bias2_sqrt), expand(clip), **flags)
+    g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1, 1.0),
+                                              expand(bias2_sqrt, 1.0), expand(clip), **flags)
     if flags_adopt:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (lr is 0 for it)
         starting = expand(first > 0)
         v_new = torch.where(starting, (g * g).view(-1, block), v_new.view(-1, block)).view(-1)

@@ -45,11 +45,11 @@ class Segments(NamedTuple):
         """Per-tensor inner products <a_i, b_i>."""
         return self.sum(a * b)
 
-    def expand(self, per_tensor: torch.Tensor) -> torch.Tensor:
+    def expand(self, per_tensor: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(num_blocks, 1) view of per-tensor values, to broadcast over ``flat.view(-1, block)``.
 
-        Padding blocks get 0 (False for a boolean vector)."""
-        padded = torch.cat([per_tensor, per_tensor.new_zeros(1)])
+        Padding blocks get ``fill`` (0, or False for a boolean vector, by default)."""
+        padded = torch.cat([per_tensor, per_tensor.new_full((1,), fill)])
         return padded.index_select(0, self.block_ids).unsqueeze(1)
 
     def scale_(self, flat: torch.Tensor, per_tensor: torch.Tensor) -> None:

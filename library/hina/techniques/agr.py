@@ -7,7 +7,10 @@ Deep Neural Networks", arXiv 2407.16944 (reference code ``AGR.py``), per tensor:
     g     = g * (1 - alpha)
 
 The reference divides by the sum with no guard; an all-zero gradient gives 0/0 there, so the sum is
-floored at the smallest normal float here (the result is the same zero gradient).
+floored at the smallest normal float here (the result is the same zero gradient). alpha is a true
+division, not |g| times a reciprocal: for a one-element tensor |g| / |g| is exactly 1, so the result is
+exactly 0 as the equation says (a reciprocal leaves a 1-ulp residue that Adam's normalisation would blow
+up into a step of several percent of lr).
 """
 
 import torch
@@ -18,8 +21,8 @@ from ..pack import FlatPack, Segments, as_segments
 def agr(grad: torch.Tensor, segments: Segments) -> torch.Tensor:
     """g * (1 - |g| / sum|g|) per tensor, over a flat buffer."""
     magnitude = grad.abs()
-    inv_total = segments.sum(magnitude).clamp_min(torch.finfo(torch.float32).tiny).reciprocal()
-    alpha = magnitude.view(-1, segments.block) * segments.expand(inv_total)
+    total = segments.sum(magnitude).clamp_min(torch.finfo(torch.float32).tiny)
+    alpha = magnitude.view(-1, segments.block) / segments.expand(total, fill=1.0)
     return (grad.view(-1, segments.block) * (1.0 - alpha)).view(-1)
 
 
