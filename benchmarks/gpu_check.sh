@@ -7,11 +7,12 @@
 # Steps (each under its own time limit, its log in $GPU_CHECK_LOGS/<step>.log):
 #   preflight    the Python packages the project needs import (names the missing ones);
 #   pytest       pytest -m cuda: the device matrix (tests/test_device_matrix.py) and every other cuda test;
-#   step_speed   benchmarks/step_speed.py --device cuda --model sd15 sdxl (SD1.5 r16, SDXL r32)
-#                -> step_speed_cuda.json / .md / .png;
+#   step_speed   benchmarks/step_speed.py --device cuda --model sd15 sdxl (SD1.5 r16, SDXL r32): torch AdamW
+#                fused, bitsandbytes AdamW8bit, HinaAdamW 8-bit defaults and all-off 32-bit, every other Hina
+#                optimizer (each in its own process) -> step_speed_cuda.json / .md / .png;
 #   convergence  benchmarks/convergence.py --quick --device cuda -> convergence_quick_cuda.json;
 #   demo_fp16    the demo (train_network_hina.py) with --mixed_precision fp16, a few steps.
-# It prints the device first and writes a summary, gpu_check_cuda.md, with each step's result and time.
+# The limits add up to 8 minutes. It prints the device first and writes a summary, gpu_check_cuda.md, with each step's result and time.
 # Exit status: 0 when every step passed, 1 when any failed or timed out.
 #
 # Without a CUDA device (or with --plumbing) the CUDA parts are skipped, and it says so: each step's
@@ -84,7 +85,7 @@ add_step() {  # add_step NAME DEFAULT_LIMIT WORD...  (only the steps GPU_CHECK_S
   local joined; joined=$(printf '%s\x1f' "$@"); COMMANDS+=("$joined")
 }
 
-add_step preflight 60 "$PY" -c '
+add_step preflight 30 "$PY" -c '
 import importlib, sys
 needed = ["torch", "bitsandbytes", "accelerate", "diffusers", "transformers", "toml", "safetensors", "tqdm",
           "pytest", "matplotlib", "peft"]
@@ -97,13 +98,14 @@ if torch.cuda.is_available():
     codes, state = bitsandbytes.functional.quantize_blockwise(x, blocksize=256)  # its CUDA kernels load
 print("packages ok")
 '
-add_step pytest 150 "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider
-add_step step_speed 170 "$PY" benchmarks/step_speed.py --device cuda --model sd15 sdxl \
-  --steps "${GPU_CHECK_SPEED_STEPS:-10}" --json "$OUT/step_speed_cuda.json" \
+add_step pytest 140 "$PY" -m pytest -m cuda -q -rfE -p no:cacheprovider
+add_step step_speed 190 "$PY" benchmarks/step_speed.py --device cuda --model sd15 sdxl \
+  --only "AdamW (fused)" "bnb AdamW8bit" "HinaAdamW (defaults, 8-bit)" "HinaAdamW (all off, 32-bit)" \
+  "AdamW_HinaAdaptive" "Automagic" --steps "${GPU_CHECK_SPEED_STEPS:-10}" --json "$OUT/step_speed_cuda.json" \
   --markdown "$OUT/step_speed_cuda.md" --plot "$OUT/step_speed_cuda.png"
-add_step convergence 120 "$PY" benchmarks/convergence.py --quick --device cuda \
+add_step convergence 80 "$PY" benchmarks/convergence.py --quick --device cuda \
   --out "$OUT/convergence_quick_cuda.json"
-add_step demo_fp16 60 "$PY" train_network_hina.py --mixed_precision fp16 \
+add_step demo_fp16 40 "$PY" train_network_hina.py --mixed_precision fp16 \
   --max_train_steps "${GPU_CHECK_DEMO_STEPS:-40}" --output_dir "$DEMO_DIR"
 
 words_of() { IFS=$'\x1f' read -r -d '' -a WORDS < <(printf '%s' "$1"); }  # -d '': words may hold newlines
@@ -149,7 +151,7 @@ for i in "${!NAMES[@]}"; do
     if [[ $rc -eq 0 ]]; then result="command line ok (not run: no CUDA)"; else result="FAILED: command line"; fi
   else
     words_of "${COMMANDS[$i]}"
-    echo "== $name (limit ${LIMITS[$i]} s): ${WORDS[*]}"
+    echo "== $name (limit ${LIMITS[$i]} s): $(printf '%q ' "${WORDS[@]}")"
     start=$SECONDS
     timeout --kill-after=10 "${LIMITS[$i]}" "${WORDS[@]}" 2>&1 | tee "$LOGS/$name.log"
     rc=${PIPESTATUS[0]}
@@ -175,9 +177,9 @@ failed=0
   echo "|---|---|---|---|"
   for i in "${!NAMES[@]}"; do
     words_of "${COMMANDS[$i]}"
-    shown="${WORDS[*]}"
+    shown=$(printf '%q ' "${WORDS[@]}")  # copy-pasteable
     [[ ${NAMES[$i]} == preflight ]] && shown="$PY -c <imports the dependencies; bitsandbytes' CUDA quantiser>"
-    echo "| ${NAMES[$i]} | ${RESULTS[$i]} | ${SECONDS_TAKEN[$i]} | \`${shown}\` |"
+    echo "| ${NAMES[$i]} | ${RESULTS[$i]} | ${SECONDS_TAKEN[$i]} | \`${shown% }\` |"
     [[ ${RESULTS[$i]} == FAILED* ]] && failed=1
   done
   if [[ $MODE == full ]]; then
