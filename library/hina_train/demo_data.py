@@ -24,6 +24,8 @@ REPEATS = 1
 NUM_IMAGES = 32
 SIZE = 64
 DONE_MARKER = ".complete"
+# The demo's sample prompt file (kohya's format), in the checkout's configs/ beside demo.toml.
+DEMO_PROMPTS = Path(__file__).resolve().parents[2] / "configs" / "demo_prompts.txt"
 
 
 def caption_words() -> list[str]:

@@ -47,7 +47,7 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
 
 
 def format_summary(*, steps: int, seconds: float, losses: list[float], output: Path | None, plot: Path | None,
-                   optimizer_info: dict | None) -> str:
+                   optimizer_info: dict | None, samples: list[Path] | None = None) -> str:
     lines = ["", "=== training summary ===", f"steps: {steps}   time: {seconds:.1f} s"
              + (f"   ({steps / seconds:.2f} it/s)" if seconds > 0 else "")]
     if losses:
@@ -57,6 +57,8 @@ def format_summary(*, steps: int, seconds: float, losses: list[float], output: P
         lines.append(f"network: {output}")
     if plot is not None:
         lines.append(f"loss curve: {plot}")
+    if samples:
+        lines.append(f"sample images: {samples[0]}" + (f" -> {samples[-1]}" if len(samples) > 1 else ""))
     if optimizer_info:
         name = optimizer_info.get("optimizer_type") or optimizer_info.get("name") or ""
         features = optimizer_info.get("features") or optimizer_info.get("enabled_features")
