@@ -87,11 +87,16 @@ add_step() {  # add_step NAME DEFAULT_LIMIT WORD...  (only the steps GPU_CHECK_S
 
 add_step preflight 30 "$PY" -c '
 import importlib, sys
-needed = ["torch", "bitsandbytes", "accelerate", "diffusers", "transformers", "toml", "safetensors", "tqdm",
-          "pytest", "matplotlib", "peft"]
-missing = [name for name in needed if importlib.util.find_spec(name) is None]
+# pyproject.toml: the dependencies and the [test] extra (pytest -m cuda collects every test module)
+needed = {"torch": "torch", "bitsandbytes": "bitsandbytes", "accelerate": "accelerate", "diffusers": "diffusers",
+          "transformers": "transformers", "toml": "toml", "safetensors": "safetensors", "tqdm": "tqdm",
+          "pytest": "pytest", "hypothesis": "hypothesis", "peft": "peft", "lycoris": "lycoris-lora",
+          "matplotlib": "matplotlib", "tensorboard": "tensorboard", "prodigyopt": "prodigyopt",
+          "schedulefree": "schedulefree", "dadaptation": "dadaptation", "lion_pytorch": "lion-pytorch",
+          "came_pytorch": "came-pytorch", "optimi": "torch-optimi"}
+missing = [package for module, package in needed.items() if importlib.util.find_spec(module) is None]
 if missing:
-    sys.exit("missing Python packages: " + " ".join(missing) + " (pip install -e .[test,bench], or carry wheels)")
+    sys.exit("missing Python packages: " + " ".join(missing) + " (pip install -e .[test], or carry their wheels)")
 import bitsandbytes.functional, torch
 if torch.cuda.is_available():
     x = torch.randn(4096, device="cuda")
