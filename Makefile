@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean sd-scripts-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 		--json docs/step_speed.json --markdown docs/step_speed.md --plot docs/step_speed.png
 	$(PY) benchmarks/convergence.py
 	$(PY) benchmarks/report.py
+
+# sd-scripts' real train_network.py with our optimizers and networks, every case (docs/SD_SCRIPTS.md; tens of
+# minutes on 2 cores; builds its own venv). Needs SD_SCRIPTS_PATH=<an sd-scripts checkout>.
+sd-scripts-check: $(STAMP)
+	$(PY) benchmarks/sd_scripts_check.py --json docs/sd_scripts_check.json
 
 clean:
 	rm -rf $(VENV) output
