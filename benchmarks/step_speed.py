@@ -241,7 +241,11 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
     before = peak_bytes(device)
     in_use_before = current_bytes(device)
     optimizer = optimizer_factories()[label](named)
-    for _ in range(3):  # warm-up: state allocation, ADOPT's first step, compiling
+    start = time.perf_counter()
+    optimizer.step()  # state allocation and compiling
+    sync()
+    first_step_s = time.perf_counter() - start
+    for _ in range(2):  # warm-up: ADOPT's first steps
         optimizer.step()
     first_peak = peak_bytes(device)
     # steady steps: peak tracking restarts after the warm-up, so one-time costs (compiling) drop out
@@ -254,7 +258,11 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     steady_peak = steady_peak_bytes(device) if steady else None
-    return {"optimizer": label, "median_ms": statistics.median(times),
+    from library.hina.compiled import compiled_graph_count
+    info = optimizer.get_optimization_info()["training_stats"] if hasattr(optimizer, "get_optimization_info") else {}
+    return {"optimizer": label, "median_ms": statistics.median(times), "first_step_s": first_step_s,
+            "compiled_graphs": compiled_graph_count(),
+            "workspace_bytes_per_param": info["workspace_bytes"] / total if "workspace_bytes" in info else None,
             "state_bytes_per_param": state_bytes(optimizer) / total,
             "peak_growth_bytes_per_param": max(0, first_peak - before) / total,
             "steady_peak_bytes_per_param": None if steady_peak is None else max(0, steady_peak - in_use_before) / total}
@@ -313,23 +321,27 @@ def markdown(report: dict, argv: list[str]) -> str:
         "created: state, persistent buffers and the step's scratch (CPU: resident set, so it also holds "
         "whatever compiled kernels stay loaded; CUDA: allocated bytes); *first-steps peak* is the growth of "
         "the peak over creation and the 3 warm-up steps, which on CPU includes `torch.compile`'s one-time "
-        "code generation for the optimizers that compile their step (the Hina optimizers' flat packs do, "
-        "from 1M elements; on a GPU that cost is host memory, not GPU memory).",
+        "code generation for the optimizers that compile their step (the Hina optimizers do for models of "
+        "1M+ elements; on a GPU that cost is host memory, not GPU memory). *first step s* is the wall time "
+        "of the first `step()` (state allocation and, for the Hina optimizers, `torch.compile`, which inductor's "
+        "on-disk cache shortens when the same graphs were compiled before); *compiled graphs* counts the "
+        "distinct chunk shapes compiled (base.py pads chunks to a few shapes).",
     ]
     for block in report["models"]:
         lines += ["", f"## {block['model']} (rank/dim {block['rank']}, {block['tensors']} tensors, "
                       f"{block['params'] / 1e6:.2f}M params)", "",
                   "| optimizer | median ms/step | x torch AdamW fused | state B/param | steady peak B/param "
-                  "| first-steps peak B/param |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| first-steps peak B/param | first step s | compiled graphs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in block["results"]:
             if "error" in r:
-                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | |")
+                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | | | |")
                 continue
             ratio = f"{r['ratio_to_fused']:.2f}" if r.get("ratio_to_fused") else "-"
             steady = r.get("steady_peak_bytes_per_param")
             lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {ratio} | {r['state_bytes_per_param']:.2f} "
-                         f"| {'-' if steady is None else f'{steady:.1f}'} | {r['peak_growth_bytes_per_param']:.1f} |")
+                         f"| {'-' if steady is None else f'{steady:.1f}'} | {r['peak_growth_bytes_per_param']:.1f} "
+                         f"| {r.get('first_step_s', float('nan')):.1f} | {r.get('compiled_graphs', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,10 +5,10 @@ inductor fuses the chain into a few loops (about 7x faster on a 2-core CPU for H
 see benchmarks/step_speed.py). Compiling needs a working backend (a C++ compiler on CPU, Triton on
 CUDA); if compiling fails, the step runs eagerly from then on and says so once.
 
-``compile_step``: True (always), False (never), None (auto: packs of at least ``AUTO_MIN_ELEMENTS``).
+``compile_step``: True (always), False (never), None (auto: models of at least ``AUTO_MIN_ELEMENTS``).
 
-Shapes are static (``dynamic=False``: dynamic shapes made the CPU kernels ~20x slower), so every pack of a
-new size is a new compiled version, and torch keeps at most ``torch._dynamo.config.recompile_limit`` (8)
+Shapes are static (``dynamic=False``: dynamic shapes made the CPU kernels ~20x slower), so every chunk of a
+new shape is a new compiled version (base.py pads chunks to a few shapes to keep that number small), and torch keeps at most ``torch._dynamo.config.recompile_limit`` (8)
 versions of a function; past that, dynamo would silently run the function eagerly. ``MaybeCompiled``
 keeps that count itself: calls with a signature beyond the limit run eagerly, said once in a warning,
 and ``compiled_calls``/``eager_calls`` count what really ran. (Many param groups, e.g. kohya's block-wise
@@ -23,6 +23,12 @@ from typing import Callable
 import torch
 
 AUTO_MIN_ELEMENTS = 1 << 20
+_INSTANCES: list["MaybeCompiled"] = []
+
+
+def compiled_graph_count() -> int:
+    """Distinct input signatures compiled so far, over every optimizer step function of this process."""
+    return sum(len(f._signatures) for f in _INSTANCES if f.compiled_calls)
 
 
 class MaybeCompiled:
@@ -36,6 +42,7 @@ class MaybeCompiled:
         self.eager_calls = 0
         self._signatures: set = set()
         self._warned_limit = False
+        _INSTANCES.append(self)
 
     def wanted(self, compile_step: bool | None, numel: int) -> bool:
         if self.failed or compile_step is False:

@@ -122,16 +122,28 @@ class HinaAdamW(HinaOptimizer):
     # --- the update -----------------------------------------------------------------------------------------
     def _step_vectors(self, group, pack, steps, active) -> torch.Tensor:
         """Per-tensor inputs of a chunk's step, one (7, slots) tensor: lr, 1 - lr wd, 1 - b1^t, sqrt(1 - b2^t),
-        ADOPT's clip t^(1/4) (t: completed steps), active, first step."""
+        ADOPT's clip t^(1/4) (t: completed steps), active, first step. Built on the host in float64 (one
+        small copy to the device per chunk); the role multipliers are cached per chunk."""
         beta1, beta2 = group["betas"]
+        cached = getattr(pack, "_multipliers", None)
+        if cached is None or cached[0] is not group:
+            lr_mult = torch.tensor(self.lr_multipliers(group, pack.roles) + [0.0] * (pack.slots - len(pack)),
+                                   dtype=torch.float64)
+            wd_mult = torch.tensor(self.weight_decay_multipliers(group, pack.roles) + [0.0] * (pack.slots - len(pack)),
+                                   dtype=torch.float64)
+            cached = pack._multipliers = (group, lr_mult, wd_mult)
+        _, lr_mult, wd_mult = cached
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
         steps_t = torch.tensor(list(steps) + [0] * (pack.slots - len(steps)), dtype=torch.float64)
         first = (steps_t == 0).to(torch.float64)
-        lr = self._lr_vector(group, pack, pack.roles).cpu().double()
+        lrs = lr_mult * lr
         if group["use_adopt_stability"]:
-            lr = lr * (1.0 - first)  # ADOPT's first step only initialises v: no parameter change at all
-        decay = self._decay_vector(group, pack, pack.roles, lr.float().to(pack.device)).cpu().double()
-        rows = [lr, decay, 1.0 - beta1 ** (steps_t + 1), (1.0 - beta2 ** (steps_t + 1)).sqrt(),
-                steps_t.clamp(min=1).pow(0.25), pack.per_tensor([float(a) for a in active]).cpu().double(), first]
+            lrs = lrs * (1.0 - first)  # ADOPT's first step only initialises v: no parameter change at all
+        decay = 1.0 - lrs * wd_mult * self.current_weight_decay(group)
+        active_t = torch.tensor(list(active) + [False] * (pack.slots - len(active)), dtype=torch.float64)
+        rows = [lrs, decay, 1.0 - beta1 ** (steps_t + 1), (1.0 - beta2 ** (steps_t + 1)).sqrt(),
+                steps_t.clamp(min=1).pow(0.25), active_t, first]
         return torch.stack(rows).float().to(pack.device)
 
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
