@@ -123,3 +123,48 @@ def test_default_length_cuts_with_a_notice(tiny_text, capsys):
     assert "the text encoder sees the first 75" in capsys.readouterr().out
     conditioner.ids(tokenizer, ["a red circle " * 30])
     assert capsys.readouterr().out == ""  # once per run
+
+
+# --- the text-encoder output cache ------------------------------------------------------------------------
+def test_text_encoder_outputs_cached_to_disk_and_reused(tiny_text, tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from library.hina_train.dataset import Item
+    from library.hina_train.text_encoding import TextConditioner, cache_outputs
+
+    tokenizer, encoder = tiny_text
+    models = SimpleNamespace(is_sdxl=False, tokenizers=[tokenizer], text_encoders=[encoder])
+    conditioner = TextConditioner(models, None, (64, 64), max_token_length=150)
+    subset = _subset()
+    items = [Item(image=tmp_path / f"{n}.png", caption=c, subset=subset) for n, c in (("a", "a red circle"),
+                                                                                       ("b", "a blue square"))]
+    counts = cache_outputs(items, conditioner, "cpu", True, lambda it: "photo of " + it.caption)
+    assert counts == {"encoded": 2, "reused": 0}
+    with np.load(tmp_path / "a_te_outputs.npz") as npz:
+        assert set(npz.files) == {"hidden_state1", "caption"} and npz["hidden_state1"].shape == (152, 32)
+        assert str(npz["caption"]) == "photo of a red circle"
+    with torch.no_grad():
+        direct, _ = conditioner.encode(["photo of a red circle"], "cpu")
+    assert torch.allclose(items[0].text_outputs[0], direct[0])
+    hidden, added = conditioner(["ignored", "ignored"], "cpu", items)  # the cache answers, not the encoder
+    assert added is None and torch.equal(hidden[0], items[0].text_outputs[0])
+    again = [Item(image=it.image, caption=it.caption, subset=subset) for it in items]
+    assert cache_outputs(again, conditioner, "cpu", True, lambda it: "photo of " + it.caption) == \
+        {"encoded": 0, "reused": 2}
+    edited = [Item(image=items[0].image, caption="a green triangle", subset=subset)]
+    assert cache_outputs(edited, conditioner, "cpu", True, lambda it: it.caption)["encoded"] == 1
+
+
+def test_text_encoder_cache_refuses_changing_captions():
+    from library.hina_train.errors import ArgumentError
+    from library.hina_train.text_encoding import check_cacheable
+
+    check_cacheable([_subset()])
+    with pytest.raises(ArgumentError, match="sets shuffle_caption, so its captions change every epoch"):
+        check_cacheable([_subset(shuffle_caption=True)])
+    with pytest.raises(ArgumentError, match="needs --network_train_unet_only"):
+        from library.hina_train.args import parse_args
+
+        parse_args(["--cache_text_encoder_outputs"])
