@@ -114,3 +114,39 @@ def test_generate_is_reproducible_with_a_seed():
     c = sampling.generate(models, conditioner, {**prompt, "seed": 6}, "euler_a", False, "cpu", lambda: autocast)
     assert a.size == (64, 80) and np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_sdxl_conditioning_and_sampling_on_a_tiny_sdxl_shape():
+    """Two text encoders (penultimate layers joined, pooled projection of the second), per-image size/crop
+    ids from the buckets (kohya's get_crop_ltrb), a long caption, and a sample through the same path."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from library.hina_train.demo_data import caption_words
+    from library.hina_train.text_encoding import TextConditioner
+    from library.hina_train.tiny_model import load_tokenizer, text_encoder_config, unet_config, vae_config
+
+    tok = load_tokenizer(caption_words())
+    torch.manual_seed(0)
+    te1 = CLIPTextModel(CLIPTextConfig(**text_encoder_config(len(tok)))).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_config(len(tok)))).eval()
+    config = {**unet_config(), "cross_attention_dim": 64, "addition_embed_type": "text_time",
+              "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 32 + 6 * 8}
+    models = SimpleNamespace(is_sdxl=True, tokenizers=[tok, tok], text_encoders=[te1, te2],
+                             unet=UNet2DConditionModel(**config).eval(), vae=AutoencoderKL(**vae_config()).eval())
+    conditioner = TextConditioner(models, None, (64, 64), max_token_length=150)
+    items = [SimpleNamespace(bucket=(128, 32), size=(256, 50)), SimpleNamespace(bucket=(64, 64), size=(64, 64))]
+    with torch.no_grad():
+        hidden, added = conditioner(["a red circle", "a blue square"], "cpu", items)
+        ids2 = conditioner.ids(tok, ["a red circle", "a blue square"])
+        pooled = te2(ids2[:, 0]).text_embeds  # the first chunk's pooled projection
+        first = te1(ids2[:, 0], output_hidden_states=True).hidden_states[-2]
+    assert hidden.shape == (2, 152, 64) and torch.allclose(added["text_embeds"], pooled, atol=1e-6)
+    assert torch.allclose(hidden[:, 1:76, :32], first[:, 1:76], atol=1e-6)
+    # original (h, w), crop (top, left), target (h, w); 256x50 fits a 128x32 bucket as 128x25, 3 from the top
+    assert added["time_ids"].tolist() == [[50, 256, 3, 0, 32, 128], [64, 64, 0, 0, 64, 64]]
+    image = sampling.generate(models, conditioner, {"prompt": "a red circle", "width": 64, "height": 64,
+                                                    "sample_steps": 2, "seed": 1}, "ddim", False, "cpu",
+                              lambda: torch.autocast("cpu", enabled=False))
+    assert image.size == (64, 64)
