@@ -181,5 +181,9 @@ def assign_buckets(spec, resolution: tuple[int, int], unet) -> dict[tuple[int, i
     counts = assign(spec.items, tuple(resolution), settings)
     if settings.enable_bucket:
         print("number of images (including repeats) per bucket:\n" + describe(counts))
+        errors = [abs(it.bucket[0] / it.bucket[1] - it.size[0] / it.size[1]) for it in spec.items]
+        spec.bucket_info = {"buckets": {i: {"resolution": list(reso), "count": n}
+                                        for i, (reso, n) in enumerate(counts.items())},
+                            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
     spec.buckets = settings
     return counts

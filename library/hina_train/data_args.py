@@ -79,6 +79,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="max-norm regularization: scale each LoRA module's weight so its norm stays below this (1 is a good start)")
 
 
+def metadata(plan) -> dict:
+    """kohya's ``ss_*`` metadata of these options (train_network.py's names), for the saved network."""
+    import json
+
+    args, spec = plan.args, plan.spec
+    subsets = spec.subsets
+    buckets = spec.buckets
+    return {
+        "ss_max_token_length": args.max_token_length,
+        "ss_multires_noise_iterations": args.multires_noise_iterations,
+        "ss_multires_noise_discount": args.multires_noise_discount,
+        "ss_zero_terminal_snr": bool(args.zero_terminal_snr),
+        "ss_caption_dropout_rate": max(s.caption_dropout_rate for s in subsets),
+        "ss_caption_dropout_every_n_epochs": max(s.caption_dropout_every_n_epochs for s in subsets),
+        "ss_caption_tag_dropout_rate": max(s.caption_tag_dropout_rate for s in subsets),
+        "ss_prior_loss_weight": args.prior_loss_weight,
+        "ss_num_reg_images": sum(it.num_repeats for it in spec.items if it.subset.is_reg),
+        "ss_scale_weight_norms": args.scale_weight_norms,
+        "ss_ip_noise_gamma": args.ip_noise_gamma,
+        "ss_ip_noise_gamma_random_strength": bool(args.ip_noise_gamma_random_strength),
+        "ss_noise_offset_random_strength": bool(args.noise_offset_random_strength),
+        "ss_debiased_estimation": bool(args.debiased_estimation_loss),
+        "ss_loss_type": args.loss_type,
+        "ss_huber_schedule": args.huber_schedule,
+        "ss_huber_scale": args.huber_scale,
+        "ss_huber_c": args.huber_c,
+        "ss_enable_bucket": bool(buckets.enable_bucket),
+        "ss_bucket_no_upscale": bool(buckets.bucket_no_upscale),
+        "ss_min_bucket_reso": buckets.min_bucket_reso if buckets.enable_bucket else None,
+        "ss_max_bucket_reso": buckets.max_bucket_reso if buckets.enable_bucket else None,
+        "ss_bucket_info": json.dumps(spec.bucket_info) if spec.bucket_info else None,
+    }
+
+
 def _positive_int(args, name: str) -> None:
     value = getattr(args, name)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -99,6 +99,7 @@ class DatasetSpec:
     items: list[Item] = field(default_factory=list)
     captions_from_class: int = 0
     buckets: BucketSettings = field(default_factory=BucketSettings)
+    bucket_info: dict = field(default_factory=dict)  # kohya's ss_bucket_info, set by buckets.assign_buckets
 
 
 def subset_defaults(args) -> dict:
