@@ -90,10 +90,11 @@ def test_unsupported_list_has_no_supported_names():
     assert not supported & set(UNSUPPORTED)
 
 
-@pytest.mark.parametrize("value", ["ckpt", "pt", "diffusers"])
-def test_save_model_as_only_safetensors(value):
-    with pytest.raises(ArgumentError, match=f"--save_model_as '{value}' is not supported; valid: safetensors"):
+@pytest.mark.parametrize("value", ["diffusers", "diffusers_safetensors", "bin"])
+def test_save_model_as_kohyas_formats_only(value):
+    with pytest.raises(ArgumentError, match=f"--save_model_as '{value}' is not supported; valid: safetensors, ckpt, pt"):
         parse_args(["--save_model_as", value])
+    assert parse_args(["--save_model_as", "ckpt"]).save_model_as == "ckpt"
 
 
 def test_kohya_defaults_and_deviations():

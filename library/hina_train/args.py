@@ -5,7 +5,7 @@ Semantics follow sd-scripts:
   their keys become defaults; anything on the command line overrides the file.
 - ``--output_config --config_file FILE`` writes the effective arguments to FILE and exits without training.
 - Deviations, on purpose: ``--optimizer_type`` defaults to ``HinaAdamW`` (this is the Hina trainer) and
-  ``--network_module`` to ``networks.lora``; ``--save_model_as`` accepts ``safetensors`` only.
+  ``--network_module`` to ``networks.lora``; ``--save_model_as`` accepts ``safetensors``, ``ckpt``, ``pt``.
 
 A kohya flag this trainer does not implement is still recognised and fails with a message naming it
 (``UNSUPPORTED``); a few pure performance hints are accepted with a printed notice (``INERT``). Nothing
@@ -25,22 +25,24 @@ from . import data_args
 from .errors import ArgumentError
 from .schedulers import NAMES as SCHEDULER_NAMES, int_or_float
 from .tracking import check_logging_args
+from . import train_args
+from .train_args import SAVE_MODEL_AS
 
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
-    "xformers", "mem_eff_attn", "full_fp16", "full_bf16", "fp8_base", "fp8_base_unet", "highvram", "in_json",
-    "dataset_class", "conditioning_data_dir", "color_aug", "random_crop", "face_crop_aug_range", "enable_wildcard",
-    "weighted_captions", "token_warmup_min", "token_warmup_step", "adaptive_noise_scale",
-    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "alpha_mask", "tokenizer_cache_dir",
-    "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
-    "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
-    "save_last_n_steps", "save_last_n_steps_state", "save_last_n_epochs", "save_last_n_epochs_state",
-    "save_n_epoch_ratio", "save_state_on_train_end", "base_weights", "base_weights_multiplier", "dim_from_weights",
-    "stop_text_encoder_training", "deepspeed", "zero_stage", "ddp_timeout", "ddp_gradient_as_bucket_view",
-    "ddp_static_graph", "wandb_api_key", "wandb_run_name", "training_comment_file", "fused_backward_pass",
-    "fused_optimizer_groups", "unet_lr_weights", "network_train_text_encoder_only_lr", "skip_until_initial_step",
-    "initial_epoch", "initial_step", "no_token_padding", "train_text_encoder", "vae_batch_size",
-    "cpu_offload_checkpointing", "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list",
+    "in_json", "dataset_class", "conditioning_data_dir", "color_aug", "random_crop", "face_crop_aug_range",
+    "enable_wildcard", "weighted_captions", "token_warmup_min", "token_warmup_step", "adaptive_noise_scale",
+    "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "alpha_mask", "huggingface_repo_id",
+    "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
+    "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "base_weights",
+    "base_weights_multiplier", "stop_text_encoder_training", "deepspeed", "zero_stage", "wandb_api_key",
+    "wandb_run_name", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",
+    "network_train_text_encoder_only_lr", "skip_until_initial_step", "initial_epoch", "initial_step",
+    "no_token_padding", "train_text_encoder", "vae_batch_size", "cpu_offload_checkpointing", "immiscible_noise",
+    "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "skip_cache_check", "debug_dataset",
+    "resize_interpolation", "dataset_repeats", "torch_compile", "dynamo_backend", "offload_optimizer_device",
+    "offload_optimizer_nvme_path", "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
+    "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
 )
 
 # kohya performance hints that do not change what is computed; accepted with a printed notice.
@@ -50,12 +52,17 @@ INERT = {
     "lowram": "models are loaded to the CPU first in any case",
     "max_data_loader_n_workers": "images are loaded in the main process",
     "persistent_data_loader_workers": "images are loaded in the main process",
+    "xformers": "attention already runs through torch's scaled_dot_product_attention (memory-efficient kernels)",
+    "mem_eff_attn": "attention already runs through torch's scaled_dot_product_attention (memory-efficient kernels)",
+    "highvram": "nothing is moved off the device between steps here",
+    "tokenizer_cache_dir": "tokenizers are read from the model (folder or built-in); nothing is downloaded",
+    "ddp_gradient_as_bucket_view": "the trainer averages the network's gradients itself, not DDP's reducer",
+    "ddp_static_graph": "the trainer averages the network's gradients itself, not DDP's reducer",
 }
 
 # Keys that --output_config never writes (kohya's list, plus ours).
 NOT_SAVED = {"config_file", "output_config", "sd_scripts"}
 
-SAVE_MODEL_AS = ("safetensors",)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -129,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     # output
     a("--output_dir", type=str, default=None, help="default: output/")
     a("--output_name", type=str, default=None, help="default: last (demo: demo)")
-    a("--save_model_as", type=str, default="safetensors")
+    a("--save_model_as", type=str, default="safetensors", help=f"one of: {', '.join(SAVE_MODEL_AS)}")
     a("--save_precision", type=str, default=None, choices=(None, "float", "fp16", "bf16"))
     a("--save_every_n_steps", type=int, default=None)
     a("--save_every_n_epochs", type=int, default=None)
@@ -137,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", type=str, default=None, help="state folder written by --save_state")
     a("--no_metadata", action="store_true")
     a("--training_comment", type=str, default=None)
-    a("--metadata_title", type=str, default=None)
+    a("--metadata_title", type=str, default=None, help="modelspec.title in the saved file's metadata")
+    train_args.add_arguments(p)  # precision, saving, metadata, validation, console logging, ddp
     a("--logging_dir", type=str, default=None)
     a("--log_with", type=str, default=None)
     a("--log_prefix", type=str, default=None, help="prefix of each run's timestamped folder in --logging_dir")
@@ -230,8 +238,7 @@ def check_args(args: argparse.Namespace) -> None:
             print(f"note: --{name} has no effect here ({why})")
     if args.caption_extention is not None:
         args.caption_extension = args.caption_extention
-    if args.save_model_as != "safetensors":
-        raise ArgumentError(f"--save_model_as {args.save_model_as!r} is not supported; valid: safetensors")
+    train_args.check(args, optimizer_type_default=build_parser().get_default("optimizer_type"))
     check_logging_args(args)
     if args.mixed_precision not in MIXED_PRECISION:
         raise ArgumentError(f"--mixed_precision {args.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")

@@ -46,8 +46,24 @@ def bad_input_errors() -> tuple[type, ...]:
 QUIET_LOGGERS = ("bitsandbytes", "torchao", "torch.utils._pytree")
 
 
+def exit_on_sigterm():
+    """SIGTERM (a job scheduler's stop, ``kill``) exits through Python's normal unwinding, so a save in progress
+    removes its temp file instead of leaving it behind (the default action ends the process on the spot).
+    Returns the previous handler (None when it could not be set)."""
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (embedded use): keep the default
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = exit_on_sigterm()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -55,4 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -25,9 +25,10 @@ from . import dataset as data
 from . import losses, sampling
 from .noise import apply_zero_terminal_snr, input_noise, training_noise
 from .text_encoding import TextConditioner
-from . import tracking
+from . import precision, tracking
 from .schedulers import build_scheduler
-from .saving import (load_state, model_file_name, save_network, save_state, state_folder_name)
+from .saving import (epoch_save_to_remove, load_state, model_file_name, remove_output, remove_stale_temps,
+                     save_network, save_state, state_folder_name, step_save_to_remove)
 from .summary import format_summary, plot_losses
 
 SMOOTHING = 0.9
@@ -55,8 +56,15 @@ class Trainer:
         args = plan.args
         self.log_with = tracking.log_with(args)
         self.log_dir = tracking.run_log_dir(args.logging_dir, args.log_prefix) if self.log_with else None
+        handlers = []
+        if args.ddp_timeout:  # kohya: minutes the processes wait for each other
+            import datetime
+
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout)))
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=self.log_with, cpu=use_cpu(),
-                                       project_dir=self.log_dir)
+                                       project_dir=self.log_dir, kwargs_handlers=handlers)
         self.device = self.accelerator.device
         self.scheduler = noise_scheduler()
         if args.v_parameterization:
@@ -71,6 +79,7 @@ class Trainer:
             set_seed(args.seed)
         self.losses: list[float] = []
         self.smoothed = 0.0
+        self.written: set[Path] = set()  # outputs this run wrote (replacing them again needs no notice)
         self.epoch = 1
 
     # --- set-up ----------------------------------------------------------------------------------
@@ -82,8 +91,15 @@ class Trainer:
         models.unet.to(self.device, **cast)
         for te in models.text_encoders:
             te.to(self.device, **cast)
+        self.unet_dtype = weight_dtype  # the U-Net's inputs (not unet.dtype: float8 with --fp8_base)
+        if args.fp8_base or args.fp8_base_unet:  # kohya: the frozen weights in float8, computed via autocast
+            precision.check_fp8_supported(self.device, weight_dtype)
+            for model in [models.unet] + ([] if args.fp8_base_unet and not args.fp8_base else models.text_encoders):
+                precision.cast_base_to_fp8(model)
         models.vae.to(self.device)
-        plan.network.to(self.device)
+        plan.network.to(self.device, dtype=precision.network_dtype(args))  # --full_fp16/--full_bf16
+        if args.full_fp16:
+            precision.allow_fp16_gradients(self.accelerator)
         if args.gradient_checkpointing:
             models.unet.enable_gradient_checkpointing()
             models.unet.train()
@@ -168,7 +184,7 @@ class Trainer:
             with torch.set_grad_enabled(self.plan.train_text_encoder):
                 hidden, added = self.conditioner(captions, self.device, self.batch_items)
             kwargs = {"added_cond_kwargs": added} if added is not None else {}
-            pred = models.unet(noisy.to(models.unet.dtype), timesteps, hidden.to(models.unet.dtype), **kwargs).sample
+            pred = models.unet(noisy.to(self.unet_dtype), timesteps, hidden.to(self.unet_dtype), **kwargs).sample
         target = self.scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
         c = None
         if args.loss_type in ("huber", "smooth_l1"):
@@ -205,24 +221,45 @@ class Trainer:
         optimizer_eval = getattr(self.inner_optimizer, "eval", None)
         if callable(optimizer_eval):  # schedule-free optimizers save their averaged weights
             optimizer_eval()
-        name = (model_file_name(plan.output_name) if final else
-                model_file_name(plan.output_name, epoch=epoch) if by_epoch else
-                model_file_name(plan.output_name, step=step))
-        path = plan.output_dir / name
+        ext = args.save_model_as
+        where = {} if final else {"epoch": epoch} if by_epoch else {"step": step}
+        path = plan.output_dir / model_file_name(plan.output_name, ext=ext, **where)
+        self._note_overwrite(path)
         network = self.accelerator.unwrap_model(self.network)
         save_network(network, path, _dtype(args.save_precision), self._metadata(step, epoch))
-        if args.save_state:
-            folder = plan.output_dir / (state_folder_name(plan.output_name) if final else
-                                        state_folder_name(plan.output_name, epoch=epoch) if by_epoch else
-                                        state_folder_name(plan.output_name, step=step))
+        with_state = args.save_state or (final and args.save_state_on_train_end)
+        if with_state:
+            folder = plan.output_dir / state_folder_name(plan.output_name, **where)
+            self._note_overwrite(folder)
             save_state(folder, network, self.inner_optimizer, self.lr_scheduler, self.generator,
                        {"global_step": step, "epoch": epoch, "losses": self.losses, "smoothed": self.smoothed,
                         "max_train_steps": plan.max_train_steps, "seed": args.seed},
                        scaler=self.accelerator.scaler)
+        if not final:  # --save_last_n_epochs / --save_last_n_steps (and their _state forms), as kohya
+            if by_epoch:
+                every = args.save_every_n_epochs
+                old_file = epoch_save_to_remove(epoch, every, args.save_last_n_epochs)
+                old_state = epoch_save_to_remove(epoch, every, args.save_last_n_epochs_state or args.save_last_n_epochs)
+                key = "epoch"
+            else:
+                every = args.save_every_n_steps
+                old_file = step_save_to_remove(step, every, args.save_last_n_steps)
+                old_state = step_save_to_remove(step, every, args.save_last_n_steps_state or args.save_last_n_steps)
+                key = "step"
+            if old_file is not None:
+                remove_output(plan.output_dir / model_file_name(plan.output_name, ext=ext, **{key: old_file}))
+            if old_state is not None and with_state:
+                remove_output(plan.output_dir / state_folder_name(plan.output_name, **{key: old_state}))
         optimizer_train = getattr(self.inner_optimizer, "train", None)
         if callable(optimizer_train):
             optimizer_train()
         return path
+
+    def _note_overwrite(self, path: Path) -> None:
+        """One line when a save replaces a file or state folder that this run did not write (an earlier run's)."""
+        if path.exists() and path not in self.written:
+            print(f"note: {path} exists (an earlier run's?); it is replaced")
+        self.written.add(path)
 
     def _average_gradients(self) -> None:
         """Average the network's gradients over the processes (data parallel).
@@ -273,6 +310,9 @@ class Trainer:
         plan, args = self.plan, self.plan.args
         self._setup_models()
         plan.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            for stale in remove_stale_temps(plan.output_dir):
+                print(f"note: removed {stale.name}, a temp file an interrupted earlier run left in {plan.output_dir}")
         if self.log_with:
             self.accelerator.init_trackers(args.log_tracker_name or tracking.DEFAULT_TRACKER_NAME,
                                            config=tracking.hparams(args),

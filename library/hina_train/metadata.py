@@ -59,7 +59,9 @@ def kohya_metadata(plan, optimizer, step: int, epoch: int, started_at: float) ->
         "ss_network_dropout": args.network_dropout,
         "ss_network_args": json.dumps(plan.network_kwargs) if plan.network_kwargs else None,
         "ss_mixed_precision": args.mixed_precision,
-        "ss_full_fp16": False,
+        "ss_full_fp16": bool(args.full_fp16),
+        "ss_fp8_base": bool(args.fp8_base),
+        "ss_fp8_base_unet": bool(args.fp8_base_unet),
         "ss_v2": bool(models.v2),
         "ss_base_model_version": _base_model_version(models),
         "ss_clip_skip": args.clip_skip,
@@ -81,6 +83,30 @@ def kohya_metadata(plan, optimizer, step: int, epoch: int, started_at: float) ->
         "ss_tag_frequency": json.dumps(tags),
         "ss_v_parameterization": bool(args.v_parameterization),
     }
-    if args.metadata_title:
-        values["modelspec.title"] = args.metadata_title
+    values.update(_modelspec(plan, started_at))
     return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def _modelspec(plan, started_at: float) -> dict[str, str]:
+    """The ModelSpec 1.0.1 keys kohya writes for a LoRA (sai_model_spec.build_metadata), ``--metadata_*`` included."""
+    from .train_args import modelspec_metadata
+
+    args, models = plan.args, plan.models
+    if models.is_sdxl:
+        architecture = "stable-diffusion-xl-v1-base"
+    elif models.v2:
+        architecture = "stable-diffusion-v2-768-v" if args.v_parameterization else "stable-diffusion-v2-512"
+    else:
+        architecture = "stable-diffusion-v1"
+    w, h = plan.resolution
+    values = modelspec_metadata(args, started_at)
+    values.update({
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if models.is_sdxl
+        else "diffusers",
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.prediction_type": "v" if args.v_parameterization else "epsilon",
+    })
+    if args.clip_skip is not None:
+        values["modelspec.encoder_layer"] = str(args.clip_skip)
+    return values

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -44,20 +45,117 @@ def check_writable(folder: Path) -> None:
         raise SaveError(f"--output_dir {str(folder)!r} is not writable ({str(probe)!r}: {e.strerror})") from None
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path``."""
+# Every temp file or folder the trainer makes beside an output ends in ".tmp" or holds ".tmp." and starts with
+# a dot (networks/lokr.py's writer too): ``remove_stale_temps`` finds what a killed run left behind by this.
+TEMP_SUFFIX = ".tmp"
+NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class DiskFullError(SaveError):
+    """The disk filled up while writing an output; earlier outputs are intact and our temp file is gone."""
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def disk_full_error(path: Path, needed: int | None, written: int, e: OSError) -> DiskFullError:
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        free = None
+    need = f"needs about {_mb(needed)}" if needed else f"{_mb(written)} were written before it failed"
+    return DiskFullError(
+        f"could not write {str(path)!r}: {e.strerror or 'no space left on the device'} ({need}"
+        + (f", {_mb(free)} free" if free is not None else "") + "); earlier saves are kept and the partial "
+        "file was removed: free some space (or choose another --output_dir) and --resume from the last state")
+
+
+def atomic_write(path: Path, write, needed_bytes: int | None = None) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename the temp file onto ``path`` (and fsync the folder).
+
+    On any failure (a full disk, a SIGTERM turned into SystemExit by the CLI) the temp file is removed and
+    ``path`` keeps its previous content. A full disk becomes ``DiskFullError`` naming the file and the space
+    needed (``needed_bytes`` when the caller knows it, else what was written before the failure).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temp name keeps the extension: writers (kohya's save_weights) choose the format by it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f"{TEMP_SUFFIX}{path.suffix}")
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         _make_shareable(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        written = _size(tmp)
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in NO_SPACE:
+            raise disk_full_error(path, needed_bytes, written, e) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _fsync(path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); not every platform can open a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_our_temp(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or f"{TEMP_SUFFIX}." in name)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove temp files and folders a killed earlier run left in ``folder`` (ours only: dot names with
+    ``.tmp``); returns what was removed. Call before this run writes there."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        if is_our_temp(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) state dict: the size a save of it needs, near enough."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _make_shareable(path, mode: int = 0o644) -> None:
@@ -68,8 +166,12 @@ def _make_shareable(path, mode: int = 0o644) -> None:
 
 
 def save_network(network, path: Path, dtype, metadata: dict | None) -> None:
-    """The network's own ``save_weights`` into a temp file, renamed into place."""
-    atomic_write(path, lambda tmp: network.save_weights(tmp, dtype, metadata))
+    """The network's own ``save_weights`` into a temp file, renamed into place (any network module: a foreign
+    one, e.g. LyCORIS', writes in place)."""
+    state = network.state_dict()
+    itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    needed = sum(v.numel() * (itemsize or v.element_size()) for v in state.values())
+    atomic_write(path, lambda tmp: network.save_weights(tmp, dtype, metadata), needed_bytes=needed)
 
 
 def weights_fit(network, path: Path, what: str) -> None:
@@ -80,10 +182,13 @@ def weights_fit(network, path: Path, what: str) -> None:
     if not path.is_file():
         raise SaveError(f"{what} {str(path)!r} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        if path.suffix.lower() == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:  # --save_model_as ckpt/pt: a torch-saved dict of tensors
+            shapes = {k: tuple(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
     except Exception as e:
-        raise SaveError(f"{what} {str(path)!r} is not a readable .safetensors file: {e}") from None
+        raise SaveError(f"{what} {str(path)!r} is not a readable {path.suffix or 'weights'} file: {e}") from None
     expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -153,7 +258,7 @@ def save_state(folder: Path, network, optimizer, scheduler, generator, trainer_s
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_state_folder(folder)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMP_SUFFIX))
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
         save_file(tensors, str(staging / "network.safetensors"))
@@ -171,9 +276,17 @@ def save_state(folder: Path, network, optimizer, scheduler, generator, trainer_s
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, folder)
+    except OSError as e:
+        written = sum(_size(p) for p in staging.glob("*")) if staging.is_dir() else 0
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno in NO_SPACE:
+            needed = tensor_bytes(network.state_dict()) + tensor_bytes(optimizer.state_dict())
+            raise disk_full_error(folder, needed, written, e) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _fsync_folder(folder.parent)
 
 
 def check_state_files(folder: Path) -> None:
@@ -238,10 +351,42 @@ def state_folder_name(output_name: str, step: int | None = None, epoch: int | No
     return f"{output_name}-state"
 
 
-def model_file_name(output_name: str, step: int | None = None, epoch: int | None = None) -> str:
-    """kohya's names: ``NAME-step00000010.safetensors``, ``NAME-000002.safetensors``, ``NAME.safetensors``."""
+def model_file_name(output_name: str, step: int | None = None, epoch: int | None = None,
+                    ext: str = "safetensors") -> str:
+    """kohya's names: ``NAME-step00000010.safetensors``, ``NAME-000002.safetensors``, ``NAME.safetensors``
+    (``ext``: ``--save_model_as``; ``ckpt``/``pt`` files hold the tensors alone, without metadata)."""
     if step is not None:
-        return f"{output_name}-step{step:08d}.safetensors"
+        return f"{output_name}-step{step:08d}.{ext}"
     if epoch is not None:
-        return f"{output_name}-{epoch:06d}.safetensors"
-    return f"{output_name}.safetensors"
+        return f"{output_name}-{epoch:06d}.{ext}"
+    return f"{output_name}.{ext}"
+
+
+def epoch_save_to_remove(epoch: int, every_n_epochs: int, last_n: int | None) -> int | None:
+    """kohya's ``--save_last_n_epochs``: after saving epoch ``epoch``, the epoch save that falls out of the
+    last ``last_n`` (``epoch - every * last_n``), or None."""
+    if not last_n:
+        return None
+    old = epoch - every_n_epochs * last_n
+    return old if old > 0 else None
+
+
+def step_save_to_remove(step: int, every_n_steps: int, last_n_steps: int | None) -> int | None:
+    """kohya's ``--save_last_n_steps``: keep the step saves of the last ``last_n_steps`` steps; after saving at
+    ``step`` the one to remove is the multiple of ``every_n_steps`` at or below ``step - last_n_steps - 1``."""
+    if not last_n_steps:
+        return None
+    old = step - last_n_steps - 1
+    old -= old % every_n_steps
+    return old if old > 0 else None
+
+
+def remove_output(path: Path) -> None:
+    """Remove an older save (file or state folder) that fell out of a --save_last_n_* window."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+        print(f"removed old save {path}")
+    elif path.exists():
+        path.unlink()
+        print(f"removed old save {path}")

@@ -161,6 +161,8 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
         check_state_files(Path(args.resume))
     if args.network_weights is not None and not Path(args.network_weights).is_file():
         raise SaveError(f"--network_weights {args.network_weights!r} does not exist")
+    if args.dim_from_weights and args.network_weights is None:
+        raise ArgumentError("--dim_from_weights needs --network_weights FILE (the dims are read from it)")
 
     choose_seed(args)
     seed_everything(args.seed)  # the network's initial weights depend on it
@@ -188,9 +190,14 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
     try:
-        network = module.create_network(args.network_multiplier, args.network_dim, args.network_alpha, models.vae,
-                                        models.text_encoder_for_network, models.unet,
-                                        neuron_dropout=args.network_dropout, **network_kwargs)
+        if args.dim_from_weights:  # kohya: the network's shape (dims, alphas, modules) from --network_weights
+            network, _ = module.create_network_from_weights(args.network_multiplier, args.network_weights,
+                                                            models.vae, models.text_encoder_for_network,
+                                                            models.unet, **network_kwargs)
+        else:
+            network = module.create_network(args.network_multiplier, args.network_dim, args.network_alpha,
+                                            models.vae, models.text_encoder_for_network, models.unet,
+                                            neuron_dropout=args.network_dropout, **network_kwargs)
     except (ValueError, TypeError) as e:
         raise ArgumentError(f"--network_module {args.network_module} rejected the arguments: {e}") from None
     except Exception as e:  # noqa: BLE001 - a foreign module's failure (lycoris asserts) as one clear line
@@ -222,6 +229,9 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
         raise ArgumentError(f"--optimizer_type {args.optimizer_type!r}: {e}") from None
     if not all("param_names" in g for g in optimizer.param_groups) and hasattr(optimizer, "attach_names"):
         optimizer.attach_names(network)
+    if "bf16" in type(optimizer).__name__.lower() and not args.full_bf16:
+        raise ArgumentError(f"--optimizer_type {args.optimizer_type!r} steps bfloat16 parameters: add "
+                            "--mixed_precision bf16 --full_bf16 (the network then trains in bfloat16), as in kohya")
 
     epochs = data.Epochs(spec.items, batch_size, args.seed)
     from accelerate import PartialState
@@ -236,6 +246,8 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
     else:
         max_train_steps = args.max_train_steps
     num_epochs = math.ceil(max_train_steps / epoch_updates)
+    if args.save_n_epoch_ratio:  # kohya: save N times over the run, at least every epoch
+        args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
     if resume_state is not None:
         check_resume_has_work(args, resume_state, max_train_steps)
     return Plan(args=args, output_dir=output_dir, output_name=output_name, models=models, spec=spec,
