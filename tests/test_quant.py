@@ -149,19 +149,49 @@ def test_decodes_bitsandbytes_codes_exactly(signed, block):
     assert torch.equal(quant.decode(bnb_codes, state.absmax, qmap, block), expected)
 
 
+def _edge_blocks(signed: bool, block: int) -> torch.Tensor:
+    """Blocks that probe the code arithmetic: every map value, and values next to each decade threshold."""
+    qmap = quant.dynamic_map(signed, "cpu")
+    codes_block = torch.cat([qmap * 3.0, torch.zeros(block - 256)])
+    thresholds = torch.tensor([10.0 ** e for e in range(-7, 0)], dtype=torch.float32)
+    near = torch.cat([thresholds, torch.nextafter(thresholds, torch.zeros(7)), torch.nextafter(thresholds, torch.ones(7))])
+    g = torch.Generator().manual_seed(2)
+    log_uniform = torch.pow(10.0, -8 * torch.rand(block - near.numel() - 1, generator=g))
+    threshold_block = torch.cat([near, log_uniform, torch.ones(1)])
+    if signed:
+        threshold_block = threshold_block * torch.where(torch.rand(block, generator=g) < 0.5, -1.0, 1.0)
+    return torch.cat([codes_block, threshold_block])
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_compiled_equals_eager_bit_for_bit(signed):
-    block = 64
-    x = torch.cat([_state("second_moment", block * 8, signed, seed=5), torch.zeros(block)])
+    """Compiled, the decade comes from compare/select chains, eager from bucketize: same codes to the bit."""
+    block = 256
+    x = torch.cat([_edge_blocks(signed, block), _state("second_moment", block * 4, signed, seed=5),
+                   torch.zeros(block)])
     qmap = quant.dynamic_map(signed, "cpu")
 
     def round_trip(values):
         codes, absmax = quant.encode(values, qmap, block, signed)
         return codes, absmax, quant.decode(codes, absmax, qmap, block)
 
-    compiled = torch.compile(round_trip, dynamic=False)
-    for eager_out, compiled_out in zip(round_trip(x), compiled(x)):
+    eager = round_trip(x)
+    assert torch.equal(eager[0][:256].long(), torch.arange(256))  # every map value encodes to its own index
+    for eager_out, compiled_out in zip(eager, torch.compile(round_trip, dynamic=False)(x)):
         assert torch.equal(eager_out, compiled_out)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_next_to_decade_thresholds_are_the_exact_nearest(signed):
+    block = 256
+    x = _edge_blocks(signed, block)
+    qmap = quant.dynamic_map(signed, "cpu")
+    codes, absmax = quant.encode(x, qmap, block, signed)
+    decoded = quant.decode(codes, absmax, qmap, block)
+    nearest = _exact_nearest(x, qmap, block)
+    best = (qmap[nearest].reshape(-1, block) * absmax[:, None]).reshape(-1)
+    kept_off_zero = (x > 0) & (best == 0)
+    assert ((decoded - x).abs() <= (best - x).abs() * (1 + 1e-6))[~kept_off_zero].all()
 
 
 def test_bad_block_size_is_a_clear_error():
