@@ -143,9 +143,9 @@ def check(args: argparse.Namespace) -> None:
     _number(args, "caption_dropout_rate", 0.0, 1.0, "a number from 0 to 1")
     _number(args, "caption_tag_dropout_rate", 0.0, 1.0, "a number from 0 to 1")
     _number(args, "multires_noise_discount", 0.0, 1.0, "a number from 0 to 1")
-    _number(args, "huber_c", 0.0, 1.0, "a number from 0 to 1 (exclusive of 0)")
-    if args.huber_c is not None and args.huber_c <= 0:
-        raise ArgumentError(f"--huber_c {args.huber_c!r} must be a number from 0 to 1 (exclusive of 0)")
+    _number(args, "huber_c", 0.0, 1.0, "a number in (0, 1]")
+    if args.huber_c == 0:  # the exponential schedule takes its logarithm
+        raise ArgumentError(f"--huber_c {args.huber_c!r} must be a number in (0, 1]")
     for name in ("prior_loss_weight", "ip_noise_gamma", "huber_scale"):
         _number(args, name, 0.0)
     if args.scale_weight_norms is not None:
