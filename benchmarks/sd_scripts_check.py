@@ -222,8 +222,7 @@ def describe_optimizer(optimizer) -> dict:
         report["name_sources"] = sorted({g["name_source"] for g in optimizer.diagnose_lora_pairing()["groups"]})
         report["global_step_at_first_step"] = max(g.get("global_step", 0) for g in groups)
     effective: dict[str, set] = {}
-    for index, group in enumerate(groups):
-        pairing = optimizer._pairing(group) if hasattr(optimizer, "_pairing") else model.groups[index]
+    for index, (group, pairing) in enumerate(zip(groups, _optimizer_pairings(optimizer, inputs))):
         roles = pairing.roles()
         multipliers = optimizer.lr_multipliers(group, roles) if hasattr(optimizer, "lr_multipliers") else None
         for i, role in enumerate(roles):
@@ -231,6 +230,18 @@ def describe_optimizer(optimizer) -> dict:
     report["effective_lr"] = {role: sorted(values) for role, values in sorted(effective.items())}
     report["state_tensors_at_first_step"] = sum(len(s) for s in optimizer.state.values())
     return report
+
+
+def _optimizer_pairings(optimizer, inputs) -> list:
+    """The roles the optimizer itself uses (its private pairing, whichever name this version gives it);
+    for other optimizers, each group classified on its own, as an optimizer that reads names would."""
+    from library.hina import naming
+
+    if callable(getattr(optimizer, "_pairings", None)):
+        return optimizer._pairings()
+    if callable(getattr(optimizer, "_pairing", None)):
+        return [optimizer._pairing(g) for g in optimizer.param_groups]
+    return [naming.pair_parameters(g.names, g.shapes, g.name_source) for g in inputs]
 
 
 def read_losses(logdir: Path) -> list[float]:
@@ -295,7 +306,8 @@ def common_args(work: Path, name: str, steps: int) -> list[str]:
 
 def run_case(name: str, python: Path, checkout: Path, work: Path, steps: int, timeout: int) -> dict:
     route, case_args = CASES[name]
-    argv = common_args(work, name, steps) + case_args
+    # the resumed run starts at the saved step (sd-scripts restores it), so it runs to twice the steps
+    argv = common_args(work, name, steps * 2 if name == "hook-resume" else steps) + case_args
     if route in ("delegate", "delegate-config"):
         entry, hook = str(REPO / "train_network_hina.py"), False
         argv = ["--sd_scripts", str(checkout), *argv]
@@ -358,13 +370,15 @@ def format_row(r: dict) -> str:
     loss = f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"
     pairs = r.get("pair_groups", {})
     info = r.get("optimizer_info")
-    pair_text = (f"LoRA {pairs.get('lora_pairs', 0)} / LoKr {pairs.get('lokr_pairs', 0)}" if pairs else "-")
-    if info is not None:
-        pair_text += f" (optimizer's own count: LoRA {info['lora_pairs']} / LoKr {info['lokr_pairs']})"
+    if info is None:  # not a Hina optimizer: it gets no names and has no roles
+        pair_text, names = "n/a (not a Hina optimizer)", "-"
+    else:
+        pair_text = (f"LoRA {pairs.get('lora_pairs', 0)} / LoKr {pairs.get('lokr_pairs', 0)} (optimizer's own "
+                     f"count: LoRA {info['lora_pairs']} / LoKr {info['lokr_pairs']})")
+        names = ", ".join(r.get("name_sources", [])) or "-"
     lrs = ", ".join(f"{role} {'/'.join(f'{v:g}' for v in values)}" for role, values in r.get("effective_lr", {}).items())
     optimizer = (r.get("optimizer") or "-").rsplit(".", 1)[-1]
-    return (f"| {r['case']} | {r['exit']} | {loss} | {optimizer} | {pair_text} | "
-            f"{', '.join(r.get('name_sources', [])) or '-'} | {lrs or '-'} |")
+    return f"| {r['case']} | {r['exit']} | {loss} | {optimizer} | {pair_text} | {names} | {lrs or '-'} |"
 
 
 TABLE_HEADER = ("| case | exit | loss first -> last | optimizer | pairs (across groups, by name) | names from | "
