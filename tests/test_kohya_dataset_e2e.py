@@ -113,3 +113,18 @@ def test_sample_images_named_like_kohya(kohya_run):
     with Image.open(out / "sample" / [n for n in names if "_000004_01_" in n][0]) as image:
         assert image.size == (96, 80)
     assert not [p for p in (out / "sample").iterdir() if p.name.startswith(".")]
+
+
+def test_bucket_settings_in_the_files_metadata(kohya_run):
+    import json
+
+    from safetensors import safe_open
+
+    _, out, _, _ = kohya_run
+    with safe_open(str(out / "kds.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_enable_bucket"] == "True" and meta["ss_min_bucket_reso"] == "32"
+    info = json.loads(meta["ss_bucket_info"])
+    assert {tuple(b["resolution"]): b["count"] for b in info["buckets"].values()} == \
+        {(32, 128): 2, (64, 64): 4, (80, 48): 2, (128, 32): 4}
+    assert meta["ss_loss_type"] == "l2"
