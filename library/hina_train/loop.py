@@ -25,7 +25,7 @@ from . import dataset as data
 from . import losses, sampling
 from .noise import apply_zero_terminal_snr, input_noise, training_noise
 from .text_encoding import TextConditioner
-from . import precision, tracking
+from . import precision, tracking, validation
 from .schedulers import build_scheduler
 from .saving import (epoch_save_to_remove, load_state, model_file_name, remove_output, remove_stale_temps,
                      save_network, save_state, state_folder_name, step_save_to_remove)
@@ -80,6 +80,7 @@ class Trainer:
         self.losses: list[float] = []
         self.smoothed = 0.0
         self.written: set[Path] = set()  # outputs this run wrote (replacing them again needs no notice)
+        self.validation_losses: list[tuple[int, str, float]] = []  # (step, "step"/"epoch", loss)
         self.epoch = 1
 
     # --- set-up ----------------------------------------------------------------------------------
@@ -255,6 +256,19 @@ class Trainer:
             optimizer_train()
         return path
 
+    def _validate(self, step: int, kind: str) -> None:
+        """The held-out images' loss (``validation.py``), logged as kohya names it and printed."""
+        if not self.plan.validation_indices:
+            return
+        loss = validation.validation_loss(self, self.plan.validation_indices)
+        self.validation_losses.append((step, kind, loss))
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"validation loss ({kind} {step}): {loss:.4f}")
+        if self.log_with:
+            self.accelerator.log({f"loss/validation/{kind}_average": loss}, step=step)
+
     def _note_overwrite(self, path: Path) -> None:
         """One line when a save replaces a file or state folder that this run did not write (an earlier run's)."""
         if path.exists() and path not in self.written:
@@ -390,6 +404,8 @@ class Trainer:
                     logs.update(norm_logs)
                     self.accelerator.log(logs, step=global_step)
                 self.sample_paths += sampling.sample_images(self, global_step, None)
+                if validation.should_validate_step(args, global_step):
+                    self._validate(global_step, "step")
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
                         and global_step < plan.max_train_steps:
                     self.accelerator.wait_for_everyone()
@@ -398,6 +414,8 @@ class Trainer:
                     break
             else:
                 self.sample_paths += sampling.sample_images(self, global_step, epoch + 1)
+                if validation.should_validate_epoch(args, epoch + 1):
+                    self._validate(global_step, "epoch")
                 if args.save_every_n_epochs and (epoch + 1) % args.save_every_n_epochs == 0 \
                         and global_step < plan.max_train_steps:
                     self.accelerator.wait_for_everyone()
@@ -405,6 +423,8 @@ class Trainer:
         bar.close()
         if global_step > start_step:  # the last epoch ends here (kohya samples at every epoch's end)
             self.sample_paths += sampling.sample_images(self, global_step, math.ceil(global_step / epoch_updates))
+            if validation.should_validate_epoch(args, math.ceil(global_step / epoch_updates)):
+                self._validate(global_step, "epoch")
         seconds = time.time() - start
         self.accelerator.wait_for_everyone()
         final_epoch = math.ceil(global_step / epoch_updates)
@@ -422,7 +442,7 @@ class Trainer:
         if self.log_with:
             self.accelerator.end_training()
         return {"losses": list(self.losses), "output": last_path, "plot": plot_path, "seconds": seconds,
-                "global_step": global_step, "optimizer_info": info}
+                "global_step": global_step, "optimizer_info": info, "validation": list(self.validation_losses)}
 
 
 def updates_per_epoch(batches_per_epoch: int, accum: int, num_processes: int = 1) -> int:

@@ -84,6 +84,10 @@ def kohya_metadata(plan, optimizer, step: int, epoch: int, started_at: float) ->
         "ss_dataset_dirs": json.dumps(dirs),
         "ss_tag_frequency": json.dumps(tags),
         "ss_v_parameterization": bool(args.v_parameterization),
+        "ss_num_validation_images": len(plan.validation_indices),
+        "ss_validation_seed": args.validation_seed,
+        "ss_validation_split": args.validation_split,
+        "ss_max_validation_steps": args.max_validation_steps,
     }
     values.update(data_args.metadata(plan))  # buckets, captions, noise, loss (part B's options)
     values.update(_modelspec(plan, started_at))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,6 +76,7 @@ class Plan:
     num_epochs: int
     resume_state: dict | None
     builtin: bool
+    validation_indices: list = field(default_factory=list)  # held-out items (the last ones of spec.items)
 
 
 def seed_everything(seed: int) -> None:
@@ -169,6 +170,12 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
     choose_seed(args)
     seed_everything(args.seed)  # the network's initial weights depend on it
     spec = _dataset(args, builtin, output_dir)
+    held_out = 0
+    if args.validation_split:  # kohya's split: the held-out images go last in spec.items, never trained on
+        from .validation import split_items
+
+        spec.items, held_out = split_items(spec.items, args.validation_split,
+                                           args.validation_seed if args.validation_seed is not None else args.seed)
     models = load_models(args)
     resolution = args.resolution_wh or spec.resolution or (models.default_resolution,) * 2
     if not args.resolution_wh and spec.resolution is None:
@@ -235,7 +242,7 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
         raise ArgumentError(f"--optimizer_type {args.optimizer_type!r} steps bfloat16 parameters: add "
                             "--mixed_precision bf16 --full_bf16 (the network then trains in bfloat16), as in kohya")
 
-    epochs = data.Epochs(spec.items, batch_size, args.seed)
+    epochs = data.Epochs(spec.items[:len(spec.items) - held_out], batch_size, args.seed)
     from accelerate import PartialState
 
     from .distributed import use_cpu
@@ -257,7 +264,7 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
                 network_kwargs=network_kwargs, train_unet=train_unet, train_text_encoder=train_text_encoder,
                 optimizer=optimizer, param_descriptions=descriptions, epochs=epochs,
                 max_train_steps=max_train_steps, num_epochs=num_epochs, resume_state=resume_state,
-                builtin=builtin)
+                builtin=builtin, validation_indices=list(range(len(spec.items) - held_out, len(spec.items))))
 
 
 def check_resume_has_work(args, resume_state: dict, max_train_steps: int) -> None:
