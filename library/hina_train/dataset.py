@@ -111,8 +111,14 @@ def subset_defaults(args) -> dict:
 def bucket_settings(values: dict, args) -> BucketSettings:
     """Bucket settings from a config table's values, else the command line, else kohya's defaults."""
     defaults = BucketSettings()
-    return BucketSettings(**{k: values.get(k, getattr(args, k, None) if getattr(args, k, None) is not None
-                                           else getattr(defaults, k)) for k in BUCKET_KEYS})
+
+    def pick(key):
+        if key in values:
+            return values[key]
+        given = getattr(args, key, None)
+        return getattr(defaults, key) if given is None else given
+
+    return BucketSettings(**{key: pick(key) for key in BUCKET_KEYS})
 
 
 def subsets_from_folder(train_data_dir: str | Path, args, is_reg: bool = False) -> list[Subset]:
