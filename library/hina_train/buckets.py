@@ -175,6 +175,8 @@ def unet_multiple(unet) -> int:
 def assign_buckets(spec, resolution: tuple[int, int], unet) -> dict[tuple[int, int], int]:
     """Check ``spec.buckets`` against the resolution and the model, put every item in its bucket, print
     kohya's bucket report when bucketing is on; returns the counts per bucket."""
+    if spec.buckets.bucket_no_upscale and not spec.buckets.enable_bucket:
+        print("note: bucket_no_upscale has no effect without enable_bucket (kohya's behaviour); add enable_bucket")
     settings = spec.buckets.checked(tuple(resolution), unet_multiple(unet))
     if settings.enable_bucket and settings.bucket_no_upscale:
         print("note: min_bucket_reso and max_bucket_reso are ignored with bucket_no_upscale (kohya's behaviour)")
