@@ -13,7 +13,7 @@ Only the optimizers' public API is used (constructor, ``step``, ``state_dict``/`
 - kohya's ``--full_bf16`` order (optimizer built on fp32 params, network cast to bf16 afterwards) steps;
 - CUDA only: compiled == eager (optimizer step and codec; the CPU versions are tests/test_compiled_step.py
   and tests/test_quant.py) and trainer smoke runs: fp16 with GradScaler (steps the scaler skipped plus the
-  optimizer's steps = all steps), bf16, gradient checkpointing.
+  optimizer's steps = all steps), bf16, --full_bf16 with AdamWBF16_HinaAdaptive, gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -267,6 +267,14 @@ def test_trainer_fp16_grad_scaler_and_optimizer_agree(device, trainer):
 def test_trainer_bf16(device, trainer):
     result, _ = trainer("--mixed_precision", "bf16")
     assert all(math.isfinite(x) for x in result["losses"])
+    assert result["optimizer_info"]["training_stats"]["global_step"] == TRAINER_STEPS
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_trainer_full_bf16_with_the_bf16_optimizer(device, trainer):
+    result, _ = trainer("--mixed_precision", "bf16", "--full_bf16", "--optimizer_type", "AdamWBF16_HinaAdaptive")
+    assert all(math.isfinite(x) for x in result["losses"])
+    assert result["optimizer_info"]["optimizer_type"] == "AdamWBF16_HinaAdaptive"
     assert result["optimizer_info"]["training_stats"]["global_step"] == TRAINER_STEPS
 
 

@@ -61,3 +61,36 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     assert proc.returncode == 2 and "unknown argument '--fast'; valid: --plumbing" in proc.stderr
     proc = gpu_check(tmp_path, "--plumbing", GPU_CHECK_STEPS="speed")
     assert proc.returncode == 2 and "GPU_CHECK_STEPS names 'speed'; valid: preflight pytest" in proc.stderr
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for a CUDA machine's python: answers the device probe with a GPU, runs nothing else
+if [[ "$1" == -c && "$2" == *get_device_name* ]]; then echo "2.0 CUDA 13.0"; echo "Fake GPU"; exit 0; fi
+echo "fake python: $*"
+[[ " $* " == *" ${FAKE_SLOW:-@} "* ]] && sleep 5
+[[ " $* " == *" ${FAKE_FAIL:-@} "* ]] && exit 3
+exit 0
+"""
+
+
+def test_full_mode_runs_every_step_and_reports_failures_and_timeouts(tmp_path):
+    """The CUDA-machine branch, with a stand-in python: results, exit status, summary in docs' place."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    proc = gpu_check(tmp_path, PYTHON=str(fake))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.stdout.startswith("device: Fake GPU (torch 2.0 CUDA 13.0)")
+    summary = (tmp_path / "out" / "gpu_check_cuda.md").read_text()
+    for step in STEPS:
+        assert f"| {step} | passed |" in summary, summary
+    assert "fake python: benchmarks/step_speed.py --device cuda --model sd15 sdxl" in proc.stdout
+    assert "all steps passed on Fake GPU" in proc.stdout
+
+    proc = gpu_check(tmp_path, PYTHON=str(fake), FAKE_FAIL="benchmarks/convergence.py",
+                     FAKE_SLOW="train_network_hina.py", DEMO_FP16_LIMIT="1")
+    assert proc.returncode == 1
+    summary = (tmp_path / "out" / "gpu_check_cuda.md").read_text()
+    assert "| convergence | FAILED: exit status 3 |" in summary
+    assert "| demo_fp16 | FAILED: timed out after 1 s |" in summary
+    assert "| step_speed | passed |" in summary and "some steps FAILED" in proc.stdout
