@@ -74,7 +74,7 @@ DEMO_DIR=output/gpu_check/demo_fp16
 
 NAMES=()      # step names in order
 LIMITS=()     # their time limits (s)
-COMMANDS=()   # their command lines, NUL-joined words
+COMMANDS=()   # their command lines, words joined by \x1f (unit separator)
 
 add_step() {  # add_step NAME DEFAULT_LIMIT WORD...  (only the steps GPU_CHECK_STEPS names, when it is set)
   local name=$1 limit_var
@@ -150,6 +150,11 @@ fi
 
 for i in "${!NAMES[@]}"; do
   name=${NAMES[$i]}
+  if [[ $MODE == full && ${preflight_failed:-0} -eq 1 ]]; then
+    RESULTS+=("FAILED: not run (preflight failed)"); SECONDS_TAKEN+=(0)
+    echo "== $name: not run (preflight failed)"
+    continue
+  fi
   if [[ $MODE == plumbing ]]; then
     read -r rc took < "$LOGS/$name.rc"
     rm -f "$LOGS/$name.rc"
@@ -169,6 +174,7 @@ for i in "${!NAMES[@]}"; do
   echo "== $name: $result (${took} s; log $LOGS/$name.log)"
   [[ $result == FAILED* ]] && tail -n 20 "$LOGS/$name.log" | sed 's/^/   | /'
   RESULTS+=("$result"); SECONDS_TAKEN+=("$took")
+  [[ $name == preflight && $result == FAILED* ]] && preflight_failed=1  # no device time on a broken setup
 done
 
 failed=0

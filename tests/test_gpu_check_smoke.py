@@ -94,3 +94,9 @@ def test_full_mode_runs_every_step_and_reports_failures_and_timeouts(tmp_path):
     assert "| convergence | FAILED: exit status 3 |" in summary
     assert "| demo_fp16 | FAILED: timed out after 1 s |" in summary
     assert "| step_speed | passed |" in summary and "some steps FAILED" in proc.stdout
+
+    proc = gpu_check(tmp_path, PYTHON=str(fake), FAKE_FAIL="importlib,")
+    assert proc.returncode == 1
+    summary = (tmp_path / "out" / "gpu_check_cuda.md").read_text()
+    assert "| preflight | FAILED: exit status 3 |" in summary
+    assert "| pytest | FAILED: not run (preflight failed) |" in summary and "fake python: -m pytest" not in proc.stdout
