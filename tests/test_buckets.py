@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from library.hina_train import buckets, dataset
 from library.hina_train.args import parse_args
@@ -154,3 +155,21 @@ def test_regularisation_images_balance_the_training_images():
     dataset.balance_regularisation(items)
     # 6 training samples: the 4 regularisation images once each, then one more repeat for the first two
     assert [it.num_repeats for it in items[2:]] == [2, 2, 1, 1]
+
+
+def test_resize_filter_is_kohyas_default_and_option(tmp_path):
+    from PIL import Image
+
+    assert dataset.resize_filter(None, (100, 100), (50, 50)) == Image.Resampling.BOX  # area when shrinking
+    assert dataset.resize_filter(None, (100, 100), (150, 50)) == Image.Resampling.LANCZOS  # else lanczos
+    assert dataset.resize_filter("nearest", (100, 100), (50, 50)) == Image.Resampling.NEAREST
+    src = Image.new("RGB", (4, 2))
+    src.putdata([(0, 0, 0), (255, 255, 255)] * 4)
+    src.save(tmp_path / "s.png")
+    # 4x2 stripes shrunk to 2x1 with area averaging: every output pixel is the mean of a black and a white one
+    got = dataset.load_image(tmp_path / "s.png", 2, 1, (2, 1))
+    assert torch.allclose(got, torch.full((3, 1, 2), 127.5 / 127.5 - 1.0), atol=1 / 127.5)
+    nearest = dataset.load_image(tmp_path / "s.png", 2, 1, (2, 1), "nearest")
+    assert nearest.abs().min() > 0.99  # a source pixel, black or white
+    with pytest.raises(Exception, match="--resize_interpolation 'cubicle'; valid: lanczos"):
+        parse_args(["--resize_interpolation", "cubicle"])

@@ -40,7 +40,7 @@ UNSUPPORTED = (
     "network_train_text_encoder_only_lr", "skip_until_initial_step", "initial_epoch", "initial_step",
     "no_token_padding", "train_text_encoder", "vae_batch_size", "cpu_offload_checkpointing", "immiscible_noise",
     "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "skip_cache_check", "debug_dataset",
-    "resize_interpolation", "dataset_repeats", "torch_compile", "dynamo_backend", "offload_optimizer_device",
+    "dataset_repeats", "torch_compile", "dynamo_backend", "offload_optimizer_device",
     "offload_optimizer_nvme_path", "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
     "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
 )

@@ -18,6 +18,7 @@ SAMPLE_SAMPLERS = ("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "
 LOSS_TYPES = ("l1", "l2", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 MAX_TOKEN_LENGTHS = (75, 150, 225)
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--max_bucket_reso", type=int, default=1024, help="maximum resolution for buckets, divisible by bucket_reso_steps")
     a("--bucket_reso_steps", type=int, default=64, help="steps of resolution for buckets (SD: multiple of 64, SDXL: 32)")
     a("--bucket_no_upscale", action="store_true", help="make bucket for each image without upscaling")
+    a("--resize_interpolation", type=str, default=None,
+      help=f"image resize filter: {', '.join(RESIZE_INTERPOLATIONS)} (default: area down, lanczos up)")
     # captions
     a("--caption_separator", type=str, default=",", help="separator for caption tags")
     a("--keep_tokens_separator", type=str, default="",
@@ -134,6 +137,8 @@ def check(args: argparse.Namespace) -> None:
         _positive_int(args, name)
     if args.sample_sampler not in SAMPLE_SAMPLERS:
         raise ArgumentError(f"--sample_sampler {args.sample_sampler!r} is not a sampler; valid: {', '.join(SAMPLE_SAMPLERS)}")
+    if args.resize_interpolation is not None and args.resize_interpolation not in RESIZE_INTERPOLATIONS:
+        raise ArgumentError(f"--resize_interpolation {args.resize_interpolation!r}; valid: {', '.join(RESIZE_INTERPOLATIONS)}")
     if args.loss_type not in LOSS_TYPES:
         raise ArgumentError(f"--loss_type {args.loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
     if args.huber_schedule not in HUBER_SCHEDULES:

@@ -33,6 +33,7 @@ import torch
 
 from . import captions as caption_rules
 from .buckets import BucketSettings
+from .notices import caption_hint
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # kohya's dataset-config keys and their TOML types (bool is not accepted where an int is meant); one list.
@@ -42,7 +43,7 @@ SUBSET_TYPES = {
     "keep_tokens": (int,), "flip_aug": (bool,), "keep_tokens_separator": (str,), "caption_separator": (str,),
     "secondary_separator": (str,), "caption_prefix": (str,), "caption_suffix": (str,),
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
-    "caption_tag_dropout_rate": (float, int),
+    "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -77,6 +78,7 @@ class Subset:
     caption_dropout_rate: float = 0.0
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
+    resize_interpolation: str | None = None
     is_reg: bool = False
 
 
@@ -205,6 +207,7 @@ def spec_from_config(path: str | Path, args) -> DatasetSpec:
         values = {**defaults, **{k: v for k, v in table.items() if k != "image_dir"}}
         try:
             caption_rules.check_rates(values, "")
+            check_interpolation(values.get("resize_interpolation"))
         except ValueError as e:
             raise DatasetError(f"--dataset_config {str(path)!r}: [[datasets.subsets]] {e}") from None
         subsets.append(Subset(image_dir=image_dir, **values))
@@ -236,7 +239,8 @@ def _caption(image: Path, subset: Subset) -> tuple[str, bool]:
     if subset.class_tokens:
         return subset.class_tokens, True
     raise DatasetError(f"image {str(image)!r} has no caption file {path.name!r} and its subset has no "
-                       "class_tokens to fall back on; add the caption or set class_tokens")
+                       "class_tokens to fall back on; add the caption or set class_tokens"
+                       + caption_hint([image], subset.caption_extension))
 
 
 def check_image(path: Path) -> tuple[int, int]:
@@ -256,7 +260,7 @@ def check_image(path: Path) -> tuple[int, int]:
 
 def collect(spec: DatasetSpec) -> DatasetSpec:
     """Fill ``spec.items`` (one per image, sorted) after checking every image and caption."""
-    items = []
+    items, uncaptioned = [], []
     for subset in spec.subsets:
         images = sorted(p for p in subset.image_dir.iterdir()
                         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -269,10 +273,12 @@ def collect(spec: DatasetSpec) -> DatasetSpec:
             size = check_image(image)
             caption, from_class = _caption(image, subset)
             spec.captions_from_class += from_class
+            if from_class:
+                uncaptioned.append((image, subset.caption_extension))
             items.append(Item(image=image, caption=caption, subset=subset, size=size, num_repeats=subset.num_repeats))
     if spec.captions_from_class:
         print(f"note: {spec.captions_from_class} image(s) have no caption file; using the folder's class tokens "
-              "(kohya's behaviour)")
+              "(kohya's behaviour)" + caption_hint([i for i, _ in uncaptioned], uncaptioned[0][1]))
     spec.items = items
     balance_regularisation(items)
     return spec
@@ -303,9 +309,31 @@ def balance_regularisation(items: list[Item]) -> None:
         first = False
 
 
-def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | None = None) -> torch.Tensor:
+# kohya's --resize_interpolation names -> PIL filters ("area" is cv2's INTER_AREA in kohya: PIL's BOX averages
+# the same source pixels when shrinking).
+INTERPOLATIONS = {"lanczos": "LANCZOS", "nearest": "NEAREST", "bilinear": "BILINEAR", "linear": "BILINEAR",
+                  "bicubic": "BICUBIC", "cubic": "BICUBIC", "area": "BOX"}
+
+
+def check_interpolation(name: str | None) -> None:
+    if name is not None and name not in INTERPOLATIONS:
+        raise ValueError(f"resize_interpolation {name!r}; valid: {', '.join(INTERPOLATIONS)}")
+
+
+def resize_filter(name: str | None, size: tuple[int, int], resized: tuple[int, int]):
+    """kohya's ``resize_image`` default: area when shrinking (both sides), else lanczos."""
+    from PIL import Image
+
+    if name is None:
+        name = "area" if size[0] >= resized[0] and size[1] >= resized[1] else "lanczos"
+    return getattr(Image.Resampling, INTERPOLATIONS[name])
+
+
+def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | None = None,
+               interpolation: str | None = None) -> torch.Tensor:
     """RGB image -> float tensor (3, height, width) in [-1, 1]: resized to ``resized`` (default: the smallest
-    size, aspect kept, that covers width x height), then centre-cropped (kohya's ``trim_and_resize_if_required``)."""
+    size, aspect kept, that covers width x height) with ``resize_filter``, then centre-cropped (kohya's
+    ``trim_and_resize_if_required``)."""
     import numpy as np
     from PIL import Image
 
@@ -315,7 +343,7 @@ def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | N
             scale = max(width / image.width, height / image.height)
             resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
         if tuple(resized) != image.size:
-            image = image.resize(tuple(resized), Image.BICUBIC)
+            image = image.resize(tuple(resized), resize_filter(interpolation, image.size, tuple(resized)))
         left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
         image = image.crop((left, top, left + width, top + height))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -324,7 +352,7 @@ def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | N
 
 def load_item(item: Item) -> torch.Tensor:
     """The item's image at its bucket (``buckets.assign`` must have run)."""
-    return load_image(item.image, item.bucket[0], item.bucket[1], item.resized)
+    return load_image(item.image, item.bucket[0], item.bucket[1], item.resized, item.subset.resize_interpolation)
 
 
 def process_caption(caption: str, subset: Subset, generator: torch.Generator, epoch: int = 1) -> str:
