@@ -21,6 +21,7 @@ import torch
 
 from . import dataset as data
 from .args import ArgumentError
+from .notices import upscale_notice
 from .demo_data import DEMO_PROMPTS
 from .saving import SaveError, check_state, check_state_files, check_writable, weights_fit
 
@@ -188,6 +189,9 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
     from .buckets import assign_buckets
 
     assign_buckets(spec, resolution, models.unet)
+    notice = upscale_notice(spec.items, resolution)
+    if notice:
+        print(notice)
     if args.cache_text_encoder_outputs:
         from .text_encoding import check_cacheable
 
