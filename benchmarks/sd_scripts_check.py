@@ -222,6 +222,10 @@ def describe_optimizer(optimizer) -> dict:
         report["name_sources"] = sorted({g["name_source"] for g in optimizer.diagnose_lora_pairing()["groups"]})
         report["global_step_at_first_step"] = max(g.get("global_step", 0) for g in groups)
     effective: dict[str, set] = {}
+    if not hasattr(optimizer, "get_optimization_info"):  # not a Hina optimizer: no roles, the groups' lrs
+        report["effective_lr"] = {"all": sorted({float(f"{g['lr']:.6g}") for g in groups})}
+        report["state_tensors_at_first_step"] = sum(len(s) for s in optimizer.state.values())
+        return report
     for index, (group, pairing) in enumerate(zip(groups, _optimizer_pairings(optimizer, inputs))):
         roles = pairing.roles()
         multipliers = optimizer.lr_multipliers(group, roles) if hasattr(optimizer, "lr_multipliers") else None

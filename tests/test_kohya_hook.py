@@ -359,3 +359,10 @@ def test_sd_scripts_delegation_with_config_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]  # was: exit 2, unrecognized arguments: --sd_scripts
     args = json.loads(report.read_text())
     assert args["optimizer_type"] == "HinaAdamW" and args["learning_rate"] == 0.003  # command line wins
+
+
+def test_layerwise_names_refuse_gradient_accumulation():
+    args = sd_args("galore_adamw_layerwise")
+    args.gradient_accumulation_steps = 4
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps 4, must be 1"):
+        kohya.build_for_sd_scripts(args, [])

@@ -184,11 +184,12 @@ def build_for_sd_scripts(args, trainable_params) -> tuple[str, str, torch.optim.
     if getattr(args, "fused_backward_pass", False):
         raise ValueError(f"--fused_backward_pass works only with Adafactor in sd-scripts, not with "
                          f"--optimizer_type {args.optimizer_type}")
-    spec, cls = registry.resolve(args.optimizer_type)
     accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+    spec = registry.find_spec(args.optimizer_type)
     if spec is not None and spec.layerwise and accumulation != 1:
         raise ValueError(f"--optimizer_type {args.optimizer_type} steps each tensor on every micro-batch, so it cannot "
                          f"accumulate gradients: --gradient_accumulation_steps {accumulation}, must be 1")
+    spec, cls = registry.resolve(args.optimizer_type)
     kwargs = registry.split_optimizer_args(args.optimizer_args or [])
     if not issubclass(cls, HinaOptimizer):
         trainable_params = strip_param_names(trainable_params)
