@@ -7,7 +7,7 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 from library.hina import quant  # noqa: E402
 
-BLOCKS = [64, 256, 2048, 4096]
+BLOCKS = [64, 128, 256, 512, 1024, 2048, 4096]  # every block size bitsandbytes accepts
 
 
 def _state(kind: str, n: int, signed: bool, seed: int = 0) -> torch.Tensor:
