@@ -13,7 +13,8 @@ Only the optimizers' public API is used (constructor, ``step``, ``state_dict``/`
 - kohya's ``--full_bf16`` order (optimizer built on fp32 params, network cast to bf16 afterwards) steps;
 - CUDA only: compiled == eager (optimizer step and codec; the CPU versions are tests/test_compiled_step.py
   and tests/test_quant.py) and trainer smoke runs: fp16 with GradScaler (steps the scaler skipped plus the
-  optimizer's steps = all steps), bf16, --full_bf16 with AdamWBF16_HinaAdaptive, gradient checkpointing.
+  optimizer's steps = all steps), bf16, --full_bf16 with AdamWBF16_HinaAdaptive, gradient checkpointing;
+  with two GPUs, a 2-process run whose ranks end identical.
 """
 
 from __future__ import annotations
@@ -285,3 +286,31 @@ def test_trainer_gradient_checkpointing_computes_the_same_loss(device, trainer):
     assert all(math.isfinite(x) for x in checkpointed["losses"])
     assert checkpointed["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-3)  # same weights, same batch
     assert checkpointed["optimizer_info"]["training_stats"]["global_step"] == TRAINER_STEPS
+
+
+@pytest.mark.cuda
+def test_two_gpus_train_as_one_group_with_identical_ranks(tmp_path):
+    """``accelerate launch --multi_gpu`` on two GPUs (NCCL): one group, every rank ends with the same weights
+    and optimizer state to the bit (tests/test_distributed.py checks the same on CPU with gloo)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    root = Path(__file__).resolve().parents[1]
+    probe = tmp_path / "probe"
+    env = {**os.environ, "PROBE_DIR": str(probe), "HF_HUB_OFFLINE": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29541", str(root / "tests" / "_ddp_probe.py"),
+               "--max_train_steps", "3", "--train_batch_size", "2", "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r0, r1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["world_size"], r1["world_size"]) == (2, 2)
+    assert r0["network"] and r0["network"] == r1["network"]
+    assert r0["optimizer"] == r1["optimizer"]
