@@ -80,6 +80,7 @@ def test_file_names_are_kohyas():
     assert sampling.file_name(None, 7, None, 1, None, "20260102030405") == "000007_01_20260102030405.png"
 
 
+@pytest.mark.filterwarnings("ignore:.*dpmsolver.*:FutureWarning")  # kohya's name, diffusers deprecates it
 def test_sampler_names_map_to_diffusers_schedulers():
     import diffusers
 
