@@ -277,3 +277,26 @@ batch_size = 3
     epochs = Epochs(spec.items, spec.batch_size, seed=1)
     assert len(epochs.indices) == 2 * 3 + 2 and epochs.batches_per_epoch == 3
     assert epochs.batches(0) == Epochs(spec.items, 3, seed=1).batches(0) != epochs.batches(1)
+
+
+# --- the one TOML argument reader (library.hina.config_toml, shared with the recipes) ------------------------
+def test_a_key_set_in_two_sections_fails(tmp_path):
+    (tmp_path / "c.toml").write_text("[a]\nnetwork_dim = 4\n[b]\nnetwork_dim = 8\n")
+    with pytest.raises(ArgumentError, match=r"key 'network_dim' is set twice \(\[a\] and \[b\]\)"):
+        parse_args(["--config_file", str(tmp_path / "c.toml")])
+
+
+def test_bad_toml_names_line_and_column(tmp_path):
+    (tmp_path / "c.toml").write_text("network_dim = 4\nlearning_rate = = 1\n")
+    with pytest.raises(ArgumentError, match=r"c\.toml':2:\d+: invalid TOML"):
+        parse_args(["--config_file", str(tmp_path / "c.toml")])
+
+
+def test_output_config_is_written_atomically(tmp_path, monkeypatch):
+    from library.hina_train import saving
+
+    calls = []
+    real = saving.atomic_write
+    monkeypatch.setattr(saving, "atomic_write", lambda path, write, **kw: calls.append(path) or real(path, write, **kw))
+    run(["--output_config", "--config_file", str(tmp_path / "o.toml")])
+    assert calls == [tmp_path / "o.toml"] and [p.name for p in tmp_path.iterdir()] == ["o.toml"]

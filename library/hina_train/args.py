@@ -15,8 +15,6 @@ given on the command line or in a config file is silently ignored.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import toml
@@ -160,16 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _flatten(table: dict, path: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{path}{key}."))
-        else:
-            flat[key] = value
-    return flat
-
-
 def config_path(name: str) -> Path:
     path = Path(name)
     if not path.suffix:
@@ -178,14 +166,15 @@ def config_path(name: str) -> Path:
 
 
 def read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
-    if not path.is_file():
-        raise ArgumentError(f"--config_file {str(path)!r} does not exist")
+    """The file's keys as defaults, read by the project's one TOML argument reader (``library.hina.config_toml``,
+    which the recipes use too); a key the parser does not know is an error naming the nearest ones."""
+    from library.hina.config_toml import ConfigFileError, read_flat
+
     try:
-        data = toml.load(path)
-    except (toml.TomlDecodeError, UnicodeDecodeError) as e:
-        raise ArgumentError(f"--config_file {str(path)!r} is not valid TOML: {e}") from None
+        flat = read_flat(path)
+    except ConfigFileError as e:
+        raise ArgumentError(f"--config_file {e}") from None
     known = {action.dest for action in parser._actions}
-    flat = _flatten(data)
     for key in flat:
         if key not in known:
             near = _nearest(key, known)
@@ -203,15 +192,13 @@ def _nearest(name: str, names) -> list[str]:
 def write_config(args: argparse.Namespace, path: Path) -> None:
     known = {action.dest for action in build_parser()._actions} - set(UNSUPPORTED) - NOT_SAVED
     values = {k: v for k, v in sorted(vars(args).items()) if k in known and v is not None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    from .saving import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
             toml.dump(values, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
