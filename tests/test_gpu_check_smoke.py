@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.sh in plumbing mode: the one-shot GPU check's control flow, on any machine, in seconds.
 
 Plumbing mode (always on without CUDA) runs no CUDA step: it checks each step's command line (the script
-accepts every flag and value given) and writes the summary; a failing step makes the exit status 1.
+accepts every flag and value given) and writes the summary; a failing step makes the exit status 1. The
+CUDA-machine branch (steps run under time limits, failures and timeouts reported, a failed preflight stops
+the run) is exercised with a stand-in python that claims a GPU and runs nothing.
 """
 
 from __future__ import annotations
