@@ -160,8 +160,9 @@ def file_name(output_name: str | None, steps: int, epoch: int | None, index: int
 
 @torch.no_grad()
 def generate(models, conditioner, prompt: dict, sampler: str, v_parameterization: bool, device,
-             autocast) -> "PIL.Image.Image":
-    """One image for ``prompt`` (a ``load_prompts`` entry)."""
+             autocast, input_dtype: torch.dtype | None = None) -> "PIL.Image.Image":
+    """One image for ``prompt`` (a ``load_prompts`` entry). ``input_dtype``: the U-Net's input dtype when it
+    differs from its weights' (float8 base weights compute in the mixed-precision dtype)."""
     from PIL import Image
 
     width = max(64, prompt.get("width", DEFAULTS["width"]) // 8 * 8)
@@ -177,6 +178,7 @@ def generate(models, conditioner, prompt: dict, sampler: str, v_parameterization
     scheduler = make_scheduler(prompt.get("sample_sampler", sampler), v_parameterization)
     scheduler.set_timesteps(steps, device=device)
     unet, vae = models.unet, models.vae
+    dtype = input_dtype or unet.dtype
     shape = (1, unet.config.in_channels, height // 8, width // 8)
     latents = (torch.randn(shape, generator=generator) * scheduler.init_noise_sigma).to(device)
     saved_resolution = conditioner.resolution
@@ -184,14 +186,14 @@ def generate(models, conditioner, prompt: dict, sampler: str, v_parameterization
     try:
         with autocast():
             cond, added = conditioner([prompt.get("prompt", ""), prompt.get("negative_prompt") or ""], device)
-            hidden = torch.cat([cond[1:], cond[:1]]).to(unet.dtype)  # (negative, positive)
+            hidden = torch.cat([cond[1:], cond[:1]]).to(dtype)  # (negative, positive)
             kwargs = {}
             if added is not None:
                 kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([added["text_embeds"][1:], added["text_embeds"][:1]]),
                                                "time_ids": added["time_ids"]}
             for t in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-                pred = unet(model_input.to(unet.dtype), t, hidden, **kwargs).sample.float()
+                pred = unet(model_input.to(dtype), t, hidden, **kwargs).sample.float()
                 uncond, text = pred.chunk(2)
                 pred = uncond + scale * (text - uncond)
                 latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
@@ -226,7 +228,8 @@ def sample_images(trainer, steps: int, epoch: int | None) -> list[Path]:
     try:
         for prompt in prompts:
             image = generate(trainer.plan.models, trainer.conditioner, prompt, args.sample_sampler,
-                             args.v_parameterization, trainer.device, trainer.accelerator.autocast)
+                             args.v_parameterization, trainer.device, trainer.accelerator.autocast,
+                             getattr(trainer, "unet_dtype", None))
             name = file_name(args.output_name, steps, epoch, prompt["enum"], prompt.get("seed"),
                              time.strftime("%Y%m%d%H%M%S", time.localtime()))
             path = folder / name
@@ -239,5 +242,7 @@ def sample_images(trainer, steps: int, epoch: int | None) -> list[Path]:
     finally:
         if was_training:
             network.train()
-    print(f"sample images at step {steps}: {', '.join(str(p) for p in paths)}")
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"sample images at step {steps}: {', '.join(str(p) for p in paths)}")  # keeps the bar intact
     return paths
