@@ -129,12 +129,11 @@ class AdamW_HinaAdaptive(HinaAdamW):
         group, pack, grad = ctx.group, ctx.pack, ctx.grad
         adaptive = group["use_dynamic_adaptation"]
         first = [i for i, s in enumerate(ctx.steps) if s == 0 and ctx.active[i]]
-        scratch = ctx.scratch("scratch")
         cosine = None
         if adaptive:
             slot = group["global_step"] % BALANCE_WINDOW
-            vectors[BALANCE_KEYS[slot]].copy_(pack.dot(ctx.weight, grad, scratch))  # raw gradient
-            cosine = imp.successive_cosine(grad, states["prev_grad"], pack, scratch)
+            vectors[BALANCE_KEYS[slot]].copy_(pack.dot(ctx.weight, grad))  # raw gradient
+            cosine = imp.successive_cosine(grad, states["prev_grad"], pack)
             states["prev_grad"].copy_(grad)
             for i in first:
                 vectors["importance"][i] = 1.0
@@ -146,7 +145,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
 
         if adaptive:
             active = ctx.active_vector
-            score = imp.importance_score(cosine, update, ctx.weight, pack, active, scratch)
+            score = imp.importance_score(cosine, update, ctx.weight, pack, active)
             decay = group["importance_decay"]
             vectors["importance"].mul_(decay).add_(score, alpha=1.0 - decay)
         if update is None:

@@ -27,16 +27,13 @@ from __future__ import annotations
 import torch
 
 from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, StepContext
+from . import techniques
 from .techniques import came, lr_mask
 from .techniques import multiscale_momentum as msm
-from .techniques.agr import agr_
-from .techniques.cautious import cautious_
 from .techniques.contextual import ContextualModule, sketch, sketch_length
 from .techniques.frequency import suppress_high_frequency_
-from .techniques.grams import grams_
 from .techniques.lowrank import add_lowrank_penalty_
-from .techniques.orthogonal import orthogonalize_
-from .techniques.tam import tam_damping
+from .techniques.tam import tam_step
 
 SIDE_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
 
@@ -155,7 +152,6 @@ class _AutomagicCame(HinaOptimizer):
         group, pack, grad = ctx.group, ctx.pack, ctx.grad
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2, eps3 = group["eps"]
-        scratch = ctx.scratch("scratch")
         active = [i for i, a in enumerate(ctx.active) if a]
         first = [i for i in active if ctx.steps[i] == 0]
         if self.contextual:
@@ -163,9 +159,9 @@ class _AutomagicCame(HinaOptimizer):
 
         # gradient transforms
         if group["use_orthogonal_grad"]:
-            orthogonalize_(grad, ctx.weight, pack, scratch)
+            grad.copy_(techniques.orthogonalize(grad, ctx.weight, pack.segments))
         if group["use_agr"]:
-            agr_(grad, pack, scratch)
+            grad.copy_(techniques.agr(grad, pack.segments))
         grads = pack.views(grad)
         if group["use_fft_suppression"]:
             for i in active:
@@ -186,12 +182,13 @@ class _AutomagicCame(HinaOptimizer):
                 came.normalize_(grads[i], units[i], sides[i], beta2, eps1)
             else:
                 units[i].zero_()
-        pack.scale_(normalized, came.clip_factor(normalized, pack, group["clip_threshold"], scratch))
+        pack.scale_(normalized, came.clip_factor(normalized, pack, group["clip_threshold"]))
 
         names = self._momentum_names(group)
         if group["use_tam"]:
-            damping = tam_damping(states[names[0]], normalized, vectors["tam_smoothed"], group["tam_beta"], pack,
-                                  scratch)
+            damping, smoothed = tam_step(states[names[0]], normalized, vectors["tam_smoothed"], group["tam_beta"],
+                                         pack.segments)
+            vectors["tam_smoothed"].copy_(smoothed)
             momentum_input = torch.mul(normalized, 1.0, out=ctx.scratch("momentum_input"))
             pack.scale_(momentum_input, damping)
         else:
@@ -212,9 +209,9 @@ class _AutomagicCame(HinaOptimizer):
                 updates[i].zero_()
 
         if group["use_grams"]:
-            grams_(update, grad, scratch)
+            update.copy_(techniques.grams(update, grad))
         if group["use_cautious"]:
-            cautious_(update, grad, pack, scratch)
+            update.copy_(techniques.cautious(update, grad, pack.segments))
         if group["use_lr_mask"]:
             update.mul_(lr_mask.mask_ratio(pack, states["lr_mask"], normalized, first, group,
                                            ctx.scratch("lr_ratio")))
@@ -249,9 +246,7 @@ class _AutomagicCame(HinaOptimizer):
                                  else torch.zeros(sketch_length(pack.total), device=pack.device))
             device = parts[0].device
             grad_norm = torch.stack([g.to(device) for g in self._grad_sq]).sum().sqrt()
-            lr = self.param_groups[0]["lr"]
-            self.c_optim.update(torch.cat([p.to(device) for p in parts]), grad_norm, float(lr),
-                                self._pending_loss)
+            self.c_optim.update(torch.cat([p.to(device) for p in parts]), grad_norm, self._pending_loss)
         self._pending_loss = None
         self._sketches, self._grad_sq = {}, []
         return loss

@@ -41,7 +41,7 @@ class Segments(NamedTuple):
         totals = torch.zeros(count + 1, dtype=block_sums.dtype, device=flat.device)
         return totals.index_add_(0, self.block_ids, block_sums)[:count]
 
-    def dot(self, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products <a_i, b_i>."""
         return self.sum(a * b)
 
@@ -190,7 +190,7 @@ class FlatPack:
     def sum(self, flat: torch.Tensor) -> torch.Tensor:
         return self.segments.sum(flat)
 
-    def dot(self, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.segments.dot(a, b)
 
     def scale_(self, flat: torch.Tensor, per_tensor: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ up into a step of several percent of lr).
 
 import torch
 
-from ..pack import FlatPack, Segments, as_segments
+from ..pack import Segments
 
 
 def agr(grad: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -24,8 +24,3 @@ def agr(grad: torch.Tensor, segments: Segments) -> torch.Tensor:
     total = segments.sum(magnitude).clamp_min(torch.finfo(torch.float32).tiny)
     alpha = magnitude.view(-1, segments.block) / segments.expand(total, fill=1.0)
     return (grad.view(-1, segments.block) * (1.0 - alpha)).view(-1)
-
-
-def agr_(grad: torch.Tensor, pack: FlatPack | Segments, scratch: torch.Tensor | None = None) -> None:
-    """In place on the flat ``grad``."""
-    grad.copy_(agr(grad, as_segments(pack)))

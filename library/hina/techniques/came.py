@@ -89,7 +89,7 @@ def confidence_(exp_avg: torch.Tensor, normalized: torch.Tensor, out: torch.Tens
     torch.mul(m, _factored_rsqrt(state["exp_avg_res_row"], state["exp_avg_res_col"], eps3), out=matrix_view(out))
 
 
-def clip_factor(normalized: torch.Tensor, pack, clip_threshold: float, scratch: torch.Tensor) -> torch.Tensor:
+def clip_factor(normalized: torch.Tensor, pack, clip_threshold: float) -> torch.Tensor:
     """Per tensor 1 / max(1, RMS(U) / clip_threshold)."""
-    rms = (pack.dot(normalized, normalized, scratch) / pack.numel_tensor).sqrt_()
+    rms = (pack.dot(normalized, normalized) / pack.numel_tensor).sqrt_()
     return (rms / clip_threshold).clamp_min_(1.0).reciprocal_()

@@ -12,15 +12,10 @@ survives the mask and Cautious then only rescales by numel / (kept + 1), which i
 
 import torch
 
-from ..pack import FlatPack, Segments, as_segments
+from ..pack import Segments
 
 
 def cautious(update: torch.Tensor, grad: torch.Tensor, segments: Segments) -> torch.Tensor:
     mask = (update * grad > 0).to(update.dtype)
     scale = segments.numel_tensor / (segments.sum(mask) + 1.0)
     return ((update * mask).view(-1, segments.block) * segments.expand(scale)).view(-1)
-
-
-def cautious_(update: torch.Tensor, grad: torch.Tensor, pack: FlatPack | Segments,
-              scratch: torch.Tensor | None = None) -> None:
-    update.copy_(cautious(update, grad, as_segments(pack)))

@@ -89,9 +89,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ContextualModule:
     """``optimizer.c_optim``: the context's state lives in ``optimizer.state``; this object reads it."""
 
-    KEYS = ("context_prev_sketch", "context_consistency", "context_grad_norm", "context_loss", "context_lr",
-            "context_multiplier", "context_edge", "context_count")
-
     def __init__(self, optimizer, context_window: int, edge_threshold: float, adaptation_rate: float,
                  verbose: bool = False):
         self.optimizer = optimizer
@@ -112,7 +109,6 @@ class ContextualModule:
                 "context_consistency": torch.zeros(w, device=device),
                 "context_grad_norm": torch.zeros(w, device=device),
                 "context_loss": torch.full((w,), float("nan"), device=device),
-                "context_lr": torch.zeros(w, device=device),
                 "context_multiplier": torch.ones((), device=device),
                 "context_edge": torch.zeros((), dtype=torch.bool, device=device),
                 "context_count": 0,
@@ -123,8 +119,7 @@ class ContextualModule:
         return self.state["context_multiplier"]
 
     # --- the per-step update -------------------------------------------------------------------------------
-    def update(self, current_sketch: torch.Tensor, grad_norm: torch.Tensor, lr: float,
-               loss: torch.Tensor | None) -> None:
+    def update(self, current_sketch: torch.Tensor, grad_norm: torch.Tensor, loss: torch.Tensor | None) -> None:
         s = self.state
         w, count = self.context_window, s["context_count"]
         prev = s["context_prev_sketch"]
@@ -137,7 +132,6 @@ class ContextualModule:
         previous_norms = self._chronological(s["context_grad_norm"], count)
         s["context_consistency"][slot] = consistency
         s["context_grad_norm"][slot] = grad_norm
-        s["context_lr"][slot] = lr
         s["context_loss"][slot] = (loss.detach().to(s["context_loss"]) if loss is not None else float("nan"))
         count += 1
         s["context_count"] = count

@@ -9,7 +9,3 @@ import torch
 
 def grams(update: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return update.abs() * torch.sign(grad)
-
-
-def grams_(update: torch.Tensor, grad: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-    update.copy_(grams(update, grad))

@@ -30,10 +30,10 @@ HIGH_IMPORTANCE = 1.2   # get_importance_analysis(): I above this counts as "hig
 LOW_IMPORTANCE = 0.8    # and below this as "low"
 
 
-def successive_cosine(grad: torch.Tensor, prev: torch.Tensor, pack: FlatPack, scratch: torch.Tensor) -> torch.Tensor:
+def successive_cosine(grad: torch.Tensor, prev: torch.Tensor, pack: FlatPack) -> torch.Tensor:
     """Per-tensor cos(g_t, g_{t-1}); 0 where either is zero (no history yet)."""
-    dot = pack.dot(grad, prev, scratch)
-    norms = (pack.dot(grad, grad, scratch) * pack.dot(prev, prev, scratch)).sqrt_()
+    dot = pack.dot(grad, prev)
+    norms = (pack.dot(grad, grad) * pack.dot(prev, prev)).sqrt_()
     return dot / norms.clamp_min_(1e-30)
 
 
@@ -44,13 +44,13 @@ def _relative(values: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
 
 
 def importance_score(cosine: torch.Tensor, update: torch.Tensor | None, weight: torch.Tensor, pack: FlatPack,
-                     active: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+                     active: torch.Tensor) -> torch.Tensor:
     """score_i in [0, 2] (see the module docstring). ``update`` None (no step this time): q_i = 1."""
-    p_norm = pack.dot(weight, weight, scratch).sqrt_()
+    p_norm = pack.dot(weight, weight).sqrt_()
     if update is None:
         q = torch.ones_like(p_norm)
     else:
-        q = _relative(pack.dot(update, update, scratch).sqrt_() / (p_norm + 1e-12), active)
+        q = _relative(pack.dot(update, update).sqrt_() / (p_norm + 1e-12), active)
     s = _relative(p_norm / pack.numel_tensor.sqrt(), active)
     return (1.0 + cosine + q + s) / 3.0
 

@@ -9,7 +9,7 @@ Prieto et al., "Grokking at the Edge of Numerical Stability", arXiv 2501.04697 (
 
 import torch
 
-from ..pack import FlatPack, Segments, as_segments
+from ..pack import Segments
 
 EPS = 1e-30
 
@@ -22,9 +22,3 @@ def orthogonalize(grad: torch.Tensor, weight: torch.Tensor, segments: Segments) 
     perp = grad.view(-1, block) - weight.view(-1, block) * segments.expand(projection)
     perp_norm = segments.sum(perp.reshape(-1) * perp.reshape(-1)).sqrt()
     return (perp * segments.expand(g_norm / (perp_norm + EPS))).view(-1)
-
-
-def orthogonalize_(grad: torch.Tensor, weight: torch.Tensor, pack: FlatPack | Segments,
-                   scratch: torch.Tensor | None = None) -> None:
-    """In place on the flat ``grad``; ``weight`` is the flat copy of the parameters."""
-    grad.copy_(orthogonalize(grad, weight, as_segments(pack)))

@@ -14,7 +14,7 @@ factor ``eps + d_t`` per tensor, and the moment rule multiplies its input by it.
 
 import torch
 
-from ..pack import FlatPack, Segments, as_segments
+from ..pack import Segments
 
 EPS = 1e-8
 
@@ -28,11 +28,3 @@ def tam_step(exp_avg: torch.Tensor, grad: torch.Tensor, smoothed: torch.Tensor, 
     cosine = m_dot_g / (m_norm * g_norm).clamp_min(1e-30)
     smoothed = smoothed * tam_beta + cosine * (1.0 - tam_beta)
     return (smoothed + 1.0) * 0.5 + EPS, smoothed
-
-
-def tam_damping(exp_avg: torch.Tensor, grad: torch.Tensor, smoothed: torch.Tensor, tam_beta: float,
-                pack: FlatPack | Segments, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """Update ``smoothed`` (ŝ, one value per tensor) in place and return ``eps + d`` per tensor."""
-    damping, new = tam_step(exp_avg, grad, smoothed, tam_beta, as_segments(pack))
-    smoothed.copy_(new)
-    return damping
