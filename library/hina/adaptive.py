@@ -46,6 +46,10 @@ class AdamW_HinaAdaptive(HinaAdamW):
         use_lr_mask, lr_bump, min_lr, max_lr, warmup_steps: the Automagic mask (``techniques/lr_mask.py``);
             lr_bump/min_lr/max_lr are absolute at the group's base lr and scale with a scheduler;
             max_lr=None (default) lets the mask reach 10x the base lr (an absolute max_lr below lr caps it).
+
+    The importance score's relative terms compare a tensor with the tensors stepped together with it, i.e.
+    the tensors of its chunk (base.py: up to 2^20 elements), not the whole param group: the step stays
+    bounded in memory, and the comparison set is the same from step to step.
     """
 
     optimizer_type = "AdamW_HinaAdaptive"

@@ -7,7 +7,10 @@ The recipe, in the order it runs (DESIGN.md's pipeline):
     update transforms     Grams (use_grams), then Cautious (use_cautious)
     learning rates        LoRA+ ratio for B-side tensors and ALLoRA row scaling (use_alora)
     apply                 decoupled weight decay, on the dynamic schedule (dynamic_weight_decay); SPD (use_spd)
-    state codec           optim_bits=8: 8-bit blockwise (bitsandbytes); 32: fp32
+    state codec           optim_bits=8: 8-bit blockwise (plain torch, bitsandbytes' dynamic map); 32: fp32
+
+Per chunk of the param group (base.py), ``fused_step`` runs all of it (decode, the stages above, apply, encode) in
+one function, ``hina_adamw_chunk``, compiled with torch.compile when ``compile_step`` asks for it.
 
 With ``optim_bits=32`` and every technique off this is ``torch.optim.AdamW`` (tested to 1e-6 relative).
 """
@@ -53,9 +56,11 @@ class HinaAdamW(HinaOptimizer):
         use_alora, alora_ratio: LoRA+ lr ratio for B-side tensors (arXiv 2402.12354), ALLoRA row scaling
             (arXiv 2410.09692), and no weight decay on norm deltas / DoRA magnitudes.
         dynamic_weight_decay, wd_transition_steps, wd_decay_factor, wd_min_ratio: the decay schedule.
-        optim_bits: 8 (blockwise 8-bit states via bitsandbytes) or 32.
-        block_size: 8-bit quantisation block. min_8bit_size: smaller tensors keep fp32 states.
-        compile_step: fuse the update with torch.compile: True, False, or None (auto: large packs).
+        optim_bits: 8 (blockwise 8-bit states, ``quant.py``) or 32.
+        block_size: 8-bit quantisation block. min_8bit_size: smaller tensors keep fp32 states (1024: every
+            rank-4..64 LoRA/LoKr matrix is quantised; base.MIN_8BIT_SIZE).
+        compile_step: compile the chunk step with torch.compile: True, False, or None (auto: models of 1M+
+            elements, where compiling pays for itself).
     """
 
     optimizer_type = "HinaAdamW"
