@@ -173,3 +173,27 @@ def test_resize_filter_is_kohyas_default_and_option(tmp_path):
     assert nearest.abs().min() > 0.99  # a source pixel, black or white
     with pytest.raises(Exception, match="--resize_interpolation 'cubicle'; valid: lanczos"):
         parse_args(["--resize_interpolation", "cubicle"])
+
+
+def test_random_crop_draws_the_offset_from_the_generator(tmp_path):
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 2))
+    image.putdata([(32 * x, 0, 0) for x in range(8)] * 2)  # red encodes the column
+    image.save(tmp_path / "r.png")
+    lefts = set()
+    for seed in range(12):
+        got = dataset.load_image(tmp_path / "r.png", 2, 2, (8, 2), "nearest", torch.Generator().manual_seed(seed))
+        left = int(torch.randint(0, 7, (), generator=torch.Generator().manual_seed(seed)))  # 0..8-2
+        assert torch.allclose(got[0, 0], torch.tensor([32 * left, 32 * left + 32]) / 127.5 - 1.0)
+        lefts.add(left)
+    assert len(lefts) > 2
+    centre = dataset.load_image(tmp_path / "r.png", 2, 2, (8, 2), "nearest")
+    assert torch.allclose(centre[0, 0], torch.tensor([96.0, 128.0]) / 127.5 - 1.0)  # (8 - 2) // 2 = 3
+
+
+def test_dataset_repeats_is_the_num_repeats_fallback(tmp_path):
+    path = _config(tmp_path, "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'IMG'\n"
+                             "[[datasets.subsets]]\nimage_dir = 'IMG'\nnum_repeats = 2\n")
+    spec = dataset.spec_from_config(path, parse_args(["--dataset_repeats", "5"]))
+    assert [s.num_repeats for s in spec.subsets] == [5, 2]

@@ -79,3 +79,22 @@ def test_unreadable_file_is_encoded_again(tmp_path, vae, capsys):
     assert counts == {"encoded": 2, "reused": 0}
     assert "cannot be read" in capsys.readouterr().out
     assert not [p for p in (tmp_path / "img").iterdir() if p.name.startswith(".")]
+
+
+def test_skip_cache_check_takes_any_existing_file(tmp_path, vae):
+    items = _items(tmp_path)
+    assign(items, (64, 64), BucketSettings(True, 32, 128, 16))
+    _build(items, vae)
+    assign(items, (32, 32), BucketSettings(False))  # the files no longer fit, but are not checked
+    _, counts = latent_cache.build(items, vae, torch.Generator(), "cpu", to_disk=True, sdxl=False, skip_check=True)
+    assert counts == {"encoded": 0, "reused": 2}
+
+
+def test_random_crop_cannot_be_cached(tmp_path, vae):
+    from library.hina_train.errors import ArgumentError
+
+    items = _items(tmp_path)
+    items[0].subset.random_crop = True
+    assign(items, (32, 32), BucketSettings(False))
+    with pytest.raises(ArgumentError, match="--cache_latents cannot be used with random_crop"):
+        _build(items, vae)

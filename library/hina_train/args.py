@@ -28,7 +28,7 @@ from .train_args import SAVE_MODEL_AS
 
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
-    "in_json", "dataset_class", "conditioning_data_dir", "color_aug", "random_crop", "face_crop_aug_range",
+    "in_json", "dataset_class", "conditioning_data_dir", "color_aug", "face_crop_aug_range",
     "enable_wildcard", "weighted_captions", "token_warmup_min", "token_warmup_step", "adaptive_noise_scale",
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "alpha_mask", "huggingface_repo_id",
     "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
@@ -37,8 +37,8 @@ UNSUPPORTED = (
     "wandb_run_name", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",
     "network_train_text_encoder_only_lr", "skip_until_initial_step", "initial_epoch", "initial_step",
     "no_token_padding", "train_text_encoder", "vae_batch_size", "cpu_offload_checkpointing", "immiscible_noise",
-    "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "skip_cache_check", "debug_dataset",
-    "dataset_repeats", "torch_compile", "dynamo_backend", "offload_optimizer_device",
+    "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "debug_dataset",
+    "torch_compile", "dynamo_backend", "offload_optimizer_device",
     "offload_optimizer_nvme_path", "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
     "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
 )

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--max_bucket_reso", type=int, default=1024, help="maximum resolution for buckets, divisible by bucket_reso_steps")
     a("--bucket_reso_steps", type=int, default=64, help="steps of resolution for buckets (SD: multiple of 64, SDXL: 32)")
     a("--bucket_no_upscale", action="store_true", help="make bucket for each image without upscaling")
+    a("--random_crop", action="store_true",
+      help="crop at a random place instead of the centre (kohya: for style training with face-centred crops)")
+    a("--dataset_repeats", type=int, default=1, help="num_repeats of dataset-config subsets that do not set it")
     a("--resize_interpolation", type=str, default=None,
       help=f"image resize filter: {', '.join(RESIZE_INTERPOLATIONS)} (default: area down, lanczos up)")
     # captions
@@ -51,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # caching
     a("--cache_latents_to_disk", action="store_true",
       help="cache latents to .npz files beside the images (kohya's format; reused when valid)")
+    a("--skip_cache_check", action="store_true",
+      help="reuse any existing cache file without checking its content (only that it exists), as kohya")
     a("--cache_text_encoder_outputs", action="store_true", help="cache text encoder outputs (needs a frozen text encoder)")
     a("--cache_text_encoder_outputs_to_disk", action="store_true", help="cache text encoder outputs to disk (.npz)")
     # sample images
@@ -132,7 +137,7 @@ def _number(args, name: str, low: float, high: float | None = None, text: str = 
 
 def check(args: argparse.Namespace) -> None:
     """Check the options above; raises ArgumentError naming the bad value and what is valid."""
-    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "sample_every_n_steps",
+    for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "sample_every_n_steps", "dataset_repeats",
                  "sample_every_n_epochs", "multires_noise_iterations"):
         _positive_int(args, name)
     if args.sample_sampler not in SAMPLE_SAMPLERS:

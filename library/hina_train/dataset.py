@@ -43,7 +43,7 @@ SUBSET_TYPES = {
     "keep_tokens": (int,), "flip_aug": (bool,), "keep_tokens_separator": (str,), "caption_separator": (str,),
     "secondary_separator": (str,), "caption_prefix": (str,), "caption_suffix": (str,),
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
-    "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,),
+    "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,), "random_crop": (bool,),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -79,6 +79,7 @@ class Subset:
     caption_dropout_every_n_epochs: int = 0
     caption_tag_dropout_rate: float = 0.0
     resize_interpolation: str | None = None
+    random_crop: bool = False
     is_reg: bool = False
 
 
@@ -191,6 +192,7 @@ def spec_from_config(path: str | Path, args) -> DatasetSpec:
     dataset = datasets[0]
     _check_keys(dataset, DATASET_KEYS, "[[datasets]]", path)
     defaults = subset_defaults(args)
+    defaults["num_repeats"] = getattr(args, "dataset_repeats", 1)  # kohya maps --dataset_repeats to num_repeats
     defaults.update({k: v for k, v in general.items() if k in SUBSET_TYPES})
     defaults.update({k: v for k, v in dataset.items() if k in SUBSET_TYPES})
     subsets = []
@@ -330,10 +332,10 @@ def resize_filter(name: str | None, size: tuple[int, int], resized: tuple[int, i
 
 
 def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | None = None,
-               interpolation: str | None = None) -> torch.Tensor:
+               interpolation: str | None = None, crop_generator: torch.Generator | None = None) -> torch.Tensor:
     """RGB image -> float tensor (3, height, width) in [-1, 1]: resized to ``resized`` (default: the smallest
-    size, aspect kept, that covers width x height) with ``resize_filter``, then centre-cropped (kohya's
-    ``trim_and_resize_if_required``)."""
+    size, aspect kept, that covers width x height) with ``resize_filter``, then centre-cropped, or cropped at a
+    random place drawn from ``crop_generator`` (kohya's ``trim_and_resize_if_required``, ``random_crop``)."""
     import numpy as np
     from PIL import Image
 
@@ -345,14 +347,20 @@ def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | N
         if tuple(resized) != image.size:
             image = image.resize(tuple(resized), resize_filter(interpolation, image.size, tuple(resized)))
         left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+        if crop_generator is not None:
+            left = int(torch.randint(0, resized[0] - width + 1, (), generator=crop_generator))
+            top = int(torch.randint(0, resized[1] - height + 1, (), generator=crop_generator))
         image = image.crop((left, top, left + width, top + height))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def load_item(item: Item) -> torch.Tensor:
-    """The item's image at its bucket (``buckets.assign`` must have run)."""
-    return load_image(item.image, item.bucket[0], item.bucket[1], item.resized, item.subset.resize_interpolation)
+def load_item(item: Item, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The item's image at its bucket (``buckets.assign`` must have run); a ``random_crop`` subset's crop is
+    drawn from ``generator``."""
+    crop = generator if item.subset.random_crop else None
+    return load_image(item.image, item.bucket[0], item.bucket[1], item.resized, item.subset.resize_interpolation,
+                      crop)
 
 
 def process_caption(caption: str, subset: Subset, generator: torch.Generator, epoch: int = 1) -> str:

@@ -32,18 +32,22 @@ def npz_path(item, sdxl: bool) -> Path:
     return item.image.with_name(f"{item.image.stem}_{w:04d}x{h:04d}{'_sdxl' if sdxl else '_sd'}.npz")
 
 
-def read_valid(path: Path, bucket: tuple[int, int], flip: bool):
-    """(latents, flipped or None) from ``path`` when it is a valid cache for ``bucket``, else None."""
+def read_valid(path: Path, bucket: tuple[int, int], flip: bool, skip_check: bool = False):
+    """(latents, flipped or None) from ``path`` when it is a valid cache for ``bucket``, else None.
+    ``skip_check`` (kohya's ``--skip_cache_check``): any existing file is taken as it is."""
     import numpy as np
 
     if not path.is_file():
         return None
     try:
         with np.load(path) as npz:
+            latents = npz["latents"]
+            if skip_check:
+                flipped = npz["latents_flipped"] if flip and "latents_flipped" in npz.files else None
+                return torch.from_numpy(latents.copy()), None if flipped is None else torch.from_numpy(flipped.copy())
             if not {"latents", "original_size", "crop_ltrb"} <= set(npz.files):
                 return None
             expected = (bucket[1] // 8, bucket[0] // 8)
-            latents = npz["latents"]
             if latents.shape[1:3] != expected:
                 return None
             flipped = None
@@ -88,16 +92,23 @@ class LatentCache:
         return torch.stack(rows) * self.scaling_factor
 
 
-def build(items, vae, generator: torch.Generator, device, to_disk: bool, sdxl: bool) -> tuple[LatentCache, dict]:
+def build(items, vae, generator: torch.Generator, device, to_disk: bool, sdxl: bool,
+          skip_check: bool = False) -> tuple[LatentCache, dict]:
     """Encode (or, with ``to_disk``, read valid ``.npz`` files for) every item; returns the cache and counts
     ``{"encoded": n, "reused": n}``. The VAE samples its latent with ``generator`` (mean + std * noise)."""
+    from .errors import ArgumentError
+
+    cropped = next((it.subset for it in items if it.subset.random_crop), None)
+    if cropped is not None:
+        raise ArgumentError(f"--cache_latents cannot be used with random_crop (subset {str(cropped.image_dir)!r}): "
+                            "a cached latent has one crop; kohya refuses the same. Remove one of them")
     latents: list = [None] * len(items)
     flipped: list = [None] * len(items)
     todo: dict = {}
     reused = 0
     for i, item in enumerate(items):
         if to_disk:
-            found = read_valid(npz_path(item, sdxl), item.bucket, item.subset.flip_aug)
+            found = read_valid(npz_path(item, sdxl), item.bucket, item.subset.flip_aug, skip_check)
             if found is not None:
                 latents[i], flipped[i] = found
                 reused += 1

@@ -122,7 +122,8 @@ class Trainer:
         from . import latent_cache
 
         self.latent_cache, counts = latent_cache.build(plan.spec.items, plan.models.vae, self.draws, self.device,
-                                                       plan.args.cache_latents_to_disk, plan.models.is_sdxl)
+                                                       plan.args.cache_latents_to_disk, plan.models.is_sdxl,
+                                                       plan.args.skip_cache_check)
         if plan.args.cache_latents_to_disk:
             print(f"latents cached to disk: {counts['encoded']} encoded, {counts['reused']} reused (.npz beside the images)")
 
@@ -135,7 +136,8 @@ class Trainer:
         fixed = torch.Generator()  # cacheable captions draw nothing (text_encoding.check_cacheable)
         counts = cache_outputs(self.plan.spec.items, self.conditioner, self.device,
                                args.cache_text_encoder_outputs_to_disk,
-                               lambda it: data.process_caption(it.caption, it.subset, fixed))
+                               lambda it: data.process_caption(it.caption, it.subset, fixed),
+                               skip_check=args.skip_cache_check)
         print(f"text encoder outputs cached: {counts['encoded']} encoded, {counts['reused']} reused")
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -165,7 +167,7 @@ class Trainer:
         if self.latent_cache is not None:
             latents = self.latent_cache.batch(indices, flips).to(self.device)
         else:
-            pixels = torch.stack([data.load_item(it) for it in items])
+            pixels = torch.stack([data.load_item(it, self.draws) for it in items])  # draws: random_crop
             pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flips)]).to(self.device)
             with torch.no_grad():
                 latents = self._encode(pixels)

@@ -136,7 +136,7 @@ def outputs_path(item) -> Path:
     return item.image.with_name(item.image.stem + "_te_outputs.npz")
 
 
-def _read(path: Path, caption: str, sdxl: bool, length: int):
+def _read(path: Path, caption: str, sdxl: bool, length: int, skip_check: bool = False):
     import numpy as np
 
     if not path.is_file():
@@ -144,10 +144,11 @@ def _read(path: Path, caption: str, sdxl: bool, length: int):
     keys = {"hidden_state1", "hidden_state2", "pool2", "caption"} if sdxl else {"hidden_state1", "caption"}
     try:
         with np.load(path) as npz:
-            if not keys <= set(npz.files) or str(npz["caption"]) != caption:
-                return None
-            if npz["hidden_state1"].shape[0] != length:
-                return None
+            if not skip_check:  # --skip_cache_check: an existing file is used as it is (kohya)
+                if not keys <= set(npz.files) or str(npz["caption"]) != caption:
+                    return None
+                if npz["hidden_state1"].shape[0] != length:
+                    return None
             if sdxl:
                 hidden = torch.cat([torch.from_numpy(npz["hidden_state1"]), torch.from_numpy(npz["hidden_state2"])], -1)
                 return hidden, torch.from_numpy(npz["pool2"].copy())
@@ -177,7 +178,8 @@ def _write(path: Path, caption: str, hidden: torch.Tensor, pooled, split: int | 
 
 
 @torch.no_grad()
-def cache_outputs(items, conditioner: TextConditioner, device, to_disk: bool, caption_of, batch: int = 8) -> dict:
+def cache_outputs(items, conditioner: TextConditioner, device, to_disk: bool, caption_of, batch: int = 8,
+                  skip_check: bool = False) -> dict:
     """Set ``item.text_outputs`` = (hidden, pooled or None) for every item, encoding ``caption_of(item)``;
     returns {"encoded": n, "reused": n}."""
     sdxl = conditioner.models.is_sdxl
@@ -185,7 +187,7 @@ def cache_outputs(items, conditioner: TextConditioner, device, to_disk: bool, ca
     length = conditioner.max_length
     todo, reused = [], 0
     for item in items:
-        found = _read(outputs_path(item), caption_of(item), sdxl, length) if to_disk else None
+        found = _read(outputs_path(item), caption_of(item), sdxl, length, skip_check) if to_disk else None
         if found is not None:
             item.text_outputs = found
             reused += 1
