@@ -197,3 +197,29 @@ def test_dataset_repeats_is_the_num_repeats_fallback(tmp_path):
                              "[[datasets.subsets]]\nimage_dir = 'IMG'\nnum_repeats = 2\n")
     spec = dataset.spec_from_config(path, parse_args(["--dataset_repeats", "5"]))
     assert [s.num_repeats for s in spec.subsets] == [5, 2]
+
+
+def test_color_aug_hue_shift_and_gamma_written_out():
+    import colorsys
+
+    pixels = torch.tensor([[0.8, 0.1], [0.2, -0.6], [-0.4, 0.3]]).view(3, 1, 2)  # two RGB pixels in [-1, 1]
+    rgb = ((pixels + 1) / 2).view(3, 2).T.tolist()
+    changed = 0
+    for seed in range(30):
+        draws = torch.rand(3, generator=torch.Generator().manual_seed(seed)).tolist()
+        got = dataset.color_aug(pixels, torch.Generator().manual_seed(seed))
+        if draws[0] > 0.33:  # two thirds of the time: unchanged
+            assert torch.equal(got, pixels)
+            continue
+        changed += 1
+        if draws[1] > 0.5:  # hue shift of U(-16, 16) degrees, through colorsys
+            shift = (draws[2] * 2 - 1) * 16 / 360
+            expected = []
+            for r, g, b in rgb:
+                h, s, v = colorsys.rgb_to_hsv(r, g, b)
+                expected.append(colorsys.hsv_to_rgb((h + shift) % 1.0, s, v))
+        else:  # gamma U(0.95, 1.05) on [0, 1] values
+            gamma = 0.95 + draws[2] * 0.1
+            expected = [[c ** gamma for c in px] for px in rgb]
+        assert torch.allclose((got.view(3, 2).T + 1) / 2, torch.tensor(expected), atol=1e-5), seed
+    assert changed > 3

@@ -28,7 +28,7 @@ from .train_args import SAVE_MODEL_AS
 
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
-    "in_json", "dataset_class", "conditioning_data_dir", "color_aug", "face_crop_aug_range",
+    "in_json", "dataset_class", "conditioning_data_dir", "face_crop_aug_range",
     "enable_wildcard", "weighted_captions", "token_warmup_min", "token_warmup_step", "adaptive_noise_scale",
     "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "masked_loss", "alpha_mask", "huggingface_repo_id",
     "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",

@@ -44,6 +44,7 @@ SUBSET_TYPES = {
     "secondary_separator": (str,), "caption_prefix": (str,), "caption_suffix": (str,),
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
     "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,), "random_crop": (bool,),
+    "color_aug": (bool,),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -80,6 +81,7 @@ class Subset:
     caption_tag_dropout_rate: float = 0.0
     resize_interpolation: str | None = None
     random_crop: bool = False
+    color_aug: bool = False
     is_reg: bool = False
 
 
@@ -356,11 +358,55 @@ def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | N
 
 
 def load_item(item: Item, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The item's image at its bucket (``buckets.assign`` must have run); a ``random_crop`` subset's crop is
-    drawn from ``generator``."""
+    """The item's image at its bucket (``buckets.assign`` must have run); a ``random_crop`` subset's crop and a
+    ``color_aug`` subset's colour change are drawn from ``generator``."""
     crop = generator if item.subset.random_crop else None
-    return load_image(item.image, item.bucket[0], item.bucket[1], item.resized, item.subset.resize_interpolation,
-                      crop)
+    pixels = load_image(item.image, item.bucket[0], item.bucket[1], item.resized, item.subset.resize_interpolation,
+                        crop)
+    if item.subset.color_aug and generator is not None:
+        pixels = color_aug(pixels, generator)
+    return pixels
+
+
+HUE_SHIFT_DEGREES = 16.0  # kohya: ±8 in OpenCV's 0..180 hue units
+
+
+def color_aug(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """kohya's weak colour augmentation (``AugHelper.color_aug``), on a (3, H, W) image in [-1, 1]: with
+    probability 0.33, half the time a hue shift of U(-16°, 16°), else a gamma U(0.95, 1.05). kohya raises the
+    0..255 values to the gamma unnormalised (255^1.05 clips), which its comment says replaces albumentations'
+    RandomGamma; this applies the gamma to [0, 1] values, as RandomGamma does."""
+    draws = torch.rand(3, generator=generator).tolist()
+    if draws[0] > 0.33:
+        return pixels
+    x = ((pixels + 1) / 2).clamp(0, 1)
+    if draws[1] > 0.5:
+        shift = (draws[2] * 2 - 1) * HUE_SHIFT_DEGREES / 360.0
+        r, g, b = x[0], x[1], x[2]
+        maxc, _ = x.max(0)
+        minc, _ = x.min(0)
+        delta = maxc - minc
+        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+        hue = torch.where(maxc == r, ((g - b) / safe) % 6, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+        hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue))
+        hue = (hue + shift) % 1.0
+        sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+        x = _hsv_to_rgb(hue, sat, maxc)
+    else:
+        gamma = 0.95 + draws[2] * 0.1
+        x = x ** gamma
+    return x * 2 - 1
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    r = torch.stack([v, q, p, p, t, v]).gather(0, i.unsqueeze(0)).squeeze(0)
+    g = torch.stack([t, v, v, q, p, p]).gather(0, i.unsqueeze(0)).squeeze(0)
+    b = torch.stack([p, p, t, v, v, q]).gather(0, i.unsqueeze(0)).squeeze(0)
+    return torch.stack([r, g, b])
 
 
 def process_caption(caption: str, subset: Subset, generator: torch.Generator, epoch: int = 1) -> str:

@@ -98,10 +98,11 @@ def build(items, vae, generator: torch.Generator, device, to_disk: bool, sdxl: b
     ``{"encoded": n, "reused": n}``. The VAE samples its latent with ``generator`` (mean + std * noise)."""
     from .errors import ArgumentError
 
-    cropped = next((it.subset for it in items if it.subset.random_crop), None)
-    if cropped is not None:
-        raise ArgumentError(f"--cache_latents cannot be used with random_crop (subset {str(cropped.image_dir)!r}): "
-                            "a cached latent has one crop; kohya refuses the same. Remove one of them")
+    for name in ("random_crop", "color_aug"):
+        changing = next((it.subset for it in items if getattr(it.subset, name)), None)
+        if changing is not None:
+            raise ArgumentError(f"--cache_latents cannot be used with {name} (subset {str(changing.image_dir)!r}): "
+                                "a cached latent has one crop and colour; kohya refuses the same. Remove one of them")
     latents: list = [None] * len(items)
     flipped: list = [None] * len(items)
     todo: dict = {}
