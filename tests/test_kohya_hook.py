@@ -1,14 +1,13 @@
-"""The sd-scripts hook: registry names in get_optimizer, param_names from the network's modules.
+"""The sd-scripts hook: registry names in get_optimizer, param_names from the network's modules, LoRA+ applied
+once, delegation with --config_file.
 
-The last test is the proof inside a real kohya-ss/sd-scripts checkout; it runs when SD_SCRIPTS_PATH points
-at one (and SD_SCRIPTS_PYTHON at a Python with sd-scripts' requirements; see docs/SD_SCRIPTS.md). It copies
-library/hina into the checkout, as the drop-in instructions say.
+The proof inside a real kohya-ss/sd-scripts checkout (its real train_network.py, every route) is
+tests/test_sd_scripts_check.py, driving benchmarks/sd_scripts_check.py; see docs/SD_SCRIPTS.md.
 """
 
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -149,109 +148,6 @@ def test_lycoris_lokr_network_names_classify():
     optimizer = HinaAdamW(groups, lr=1e-3)
     assert optimizer.get_optimization_info()["lokr_stats"]["lokr_pairs"] == 2
     assert lycoris_kohya is not None
-
-
-PROOF = r'''
-"""sd-scripts proof: get_optimizer builds HinaAdamW with and without the hook (run with sd-scripts' venv)."""
-import json, os, sys, types
-
-checkout = os.environ["SD_SCRIPTS_PATH"]
-sys.path.insert(0, checkout)
-os.chdir(checkout)
-
-import transformers  # noqa: E402  (imported before the torchvision stand-in: they must not see it)
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-
-if "torchvision" not in sys.modules:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # no CPU build exists here; get_optimizer never touches torchvision
-        for key in [k for k in sys.modules if k.startswith("torchvision")]:
-            del sys.modules[key]
-
-        class _Identity:
-            def __init__(self, *args, **kwargs):
-                pass
-
-            def __call__(self, x):
-                return x
-
-        transforms = types.ModuleType("torchvision.transforms")
-        for _name in ("Compose", "ToTensor", "Normalize", "Resize", "CenterCrop", "RandomCrop", "Lambda"):
-            setattr(transforms, _name, _Identity)
-        transforms.functional = types.ModuleType("torchvision.transforms.functional")
-        transforms.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear", BICUBIC="bicubic", LANCZOS="lanczos")
-        torchvision_stub = types.ModuleType("torchvision")
-        torchvision_stub.transforms = transforms
-        sys.modules.update({"torchvision": torchvision_stub, "torchvision.transforms": transforms,
-                            "torchvision.transforms.functional": transforms.functional})
-
-import train_network  # noqa: E402
-from library import train_util  # noqa: E402
-from networks import lora  # noqa: E402
-
-
-def tiny_models():
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000))
-    return unet, te
-
-
-def build(optimizer_type, extra=()):
-    unet, te = tiny_models()
-    network = lora.create_network(1.0, 4, 1.0, None, te, unet)
-    network.apply_to(te, unet, True, True)
-    parser = train_network.setup_parser()
-    args = parser.parse_args(["--optimizer_type", optimizer_type, "--learning_rate", "1e-3",
-                              "--optimizer_args", "use_spd=True", "spd_lambda=0.06", *extra])
-    params, _ = network.prepare_optimizer_params(args.text_encoder_lr, args.unet_lr, args.learning_rate)
-    name, opt_args, optimizer = train_util.get_optimizer(args, params)
-    for p in network.parameters():  # one step on made-up gradients
-        p.grad = torch.randn_like(p)
-    optimizer.step()
-    optimizer.step()
-    info = optimizer.get_optimization_info()
-    sources = sorted({g["name_source"] for g in optimizer.diagnose_lora_pairing()["groups"]})
-    return {"optimizer_type": optimizer_type, "name": name, "args": opt_args, "class": type(optimizer).__module__
-            + "." + type(optimizer).__name__, "loras": len(network.unet_loras) + len(network.text_encoder_loras),
-            "lora_pairs": info["lora_stats"]["lora_pairs"], "name_source": sources,
-            "global_step": info["training_stats"]["global_step"]}
-
-
-without_hook = build("library.hina.HinaAdamW")
-import library.hina.kohya as hina_kohya  # noqa: E402
-
-patched = hina_kohya.install()
-with_hook = build("HinaAdamW")
-print(json.dumps({"without_hook": without_hook, "with_hook": with_hook,
-                  "patched": patched}, indent=1))
-'''
-
-
-@pytest.mark.skipif(not os.environ.get("SD_SCRIPTS_PATH"), reason="set SD_SCRIPTS_PATH to a kohya-ss/sd-scripts checkout")
-def test_sd_scripts_get_optimizer_with_and_without_hook(tmp_path):
-    checkout = Path(os.environ["SD_SCRIPTS_PATH"])
-    python = os.environ.get("SD_SCRIPTS_PYTHON", sys.executable)
-    assert (checkout / "library" / "train_util.py").exists(), f"{checkout} is not an sd-scripts checkout"
-    shutil.copytree(REPO / "library" / "hina", checkout / "library" / "hina", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    script = tmp_path / "proof.py"
-    script.write_text(PROOF)
-    run = subprocess.run([python, str(script)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "SD_SCRIPTS_PATH": str(checkout)})
-    assert run.returncode == 0, run.stderr[-4000:]
-    result = json.loads(run.stdout[run.stdout.index("{"):])
-    without, with_hook = result["without_hook"], result["with_hook"]
-    for outcome in (without, with_hook):
-        assert outcome["name"] == "library.hina.hina_adamw.HinaAdamW" and outcome["global_step"] == 2
-        assert outcome["args"] == "use_spd=True,spd_lambda=0.06"
-    assert without["name_source"] == ["shape_fallback"]
-    assert with_hook["name_source"] == ["param_names"] and with_hook["lora_pairs"] == with_hook["loras"]
 
 
 # ----------------------------------------------------------------------------------------------------------
