@@ -161,3 +161,17 @@ def test_several_text_encoder_lrs():
     assert parse_args(["--text_encoder_lr", "1e-4"]).text_encoder_lr == 1e-4
     with pytest.raises(ArgumentError, match="--text_encoder_lr -1"):
         parse_args(["--text_encoder_lr", "1e-4", "-1"])
+
+
+def test_log_config_hparams_and_tracker_config(tmp_path):
+    from library.hina_train.tracking import hparams, tracker_init_kwargs
+
+    args = parse_args(["--log_config", "--optimizer_args", "use_spd=True", "--network_dim", "4"])
+    values = hparams(args)
+    assert values["network_dim"] == 4 and values["optimizer_args"] == "['use_spd=True']"
+    assert "network_weights" not in values  # unset: left out
+    assert hparams(parse_args([])) is None
+    with pytest.raises(ArgumentError, match="--log_tracker_config .* does not exist"):
+        parse_args(["--logging_dir", str(tmp_path), "--log_tracker_config", str(tmp_path / "none.toml")])
+    (tmp_path / "t.toml").write_text("[tensorboard]\nflush_secs = 5\n")
+    assert tracker_init_kwargs(str(tmp_path / "t.toml")) == {"tensorboard": {"flush_secs": 5}}

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from library.hina.atomic_file import TEMP_MARK, fsync_folder, is_temp_name, write_atomic
+
 STATE_FILES = ("network.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
 # only with an fp16 GradScaler (accelerate makes one for fp16 on CUDA, none on CPU); optional on --resume, so
 # folders saved before it existed, or by a run without a scaler, still resume (with a fresh scale)
@@ -45,9 +47,9 @@ def check_writable(folder: Path) -> None:
         raise SaveError(f"--output_dir {str(folder)!r} is not writable ({str(probe)!r}: {e.strerror})") from None
 
 
-# Every temp file or folder the trainer makes beside an output ends in ".tmp" or holds ".tmp." and starts with
-# a dot (networks/lokr.py's writer too): ``remove_stale_temps`` finds what a killed run left behind by this.
-TEMP_SUFFIX = ".tmp"
+# Every temp file or folder the trainer makes beside an output starts with a dot and ends in ".tmp" or holds
+# ".tmp." (atomic_file's names; networks/lokr.py's writer too): ``remove_stale_temps`` finds leftovers by this.
+TEMP_SUFFIX = TEMP_MARK
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
@@ -72,32 +74,19 @@ def disk_full_error(path: Path, needed: int | None, written: int, e: OSError) ->
 
 
 def atomic_write(path: Path, write, needed_bytes: int | None = None) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename the temp file onto ``path`` (and fsync the folder).
+    """Call ``write(tmp_path)``, fsync, then rename the temp file onto ``path`` (``library.hina.atomic_file``,
+    the project's one writer).
 
     On any failure (a full disk, a SIGTERM turned into SystemExit by the CLI) the temp file is removed and
     ``path`` keeps its previous content. A full disk becomes ``DiskFullError`` naming the file and the space
     needed (``needed_bytes`` when the caller knows it, else what was written before the failure).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp name keeps the extension: writers (kohya's save_weights) choose the format by it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f"{TEMP_SUFFIX}{path.suffix}")
-    os.close(fd)
     try:
-        write(tmp)
-        _fsync(tmp)
-        _make_shareable(tmp)
-        os.replace(tmp, path)
+        write_atomic(path, write)
     except OSError as e:
-        written = _size(tmp)
-        Path(tmp).unlink(missing_ok=True)
         if e.errno in NO_SPACE:
-            raise disk_full_error(path, needed_bytes, written, e) from None
+            raise disk_full_error(Path(path), needed_bytes, getattr(e, "partial_bytes", 0), e) from None
         raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
 
 
 def _size(path) -> int:
@@ -105,29 +94,6 @@ def _size(path) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
-
-
-def _fsync(path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename durable (POSIX); not every platform can open a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def is_our_temp(name: str) -> bool:
-    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or f"{TEMP_SUFFIX}." in name)
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
@@ -138,7 +104,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for entry in sorted(folder.iterdir()):
-        if is_our_temp(entry.name):
+        if is_temp_name(entry.name):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -286,7 +252,7 @@ def save_state(folder: Path, network, optimizer, scheduler, generator, trainer_s
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_folder(folder.parent)
+    fsync_folder(folder.parent)
 
 
 def check_state_files(folder: Path) -> None:
