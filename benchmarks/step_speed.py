@@ -335,6 +335,7 @@ def markdown(report: dict, argv: list[str]) -> str:
         f"Device {report['device']}, torch {report['torch']}, {report['threads']} CPU thread(s), "
         f"{report['processor'] or report['machine']}; median of {report['steps']} steps after 3 warm-up "
         "steps (the first includes compiling). Each optimizer ran in its own process, one after another.",
+        *(["", report["note"]] if report.get("note") else []),
         "",
         f"Reproduce: `OMP_NUM_THREADS={report['threads']} .venv/bin/python benchmarks/step_speed.py "
         + " ".join(argv) + "`",
@@ -419,6 +420,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 gives stable ratios on a busy machine)")
+    parser.add_argument("--note", default=None, help="a sentence for the markdown report (e.g. the machine's load)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -431,7 +433,8 @@ def main(argv=None) -> dict:
     models = MODELS if "all" in args.model else tuple(args.model)
     report = {"benchmark": "step_speed", "device": args.device, "steps": args.steps, "torch": torch.__version__,
               "machine": platform.machine(), "processor": platform.processor(),
-              "threads": args.threads or torch.get_num_threads(), "models": [run_model(m, args) for m in models]}
+              "threads": args.threads or torch.get_num_threads(), "note": args.note,
+              "models": [run_model(m, args) for m in models]}
     if args.json:
         _write_atomic(args.json, json.dumps(report, indent=2))
     if args.markdown:
