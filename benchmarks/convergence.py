@@ -375,6 +375,8 @@ def run_jobs(jobs: list[dict], workers: int, label: str, cache: Path | None = No
     interrupted suite resumes where it stopped."""
     t0 = time.time()
     cached = cached if cached is not None else {}
+    if cache is not None:  # runs another invocation finished meanwhile (same cache file) count too
+        cached.update(load_cached_runs(cache))
     results = [cached[job_key(j)] for j in jobs if job_key(j) in cached]
     todo = [j for j in jobs if job_key(j) not in cached]
     if results:
@@ -483,6 +485,19 @@ def long_grids(best_from: Path, tasks, optimizers, error) -> dict:
     return grids
 
 
+def parse_extra_variant(text: str, error) -> tuple[str, dict]:
+    """'NAME=JSON' -> (NAME, overrides); a clear error for anything else."""
+    name, sep, spec = text.partition("=")
+    try:
+        overrides = json.loads(spec) if sep else None
+    except json.JSONDecodeError as exc:
+        overrides = exc
+    if not name.strip() or not isinstance(overrides, dict):
+        error(f"--extra-variant {text!r}: expected NAME={{json object of optimizer kwargs}}, e.g. "
+              "'only Grams={\"use_tam\": false}'")
+    return name.strip(), overrides
+
+
 def task_schedule(task, args) -> dict:
     """steps, eval_every and warm-up of a task: its own defaults (the tiny tasks: 120 steps at a constant lr;
     the pretrained model: 500 steps, warm-up + cosine), replaced by the command line where given."""
@@ -524,6 +539,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--ablation-tasks", nargs="+", default=list(ABLATION_TASKS))
     parser.add_argument("--ablation-variants", nargs="+", default=None,
                         help="only these variant names (default: all; see ablation_variants())")
+    parser.add_argument("--extra-variant", action="append", default=[], metavar="NAME=JSON",
+                        help="one more ablation variant: a name and the optimizer kwargs it overrides, e.g. "
+                             "'only Grams={\"use_spd\": false, ...}' (repeatable; runs after the --ablation-variants)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each by default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -629,11 +647,14 @@ def main(argv=None) -> dict:
     for t in ablation_tasks:
         every_variant = ablation_variants(hina_kwargs(ablated, get_task(t, str(args.cache_dir), args.device,
                                                                         quick).recipe), ablated)
+        extra = dict(parse_extra_variant(text, parser.error) for text in args.extra_variant)
         chosen = args.ablation_variants or (QUICK_ABLATION if quick else list(every_variant))
+        every_variant.update(extra)
+        chosen = [v for v in chosen if v not in extra] + list(extra)
         unknown = set(chosen) - set(every_variant)
         if unknown:
             parser.error(f"unknown ablation variants {sorted(unknown)} (known: {', '.join(every_variant)})")
-        variants[t] = {v: o for v, o in every_variant.items() if v != "full (recipe)" and v in chosen}
+        variants[t] = {v: every_variant[v] for v in chosen if v != "full (recipe)"}  # in the order asked
     jobs += [job(t, optimizer=ablated, lr=best[(t, ablated)], seed=s, variant=v, overrides=overrides)
              for t in ablation_tasks for v, overrides in variants[t].items() for s in range(ablation_seeds)]
     long_ablation = {name: spec for name, spec in LONG_ABLATION.items() if spec[0] in args.optimizers} \
@@ -677,6 +698,7 @@ def main(argv=None) -> dict:
         tasks_out[t] = {"description": descriptions[t], **schedules[t],
                         "lr_grid": {o: swept[(t, o)] for o in args.optimizers},
                         "sweep": sweep, "results": results, "ablation": ablation, "ablation_of": ablated,
+                        "task_recipe": recipe,
                         "hina_recipe": {"name": split_name(ablated)[1] or recipe,
                                         "optimizer_args": hina_kwargs(ablated, recipe)}}
 

@@ -31,6 +31,9 @@ TASK_TITLES = {"sd_lora": "Task 1: SD LoRA (tiny SD UNet, networks.lora)",
                "sd_lokr": "Task 2: SD LoKr (tiny SD UNet, networks.lokr)",
                "llm_lora": "Task 3: LLM LoRA (tiny GPT-2, peft)",
                "minilm_cls": "Pretrained model: all-MiniLM-L6-v2 + peft LoRA, sentence-topic classification"}
+# docs/BENCHMARKS.md is built from these, in this order: the pretrained model first (what users train), then the
+# tiny from-scratch tasks
+DEFAULT_JSONS = ("convergence_minilm.json", "convergence_minilm_short.json", "convergence.json")
 FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"  # hand-written, kept on rebuild
 NEGLIGIBLE = 1e-3  # differences below 0.1 % of the reference mean are called negligible, however consistent
 HINA_PREFIXES = ("Hina", "AdamW_Hina", "AdamWBF16", "Automagic")
@@ -182,7 +185,7 @@ def headline(conv: dict) -> list[str]:
     for task, data in conv["tasks"].items():
         res = data["results"]
         for hina in [o for o in res if o.split(":")[0] == "HinaAdamW"]:
-            label = hina + (f" (recipe {data['hina_recipe']['name']})" if hina == "HinaAdamW" and task == "minilm_cls"
+            label = hina + (f" (recipe {data['task_recipe']})" if hina == "HinaAdamW" and data.get("task_recipe")
                             else "")
             for peer in ("AdamW8bit", "AdamW"):
                 if peer not in res:
@@ -352,7 +355,9 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
     long_ablation = long_ablation_section(conv)
     if long_ablation:
         lines += ["## Long horizon: the features written for long runs, switched off", ""] + long_ablation
-    lines += ["## Overfitting and stability", ""] + overfitting_section(conv)
+    overfitting = overfitting_section(conv)
+    if overfitting:
+        lines += ["## Overfitting and stability", ""] + overfitting
     if with_speed:
         lines += step_speed_section(docs, variant)
     edges = sorted(f"{o} on {t} ({r['lr']:g})" for t, d in conv["tasks"].items() for o, r in d["results"].items()
@@ -410,17 +415,16 @@ def build(conv_paths, docs: Path, plots: bool = True, out: Path | None = None) -
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--convergence", type=Path, nargs="+", default=None,
-                        help="one or more convergence JSONs (default: docs/convergence_minilm.json, when present, "
-                             "and docs/convergence.json); the outputs are named after the first")
+                        help="one or more convergence JSONs (default: those of DEFAULT_JSONS present in docs/, "
+                             "-> docs/BENCHMARKS.md); otherwise the outputs are named after the first")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where BENCHMARKS*.md and the PNGs go")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     args.docs.mkdir(parents=True, exist_ok=True)
-    paths = args.convergence or [p for p in (ROOT / "docs" / "convergence_minilm.json", ROOT / "docs" /
-                                             "convergence.json") if p.is_file()]
-    out = args.docs / f"BENCHMARKS{variant_of(paths[0])}.md"
-    if paths[0].name == "convergence_minilm.json" and args.convergence is None:
-        out = args.docs / "BENCHMARKS.md"  # the default pair is the main document
+    paths = args.convergence or [ROOT / "docs" / name for name in DEFAULT_JSONS if (ROOT / "docs" / name).is_file()]
+    # the default set is the main document; another JSON's outputs are named after it (convergence_cuda.json ->
+    # BENCHMARKS_cuda.md)
+    out = args.docs / ("BENCHMARKS.md" if args.convergence is None else f"BENCHMARKS{variant_of(paths[0])}.md")
     text = build(paths, args.docs, plots=not args.no_plots, out=out)
     atomic_write(out, lambda tmp: Path(tmp).write_text(text + "\n"))
     print(f"wrote {out}")

@@ -23,7 +23,7 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
     out = tmp_path / "convergence_quick.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--workers", "1",
            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--optimizers", *OPTIMIZERS]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     data = json.loads(out.read_text())
@@ -55,7 +55,7 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--long", "--quick", "--workers", "1",
            "--tasks", "sd_lora", "--best-from", str(out), "--cache-dir", str(tmp_path / "cache"), "--out",
            str(long_out), "--optimizers", "AdamW", "HinaAdamW", "Automagic_CameAMP_COptim8bit"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     long = json.loads(long_out.read_text())
     assert long["meta"]["mode"] == "long" and long["meta"]["warmup"] == 0.05
@@ -76,7 +76,7 @@ def test_step_speed_writes_json_table_and_chart(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--model", "sd15_lokr", "--steps", "2",
            "--threads", "1", "--only", "AdamW (fused)", "bnb AdamW8bit", "HinaAdamW (all off, 32-bit)",
            "--json", str(json_out), "--markdown", str(md_out), "--plot", str(png_out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads(json_out.read_text())
