@@ -30,7 +30,7 @@ from library.hina_train.saving import atomic_write  # noqa: E402
 TASK_TITLES = {"sd_lora": "Task 1: SD LoRA (tiny SD UNet, networks.lora)",
                "sd_lokr": "Task 2: SD LoKr (tiny SD UNet, networks.lokr)",
                "llm_lora": "Task 3: LLM LoRA (tiny GPT-2, peft)",
-               "minilm_cls": "Pretrained model: all-MiniLM-L6-v2 + peft LoRA, sentence-topic classification"}
+               "minilm_cls": "Pretrained: all-MiniLM-L6-v2 + peft LoRA, topic classification"}
 # docs/BENCHMARKS.md is built from these, in this order: the pretrained model first (what users train), then the
 # tiny from-scratch tasks
 DEFAULT_JSONS = ("convergence_minilm.json", "convergence_minilm_short.json", "convergence.json")
