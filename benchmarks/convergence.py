@@ -705,7 +705,7 @@ def main(argv=None) -> dict:
 
     first = schedules[args.tasks[0]]
     data = {
-        "meta": {"mode": "quick" if quick else "long" if args.long else "full", "label": args.label,
+        "meta": {"mode": "long" if args.long else "quick" if quick else "full", "label": args.label,
                  "command": "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                  "wall_s": round(time.time() - started, 1), "steps": first["steps"], "eval_every": first["eval_every"],
