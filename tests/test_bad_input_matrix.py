@@ -298,9 +298,9 @@ CASES = [
     # dataset configs
     Case("dataset config", "syntax", "syntax error", _dataset_config(lambda d: "[general\nbatch_size = 1\n"),
          DatasetError, r"is not valid TOML: .*line 1"),
-    Case("dataset config", "unknown-key", "color_aug in [[datasets]]",
-         _one_subset(dataset="color_aug = true"),
-         DatasetError, "key 'color_aug' is not supported; valid: "),
+    Case("dataset config", "unknown-key", "colour_aug in [[datasets]]",
+         _one_subset(dataset="colour_aug = true"),
+         DatasetError, "key 'colour_aug' is not supported; valid: "),
     Case("dataset config", "num-repeats-type", 'num_repeats = "ten"',
          _one_subset(subset='num_repeats = "ten"'),
          DatasetError, "num_repeats = 'ten' has the wrong type; expected an integer"),

@@ -96,8 +96,8 @@ def test_missing_caption_without_class_tokens_is_an_error(tmp_path):
 
 def test_dataset_config_unknown_key(tmp_path):
     config = tmp_path / "dataset.toml"
-    config.write_text('[[datasets]]\ncolor_aug = true\n')
-    fails(["--dataset_config", str(config)], DatasetError, "key 'color_aug' is not supported", tmp_path / "out")
+    config.write_text('[[datasets]]\ncolour_aug = true\n')
+    fails(["--dataset_config", str(config)], DatasetError, "key 'colour_aug' is not supported", tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", ["100", "512,500", "0"])
