@@ -257,7 +257,9 @@ def test_role_detection_kohya_peft_lokr_and_norms():
     opt = HinaAdamW(named(params, names))
     info = opt.get_optimization_info()
     json.dumps(info)
-    assert info["lora_stats"] == {"lora_a_params": 2, "lora_b_params": 2, "lora_pairs": 2}
+    assert info["lora_stats"] == {"lora_a_params": 2, "lora_b_params": 2, "lora_pairs": 2,
+                                  "lora_pairs_across_groups": 0, "unpaired_lora_params": 0,
+                                  "name_sources": ["param_names"]}
     lokr = info["lokr_stats"]
     assert lokr["lokr_pairs"] == 3
     assert lokr["lokr_w1_params"] == 4 and lokr["lokr_w2_params"] == 6

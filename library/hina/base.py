@@ -67,6 +67,13 @@ MIN_SLOTS = 16             # smallest padded per-tensor vector
 MIN_8BIT_SIZE = 1024
 
 
+def _initial_lr(group: dict) -> float:
+    """The group's lr before any scheduler factor (torch schedulers keep it as ``initial_lr``): a warm-up
+    that starts at lr 0 must not hide the ratio between groups."""
+    lr = group.get("initial_lr", group.get("lr", 0.0))
+    return float(lr)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -262,6 +269,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # torch requires the key on every group
             group.setdefault("param_names", [None] * len(group["params"]))
         self._layouts.clear()
+        self.__dict__.pop("_roles_checked", None)  # names changed: check roles and LoRA+ groups again
         return self
 
     def add_param_group(self, param_group: dict) -> None:
@@ -270,19 +278,46 @@ class HinaOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_layouts"):
             self._layouts.clear()
+            self.__dict__.pop("_roles_checked", None)
 
     def _name_source(self, group: dict) -> str:
         if group.get("name_source"):
             return group["name_source"]
         return "param_names"
 
+    def _model_pairing(self) -> naming.ModelPairing:
+        """Roles and pairs over all param groups (the one place roles come from): pairs are formed by module
+        prefix across groups (kohya's LoRA+ puts ``lora_down`` and ``lora_up`` in different groups)."""
+        return naming.pair_groups([
+            naming.GroupParams(group.get("param_names"), [tuple(p.shape) for p in group["params"]],
+                               self._name_source(group), _initial_lr(group))
+            for group in self.param_groups])
+
     def _pairings(self) -> list[naming.Pairing]:
-        """Roles and pairs of every param group, one ``naming.Pairing`` per group (the one place roles come from)."""
-        pairings = []
-        for group in self.param_groups:
-            shapes = [tuple(p.shape) for p in group["params"]]
-            pairings.append(naming.pair_parameters(group.get("param_names"), shapes, self._name_source(group)))
-        return pairings
+        """One ``naming.Pairing`` per param group (roles, and the pairs that lie inside the group)."""
+        return self._model_pairing().groups
+
+    def _check_roles_once(self) -> None:
+        """At the first step: say once when no names reached the optimizer (stock sd-scripts), and when the
+        param groups already carry kohya's LoRA+ ratio, apply it once (B-side multiplier 1.0 in those groups:
+        ``group['lora_plus_from_groups']``, read by ``lr_multipliers``)."""
+        if self.__dict__.get("_roles_checked"):
+            return
+        self._roles_checked = True
+        model = self._model_pairing()
+        notice = naming.unnamed_parameters_notice(model, self.optimizer_type)
+        if notice:
+            warnings.warn(f"{notice} Outside sd-scripts: pass model.named_parameters(), or call "
+                          "optimizer.attach_names(model) before the first step.", UserWarning, stacklevel=4)
+        split = naming.detect_split_lora_plus(model, [_initial_lr(g) for g in self.param_groups])
+        if split is None:
+            return
+        for index in split.b_groups:
+            self.param_groups[index]["lora_plus_from_groups"] = True
+        ratio = self.defaults.get("alora_ratio", 1.0)
+        if self.defaults.get("use_alora") and ratio != 1.0:
+            warnings.warn(split.message(self.optimizer_type, ratio), UserWarning, stacklevel=4)
+        self._layouts.clear()  # the multipliers of the B-side chunks change
 
     def _layout(self, index: int, group: dict) -> GroupLayout:
         layout = self._layouts.get(index)
@@ -359,6 +394,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 self.observe_loss(loss)
         if self.__dict__.pop("_rebuild_layouts", False):
             self._layouts.clear()
+        self._check_roles_once()
         for index, group in enumerate(self.param_groups):
             if not any(p.grad is not None for p in group["params"]):
                 continue  # nothing to do: global_step (dynamic weight decay, lr-mask warm-up) does not advance
@@ -601,7 +637,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         return {flag: self.defaults.get(flag) for flag in self.feature_flags}
 
     def get_optimization_info(self) -> dict:
-        pairings = self._pairings()
+        model = self._model_pairing()
+        pairings, pairs = model.groups, model.counts()
         count = lambda *roles: sum(p.count(*roles) for p in pairings)  # noqa: E731
         return {
             "optimizer_type": self.optimizer_type,
@@ -611,15 +648,19 @@ class HinaOptimizer(torch.optim.Optimizer):
             "lora_stats": {
                 "lora_a_params": count("lora_a"),
                 "lora_b_params": count("lora_b"),
-                "lora_pairs": sum(len(p.lora_pairs) for p in pairings),
+                "lora_pairs": pairs["lora_pairs"],
+                "lora_pairs_across_groups": pairs["lora_pairs_across_groups"],
+                "unpaired_lora_params": pairs["unpaired_lora"],
+                "name_sources": sorted({p.name_source for p in pairings}),
             },
             "lokr_stats": {
                 "lokr_w1_params": count(*naming.LOKR_W1_SIDE),
                 "lokr_w2_params": count(*naming.LOKR_W2_SIDE),
-                "lokr_pairs": sum(len(p.lokr_pairs) for p in pairings),
+                "lokr_pairs": pairs["lokr_pairs"],
+                "lokr_incomplete_modules": pairs["lokr_incomplete_modules"],
                 "w_norm_params": count("w_norm"),
                 "b_norm_params": count("b_norm"),
-                "norm_pairs": sum(len(p.norm_pairs) for p in pairings),
+                "norm_pairs": pairs["norm_pairs"],
             },
             "training_stats": {
                 "global_step": max((g.get("global_step", 0) for g in self.param_groups), default=0),
@@ -630,8 +671,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         }
 
     def diagnose_lora_pairing(self) -> dict:
+        model = self._model_pairing()
         groups = []
-        for index, (group, pairing) in enumerate(zip(self.param_groups, self._pairings())):
+        for index, (group, pairing) in enumerate(zip(self.param_groups, model.groups)):
             infos = pairing.infos
             describe = lambda i: {"index": i, "name": infos[i].name, "shape": list(infos[i].shape)}  # noqa: E731
             paired = {i for pair in pairing.lora_pairs for i in pair}
@@ -650,7 +692,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                          "named parameters or call attach_names(module) for reliable roles")
                 if pairing.name_source == "shape_fallback" else "roles from parameter names",
             })
-        return {"optimizer_type": self.optimizer_type, "groups": groups}
+        ref = lambda r: {"group": r[0], "index": r[1], "name": model.groups[r[0]].infos[r[1]].name}  # noqa: E731
+        return {"optimizer_type": self.optimizer_type, "groups": groups,
+                "lora_pairs_across_groups": [{"a": ref(a), "b": ref(b)} for a, b in model.lora_pairs if a[0] != b[0]],
+                "lora_plus_from_groups": [i for i, g in enumerate(self.param_groups) if g.get("lora_plus_from_groups")]}
 
 
 def decoupled_update(weight, update, grad, anchor, segments, lr, decay, spd_lambda: float, *, spd: bool):

@@ -114,7 +114,9 @@ class HinaAdamW(HinaOptimizer):
     def lr_multipliers(self, group, roles):
         if not group["use_alora"]:
             return [1.0] * len(roles)
-        return [group["alora_ratio"] if role in naming.B_SIDE_ROLES else 1.0 for role in roles]
+        # kohya's LoRA+ (loraplus_*lr_ratio) already put the B side in a group with a larger lr: apply one ratio.
+        ratio = 1.0 if group.get("lora_plus_from_groups") else group["alora_ratio"]
+        return [ratio if role in naming.B_SIDE_ROLES else 1.0 for role in roles]
 
     def weight_decay_multipliers(self, group, roles):
         if not group["use_alora"]:
