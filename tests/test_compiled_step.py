@@ -45,29 +45,31 @@ def test_compile_step_is_validated():
 
 
 @pytest.mark.slow
-def test_versions_beyond_the_recompile_limit_run_eagerly_and_say_so(monkeypatch):
+def test_versions_beyond_the_recompile_limit_run_eagerly_and_say_so():
     """Past torch's per-function limit of compiled versions, new pack sizes step eagerly, counted and warned once."""
     import warnings
 
     import torch._dynamo
 
     from library.hina.compiled import MaybeCompiled
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # torch's config.patch restores the setting on exit; monkeypatch.setattr on dynamo's config module left
+    # ``recompile_limit`` hidden for every later torch.compile in the session (torch 2.13).
+    with torch._dynamo.config.patch(recompile_limit=1):
 
-    def axpy(x, y, a: float):
-        return x * a + y
+        def axpy(x, y, a: float):
+            return x * a + y
 
-    f = MaybeCompiled(axpy)
-    small, large = torch.ones(4), torch.ones(8)
-    assert torch.equal(f(True, small, small, 2.0), torch.full((4,), 3.0))
-    if f.failed:
-        pytest.skip(f"torch.compile is not usable here: {f.failed[:200]}")
-    assert (f.compiled_calls, f.eager_calls) == (1, 0)
-    with pytest.warns(RuntimeWarning, match="keeps 1 versions of the optimizer step"):
-        assert torch.equal(f(True, large, large, 2.0), torch.full((8,), 3.0))
-    assert (f.compiled_calls, f.eager_calls) == (1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once
-        f(True, large, large, 2.0)
-        f(True, small, small, 2.0)  # the compiled version still serves its own size
-    assert (f.compiled_calls, f.eager_calls) == (2, 2)
+        f = MaybeCompiled(axpy)
+        small, large = torch.ones(4), torch.ones(8)
+        assert torch.equal(f(True, small, small, 2.0), torch.full((4,), 3.0))
+        if f.failed:
+            pytest.skip(f"torch.compile is not usable here: {f.failed[:200]}")
+        assert (f.compiled_calls, f.eager_calls) == (1, 0)
+        with pytest.warns(RuntimeWarning, match="keeps 1 versions of the optimizer step"):
+            assert torch.equal(f(True, large, large, 2.0), torch.full((8,), 3.0))
+        assert (f.compiled_calls, f.eager_calls) == (1, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            f(True, large, large, 2.0)
+            f(True, small, small, 2.0)  # the compiled version still serves its own size
+        assert (f.compiled_calls, f.eager_calls) == (2, 2)
