@@ -12,10 +12,11 @@ LyCORIS's ``factorization(dim, factor)``. When both factors are full matrices al
 (scale 1), as LyCORIS does. Files written here load where LyCORIS LoKr files load and vice versa.
 
 This file is the kohya entry point (``--network_module networks.lokr``) and also holds the pieces shared
-with ``networks/lora.py``: target discovery with kohya's key names, argument parsing, the atomic
-safetensors writer and the ``AdapterNetwork`` base class. It imports only torch, safetensors and
-``library.hina.naming``, so ``cp networks/lokr.py <sd-scripts>/networks/`` works next to kohya's own
-``networks/lora.py`` (with ``library/hina`` copied too).
+with ``networks/lora.py``: target discovery with kohya's key names, argument parsing, the
+safetensors saver (atomic through ``library.hina.atomic_file``, the project's one writer) and the
+``AdapterNetwork`` base class. It imports only torch, safetensors and ``library.hina``, so
+``cp networks/lokr.py <sd-scripts>/networks/`` works next to kohya's own ``networks/lora.py`` (with
+``library/hina`` copied too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import safetensors.torch
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from library.hina import naming
+from library.hina.atomic_file import write_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # Targets and key names (kohya sd-scripts networks/lora.py)
@@ -178,39 +180,6 @@ def kohya_model_hashes(tensors: dict[str, torch.Tensor], metadata: Mapping[str, 
     return model_hash, legacy_hash
 
 
-def _write_atomic(path: str, write: Callable) -> None:
-    """Write through ``write(file)`` into a temp file beside ``path``, fsync it, then ``os.replace``.
-
-    A failure at any point leaves the previous ``path`` untouched and removes the temp file.
-    """
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX; not possible on every platform)
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_state_dict(file: str, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                     metadata: Mapping[str, str] | None = None) -> None:
     """Save like kohya's ``save_weights`` (tensors cast to ``dtype``, sshs hashes added), atomically."""
@@ -219,7 +188,7 @@ def save_state_dict(file: str, state_dict: dict[str, torch.Tensor], dtype: torch
         value = value.detach().to("cpu")
         tensors[key] = (value.to(dtype) if dtype is not None else value).contiguous().clone()
     if os.path.splitext(file)[1].lower() != ".safetensors":
-        _write_atomic(file, lambda handle: torch.save(tensors, handle))
+        write_atomic(file, lambda tmp: torch.save(tensors, tmp))
         return
     metadata = dict(metadata or {})
     for key, value in metadata.items():
@@ -227,7 +196,7 @@ def save_state_dict(file: str, state_dict: dict[str, torch.Tensor], dtype: torch
             raise TypeError(f"safetensors metadata must map str to str; got {key!r}: {type(value).__name__}")
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = kohya_model_hashes(tensors, metadata)
     data = safetensors.torch.save(tensors, metadata)
-    _write_atomic(file, lambda handle: handle.write(data))
+    write_atomic(file, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_state_dict_file(file: str) -> dict[str, torch.Tensor]:
