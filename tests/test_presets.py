@@ -39,10 +39,10 @@ def test_network_recipes_name_their_modules():
 def test_bad_toml_names_file_and_line(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('optimizer_type = "HinaAdamW"\nlearning_rate = 1e-3\noptimizer_args = ["a=1",\n')
-    with pytest.raises(RecipeError, match=r"bad\.toml:\d+:\d+: invalid TOML") as info:
+    with pytest.raises(RecipeError, match=r"bad\.toml':\d+:\d+: invalid TOML") as info:
         load_recipe(path)
     path.write_text('optimizer_type = "HinaAdamW"\nlearning_rate = = 1\n')
-    with pytest.raises(RecipeError, match=r"bad\.toml:2:"):
+    with pytest.raises(RecipeError, match=r"bad\.toml':2:"):
         load_recipe(path)
     assert "bad.toml" in str(info.value)
 

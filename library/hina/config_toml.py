@@ -58,8 +58,9 @@ def read_flat(path: str | Path) -> dict[str, Any]:
     except toml.TomlDecodeError as e:
         raise ConfigFileError(f"{str(path)!r}:{e.lineno}:{e.colno}: invalid TOML: {e.msg}") from None
     except (IndexError, ValueError, TypeError) as e:  # the toml package trips over some bad input
-        raise ConfigFileError(f"{str(path)!r}:{locate_error(text)} invalid TOML ({type(e).__name__} in the "
-                              "parser)") from None
+        where = locate_error(text)
+        raise ConfigFileError(f"{str(path)!r}:{where + ':' if where else ''} invalid TOML ({type(e).__name__} in "
+                              "the parser)") from None
     return flatten(data, where=f"{str(path)!r}: ")
 
 

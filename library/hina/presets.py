@@ -13,9 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import toml
-
-from . import registry
+from . import config_toml, registry
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -60,54 +58,16 @@ def recipe_path(path_or_name: str | Path) -> Path:
                       f"(available: {', '.join(names) or 'none'})")
 
 
-def _flatten(data: dict) -> dict:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        for k, v in (value.items() if isinstance(value, dict) else [(key, value)]):
-            if k in flat:
-                raise RecipeError(f"key {k!r} is set twice (sections are flattened, as in sd-scripts)")
-            flat[k] = v
-    return flat
-
-
 def load_recipe(path_or_name: str | Path, strict: bool = True) -> dict[str, Any]:
-    """Read a recipe into a flat dict. ``strict``: unknown keys raise, else they are warned about."""
+    """Read a recipe into a flat dict by the same rules as ``--config_file`` (``config_toml.read_flat``: sections
+    flatten, a key set twice is an error). ``strict``: unknown keys raise, else they are warned about."""
     path = recipe_path(path_or_name)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise RecipeError(f"Cannot read recipe {path}: {error}") from error
-    try:
-        data = toml.loads(text)
-    except toml.TomlDecodeError as error:
-        raise RecipeError(f"{path}:{error.lineno}:{error.colno}: invalid TOML: {error.msg}") from None
-    except (IndexError, ValueError, TypeError) as error:  # the toml package trips over some bad input
-        raise RecipeError(f"{path}:{_locate_error(text)}invalid TOML ({type(error).__name__} in the parser)") from None
-    try:
-        recipe = _flatten(data)
-    except RecipeError as error:
-        raise RecipeError(f"{path}: {error}") from None
+        recipe = config_toml.read_flat(path)
+    except config_toml.ConfigFileError as error:
+        raise RecipeError(f"recipe {error}") from None
     check_recipe(recipe, str(path), strict)
     return recipe
-
-
-def _locate_error(text: str) -> str:
-    """``"line:col: "`` of a TOML error as the stdlib parser (Python >= 3.11) reports it, or ``""``."""
-    try:
-        import re
-        import tomllib
-    except ImportError:
-        return ""
-    try:
-        tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        found = re.search(r"line (\d+), column (\d+)", str(error))
-        if found:
-            return f"{found.group(1)}:{found.group(2)}: "
-        if "end of document" in str(error):
-            lines = text.splitlines() or [""]
-            return f"{len(lines)}:{len(lines[-1]) + 1}: "
-    return ""
 
 
 def check_recipe(recipe: dict[str, Any], where: str = "recipe", strict: bool = True) -> None:
