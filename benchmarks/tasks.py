@@ -257,17 +257,24 @@ STDLIB_MODULES = (
 )
 
 
-def stdlib_docstrings() -> str:
-    """Docstrings of the listed standard-library modules and their public classes and functions."""
+def _import_quietly(name: str):
+    """The standard-library module ``name``, or None where it cannot be imported here (warnings silenced)."""
     import importlib
 
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except Exception:
+        return None
+
+
+def stdlib_docstrings() -> str:
+    """Docstrings of the listed standard-library modules and their public classes and functions."""
     parts = []
     for name in STDLIB_MODULES:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(name)
-        except Exception:
+        module = _import_quietly(name)
+        if module is None:
             continue
         doc = inspect.getdoc(module)
         if doc:
@@ -423,16 +430,11 @@ def docstring_sentences(per_class: int) -> tuple[list[str], list[int]]:
     A sentence found under two topics is dropped; each topic keeps at most ``per_class`` sentences (a fixed
     shuffle of the sorted set), so the classes are close to balanced. Returns (sentences, labels).
     """
-    import importlib
-
     found: dict[str, set[str]] = {topic: set() for topic in DOC_TOPICS}
     for topic, modules in DOC_TOPICS.items():
         for name in modules:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module = importlib.import_module(name)
-            except Exception:
+            module = _import_quietly(name)
+            if module is None:
                 continue
             objects = []
             for attr in sorted(dir(module)):
