@@ -116,6 +116,18 @@ def test_both_full_forces_scale_one():
     assert module.scale == 1.0 and float(module.alpha) == 8.0
 
 
+def _lycoris_file(path: str, layers, make_module) -> tuple[dict, dict]:
+    """LyCORIS modules ``make_module(index, name, layer)`` with random weights, saved to ``path``: (modules, state)."""
+    theirs, weights_sd = {}, {}
+    for index, (name, layer) in enumerate(layers):
+        module = make_module(index, name, layer)
+        randomize(module, seed=index)
+        theirs[name] = module
+        weights_sd.update(module.state_dict(prefix=name + "."))
+    save_file(weights_sd, path)
+    return theirs, weights_sd
+
+
 def _network(models, **args):
     unet, text_encoder = models
     defaults = {"conv_dim": "2", "conv_alpha": "1"}
@@ -158,15 +170,9 @@ def test_our_file_loads_in_lycoris_and_gives_same_output(models, tmp_path, args)
 def test_lycoris_state_dict_loads_in_ours(models, tmp_path):
     unet, text_encoder = models
     te_layers, unet_layers = lokr.find_targets(text_encoder, unet, with_conv=True)
-    theirs, weights_sd = {}, {}
-    for index, (name, layer) in enumerate(unet_layers + te_layers[0]):
-        dim = 2 if index % 2 else 4
-        module = LokrModule(name, layer, 1.0, dim, 2.0, decompose_both=bool(index % 3 == 0), factor=-1)
-        randomize(module, seed=index)
-        theirs[name] = module
-        weights_sd.update(module.state_dict(prefix=name + "."))
     path = str(tmp_path / "lycoris.safetensors")
-    save_file(weights_sd, path)
+    theirs, weights_sd = _lycoris_file(path, unet_layers + te_layers[0], lambda index, name, layer: LokrModule(
+        name, layer, 1.0, 2 if index % 2 else 4, 2.0, decompose_both=bool(index % 3 == 0), factor=-1))
     network, returned = lokr.create_network_from_weights(1.0, path, None, text_encoder, unet)
     info = network.load_weights(path)
     assert not info.missing_keys and not info.unexpected_keys
@@ -280,14 +286,9 @@ def test_lycoris_modules_outside_kohya_targets_load(models, tmp_path):
     extra = {"lora_unet_time_embedding_linear_1": unet.time_embedding.linear_1, "lora_unet_conv_in": unet.conv_in}
     assert not set(extra) & set(targeted)
     layers = {**extra, unet_layers[0][0]: unet_layers[0][1]}
-    theirs, weights_sd = {}, {}
-    for index, (name, layer) in enumerate(layers.items()):
-        module = LokrModule(name, layer, 1.0, 4, 2.0, factor=-1)
-        randomize(module, seed=index)
-        theirs[name] = module
-        weights_sd.update(module.state_dict(prefix=name + "."))
     path = str(tmp_path / "lycoris_extra.safetensors")
-    save_file(weights_sd, path)
+    theirs, weights_sd = _lycoris_file(path, layers.items(),
+                                       lambda index, name, layer: LokrModule(name, layer, 1.0, 4, 2.0, factor=-1))
     network, _ = lokr.create_network_from_weights(1.0, path, None, text_encoder, unet)
     info = network.load_weights(path)
     assert not info.missing_keys and not info.unexpected_keys
