@@ -9,15 +9,16 @@ from library.hina.techniques.frequency import suppress_high_frequency_
 from library.hina.techniques.lowrank import lowrank_residual
 
 PLAIN = dict(use_lr_mask=False, use_alora=False, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16, 0.0),
-             clip_threshold=1.0)
+             clip_threshold=1.0, confidence_bias_correction=False)
 
 
-def came_reference(params, grads_per_step, lr, wd, betas, eps1, eps2, d):
-    """Algorithm 1 of arXiv 2307.02047 written out plainly (2-D and 1-D tensors)."""
+def came_reference(params, grads_per_step, lr, wd, betas, eps1, eps2, d, bias_correction=False):
+    """Algorithm 1 of arXiv 2307.02047 written out plainly (2-D and 1-D tensors); ``bias_correction``: the
+    confidence EMA divided by (1 - b3^t), our default (techniques/came.py)."""
     b1, b2, b3 = betas
     params = [p.clone() for p in params]
     state = [dict() for _ in params]
-    for grads in grads_per_step:
+    for t, grads in enumerate(grads_per_step, start=1):
         for p, g, s in zip(params, grads, state):
             v = g * g + eps1
             if p.dim() == 2:
@@ -35,6 +36,8 @@ def came_reference(params, grads_per_step, lr, wd, betas, eps1, eps2, d):
                 s["R"] = b3 * s.get("R", torch.zeros(p.shape[0])) + (1 - b3) * res.mean(1)
                 s["C"] = b3 * s.get("C", torch.zeros(p.shape[1])) + (1 - b3) * res.mean(0)
                 shat = torch.outer(s["R"], s["C"]) / s["R"].mean()
+                if bias_correction:
+                    shat = shat / (1 - b3 ** t)
                 update = s["m"] / shat.sqrt()
             else:
                 update = s["m"]
@@ -64,6 +67,38 @@ def test_came_step_matches_the_paper_equations():
     expected = came_reference(init, grads, 1e-2, 0.01, PLAIN["betas"], 1e-30, 1e-16, 1.0)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_confidence_bias_correction_is_the_default_and_matches_its_equation():
+    init = make()
+    grads = grad_steps([p.shape for p in init], 5)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    corrected = dict(PLAIN)
+    del corrected["confidence_bias_correction"]  # the default: on
+    opt = Automagic_CameAMP(params, lr=1e-2, weight_decay=0.01, **corrected)
+    assert opt.defaults["confidence_bias_correction"] is True
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    expected = came_reference(init, grads, 1e-2, 0.01, PLAIN["betas"], 1e-30, 1e-16, 1.0, bias_correction=True)
+    paper = came_reference(init, grads, 1e-2, 0.01, PLAIN["betas"], 1e-30, 1e-16, 1.0)
+    for p, e, q in zip(params, expected, paper):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(params[0].detach(), paper[0])  # the flag changes the step
+
+
+def test_first_corrected_step_is_about_the_lr():
+    """Seed betas: without the correction the first update is ~8x the lr per element; with it, well below 1x."""
+    sizes = {}
+    for flag in (False, True):
+        p = torch.nn.Parameter(torch.zeros(16, 8))
+        opt = Automagic_CameAMP([p], lr=1.0, weight_decay=0.0, use_lr_mask=False, use_alora=False,
+                                confidence_bias_correction=flag)
+        p.grad = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        opt.step()
+        sizes[flag] = float(p.detach().pow(2).mean().sqrt())
+    assert sizes[False] > 5.0 and sizes[True] < 1.0
 
 
 def test_came_matches_came_pytorch():
@@ -184,6 +219,7 @@ def test_invalid_arguments_are_named():
     for cls, kwargs, word in ((Automagic_CameAMP, dict(betas=(0.9, 0.99)), "betas"),
                               (Automagic_CameAMP, dict(min_lr=1e-2, max_lr=1e-3), "min_lr"),
                               (Automagic_CameAMP8bit, dict(blocksize=1000), "block_size"),
+                              (Automagic_CameAMP, dict(confidence_bias_correction="yes"), "confidence_bias_correction"),
                               (Automagic_CameAMP_COptim, dict(momentum_scales=[0.5]), "momentum_scales"),
                               (Automagic_CameAMP_COptim, dict(edge_threshold=1.5), "edge_threshold")):
         with pytest.raises(ValueError, match=word):

@@ -51,14 +51,15 @@ class _AutomagicCame(HinaOptimizer):
     """Shared implementation; the public classes below fix the signature and the state codec."""
 
     optimizer_type = "Automagic_CameAMP"
-    feature_flags = ("use_lr_mask", "lr_bump", "min_lr", "max_lr", "warmup_steps", "clip_threshold", "use_grams",
+    feature_flags = ("use_lr_mask", "lr_bump", "min_lr", "max_lr", "warmup_steps", "clip_threshold",
+                     "confidence_bias_correction", "use_grams",
                      "use_cautious", "use_tam", "tam_beta", "use_orthogonal_grad", "use_agr", "use_alora",
                      "use_fft_suppression", "fft_cutoff", "fft_strength", "use_lowrank_reg", "lowrank_rank",
                      "lowrank_strength")
     contextual = False
 
-    def _setup(self, params, *, lr, min_lr, max_lr, lr_bump, betas, eps, clip_threshold, weight_decay,
-               warmup_steps, use_lr_mask, use_grams, use_cautious, use_tam, tam_beta, use_orthogonal_grad,
+    def _setup(self, params, *, lr, min_lr, max_lr, lr_bump, betas, eps, clip_threshold, confidence_bias_correction,
+               weight_decay, warmup_steps, use_lr_mask, use_grams, use_cautious, use_tam, tam_beta, use_orthogonal_grad,
                use_agr, use_alora, use_fft_suppression, fft_cutoff, fft_strength, use_lowrank_reg, lowrank_rank,
                lowrank_strength, optim_bits, block_size=256, blocksize=None, min_8bit_size=0, compile_step=None,
                context=None):
@@ -66,6 +67,8 @@ class _AutomagicCame(HinaOptimizer):
         eps = _check_triple("eps", eps, 0.0, float("inf"))
         if clip_threshold <= 0.0:
             raise ValueError(f"Invalid clip_threshold: {clip_threshold!r} (must be > 0)")
+        if not isinstance(confidence_bias_correction, bool):
+            raise ValueError(f"Invalid confidence_bias_correction: {confidence_bias_correction!r} (valid: True or False)")
         if use_lr_mask:
             lr_mask.validate(lr_bump, min_lr, max_lr, warmup_steps)
             if lr <= 0.0:
@@ -81,7 +84,8 @@ class _AutomagicCame(HinaOptimizer):
         if lowrank_strength < 0.0:
             raise ValueError(f"Invalid lowrank_strength: {lowrank_strength!r} (must be >= 0)")
         defaults = dict(lr=lr, min_lr=float(min_lr), max_lr=float(max_lr), lr_bump=float(lr_bump), betas=betas,
-                        eps=eps, clip_threshold=float(clip_threshold), weight_decay=weight_decay,
+                        eps=eps, clip_threshold=float(clip_threshold),
+                        confidence_bias_correction=confidence_bias_correction, weight_decay=weight_decay,
                         warmup_steps=int(warmup_steps), use_lr_mask=bool(use_lr_mask), use_grams=bool(use_grams),
                         use_cautious=bool(use_cautious), use_tam=bool(use_tam), tam_beta=float(tam_beta),
                         use_orthogonal_grad=bool(use_orthogonal_grad), use_agr=bool(use_agr),
@@ -204,7 +208,8 @@ class _AutomagicCame(HinaOptimizer):
         updates, moments = pack.views(update), pack.views(momentum)
         for i in range(len(pack.params)):
             if ctx.active[i]:
-                came.confidence_(moments[i], units[i], updates[i], sides[i], beta3, eps2, eps3)
+                correction = came.confidence_correction(beta3, ctx.steps[i] + 1, group["confidence_bias_correction"])
+                came.confidence_(moments[i], units[i], updates[i], sides[i], beta3, eps2, eps3, correction)
             else:
                 updates[i].zero_()
 
@@ -265,6 +270,8 @@ _COMMON_DOC = """
         betas: (beta1, beta2, beta3) of CAME: momentum, second moment, confidence.
         eps: (eps1, eps2, eps3): CAME's two epsilons and the confidence floor (``techniques/came.py``).
         clip_threshold: CAME's update clipping d. weight_decay: decoupled.
+        confidence_bias_correction: divide CAME's confidence EMA S by (1 - b3^t) (default True; False: the
+            paper's update). Without it the first ~30 steps are 2-6x the lr (``techniques/came.py``).
         use_grams, use_cautious, use_tam, tam_beta, use_orthogonal_grad, use_agr: as in HinaAdamW.
         use_alora: ALLoRA row scaling of LoRA/LoKr matrices (arXiv 2410.09692).
         use_fft_suppression, fft_cutoff, fft_strength: ``techniques/frequency.py`` (off by default).
@@ -282,7 +289,8 @@ class Automagic_CameAMP(_AutomagicCame):
 
     def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
                  betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 weight_decay: float = 5e-4, warmup_steps: int = 500, use_lr_mask: bool = True,
+                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
+                 use_lr_mask: bool = True,
                  use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
                  use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
@@ -297,7 +305,8 @@ class Automagic_CameAMP8bit(_AutomagicCame):
 
     def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
                  betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 weight_decay: float = 5e-4, warmup_steps: int = 500, use_lr_mask: bool = True,
+                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
+                 use_lr_mask: bool = True,
                  use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
                  use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
@@ -318,7 +327,8 @@ class Automagic_CameAMP_COptim(_AutomagicCame):
 
     def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
                  betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 weight_decay: float = 5e-4, warmup_steps: int = 500, use_lr_mask: bool = True,
+                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
+                 use_lr_mask: bool = True,
                  use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
                  use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
@@ -339,7 +349,8 @@ class Automagic_CameAMP_COptim8bit(_AutomagicCame):
 
     def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
                  betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 weight_decay: float = 5e-4, warmup_steps: int = 500, use_lr_mask: bool = True,
+                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
+                 use_lr_mask: bool = True,
                  use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
                  use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
                  use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
