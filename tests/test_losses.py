@@ -168,3 +168,29 @@ def test_zero_terminal_snr_rescale():
     noise.apply_zero_terminal_snr(sched)
     assert float(sched.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-7)
     assert torch.allclose(sched.alphas_cumprod, torch.cumprod(1 - sched.betas, 0))
+
+
+def test_adaptive_noise_scale_adds_the_latent_mean_to_the_offset():
+    base = torch.zeros(2, 3, 4, 4)
+    latents = torch.randn(2, 3, 4, 4, generator=_gen(8)) + torch.tensor([1.0, -2.0, 0.0]).view(1, 3, 1, 1)
+    got = noise.offset_noise(base, 0.1, False, _gen(9), latents, adaptive_scale=0.5)
+    offset = torch.empty(2, 3, 1, 1)
+    for b in range(2):
+        for c in range(3):  # o_bc = max(0, o + s·|mean over h, w|), written out
+            offset[b, c] = max(0.0, 0.1 + 0.5 * abs(float(latents[b, c].mean())))
+    expected = offset * torch.randn((2, 3, 1, 1), generator=_gen(9))
+    assert torch.allclose(got, expected.expand(2, 3, 4, 4), atol=1e-6)
+    negative = noise.offset_noise(base, 0.1, False, _gen(9), latents, adaptive_scale=-10.0)
+    assert torch.equal(negative, torch.zeros_like(base))  # clamped at 0, as kohya
+
+
+def test_snr_scale_and_v_pred_like_loss_written_out():
+    ac = noise_scheduler().alphas_cumprod
+    t = torch.tensor([0, 10, 500, 999])
+    scale = losses.snr_scale(t, ac)
+    for k, step in enumerate(t.tolist()):
+        snr_t = min(float(ac[step]) / (1 - float(ac[step])), 1000.0)  # capped at 1000 (t=0 is ~10^4)
+        assert float(scale[k]) == pytest.approx(snr_t / (snr_t + 1), rel=1e-5)
+    loss = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    got = losses.v_pred_like_loss(loss, t, ac, 0.3)
+    assert torch.allclose(got, loss + 0.3 * loss / scale)

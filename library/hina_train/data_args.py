@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="input perturbation noise strength (arXiv 2301.11706; about 0.1 recommended)")
     a("--ip_noise_gamma_random_strength", action="store_true",
       help="use a random strength between 0 and ip_noise_gamma for input perturbation noise")
+    a("--adaptive_noise_scale", type=float, default=None,
+      help="add `latent mean absolute value * this value` to noise_offset (needs --noise_offset)")
     a("--zero_terminal_snr", action="store_true", help="rescale the noise schedule to zero terminal SNR (arXiv 2305.08891)")
     # loss
     a("--loss_type", type=str, default="l2", help=f"loss function: {', '.join(LOSS_TYPES)}")
@@ -84,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--huber_c", type=float, default=0.1, help="Huber loss parameter (decay parameter of the schedule)")
     a("--huber_scale", type=float, default=1.0, help="Huber loss scale (constant and exponential schedules)")
     a("--debiased_estimation_loss", action="store_true", help="debiased estimation loss weighting (arXiv 2310.08442)")
+    a("--scale_v_pred_loss_like_noise_pred", action="store_true",
+      help="scale the v-prediction loss like the noise prediction loss (needs --v_parameterization)")
+    a("--v_pred_like_loss", type=float, default=None,
+      help="add a v-prediction-like loss with this weight (noise prediction only)")
     a("--scale_weight_norms", type=float, default=None,
       help="max-norm regularization: scale each LoRA module's weight so its norm stays below this (1 is a good start)")
 
@@ -100,6 +106,7 @@ def metadata(plan) -> dict:
         "ss_multires_noise_iterations": args.multires_noise_iterations,
         "ss_multires_noise_discount": args.multires_noise_discount,
         "ss_zero_terminal_snr": bool(args.zero_terminal_snr),
+        "ss_adaptive_noise_scale": args.adaptive_noise_scale,
         "ss_caption_dropout_rate": max(s.caption_dropout_rate for s in subsets),
         "ss_caption_dropout_every_n_epochs": max(s.caption_dropout_every_n_epochs for s in subsets),
         "ss_caption_tag_dropout_rate": max(s.caption_tag_dropout_rate for s in subsets),
@@ -157,7 +164,17 @@ def check(args: argparse.Namespace) -> None:
     _number(args, "huber_c", 0.0, 1.0, "a number in (0, 1]")
     if args.huber_c == 0:  # the exponential schedule takes its logarithm
         raise ArgumentError(f"--huber_c {args.huber_c!r} must be a number in (0, 1]")
-    for name in ("prior_loss_weight", "ip_noise_gamma", "huber_scale"):
+    _number(args, "adaptive_noise_scale", float("-inf"), text="a number")
+    if args.adaptive_noise_scale is not None and not args.noise_offset:
+        raise ArgumentError(f"--adaptive_noise_scale {args.adaptive_noise_scale!r} needs --noise_offset "
+                            "(it is added to the offset; kohya's rule)")
+    if args.scale_v_pred_loss_like_noise_pred and not args.v_parameterization:
+        raise ArgumentError("--scale_v_pred_loss_like_noise_pred needs --v_parameterization (it rescales a "
+                            "v-prediction loss; kohya's rule)")
+    if args.v_pred_like_loss is not None and args.v_parameterization:
+        raise ArgumentError(f"--v_pred_like_loss {args.v_pred_like_loss!r} cannot be used with --v_parameterization "
+                            "(it adds a v-prediction-like term to a noise-prediction loss; kohya's rule)")
+    for name in ("prior_loss_weight", "ip_noise_gamma", "huber_scale", "v_pred_like_loss"):
         _number(args, name, 0.0)
     if args.scale_weight_norms is not None:
         _number(args, "scale_weight_norms", 0.0)

@@ -177,7 +177,7 @@ class Trainer:
         args = self.plan.args
         models = self.plan.models
         b = latents.shape[0]
-        noise = training_noise(latents.shape, args, self.draws)
+        noise = training_noise(latents, args, self.draws)
         t_min = args.min_timestep or 0
         t_max = args.max_timestep or self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(t_min, t_max, (b,), generator=self.draws)
@@ -197,6 +197,10 @@ class Trainer:
         loss = loss * losses.prior_weights(self.batch_items, args.prior_loss_weight).to(loss.device)
         if args.min_snr_gamma:
             loss = loss * _min_snr_weights(self.scheduler, timesteps, args.min_snr_gamma, args.v_parameterization)
+        if args.scale_v_pred_loss_like_noise_pred:
+            loss = loss * losses.snr_scale(timesteps, self.scheduler.alphas_cumprod)
+        if args.v_pred_like_loss:
+            loss = losses.v_pred_like_loss(loss, timesteps, self.scheduler.alphas_cumprod, args.v_pred_like_loss)
         if args.debiased_estimation_loss:
             loss = loss * losses.debiased_weights(timesteps, self.scheduler.alphas_cumprod, args.v_parameterization)
         return loss.mean()

@@ -10,6 +10,10 @@
 - ``--prior_loss_weight w``: the loss of a regularisation image (``is_reg`` subset) is multiplied by w.
 - ``--debiased_estimation_loss`` (Yu et al., arXiv 2310.08442): weight 1/√SNR_t (v-prediction: 1/(SNR_t+1)),
   SNR_t = ᾱ_t/(1−ᾱ_t) capped at 1000 as kohya does (SNR_0 is very large).
+- ``--scale_v_pred_loss_like_noise_pred`` (kohya's ``scale_v_prediction_loss_like_noise_prediction``, with
+  ``--v_parameterization``): weight SNR_t/(SNR_t+1), SNR_t capped at 1000, so a v-prediction loss weighs the
+  timesteps as an ε-prediction loss would; ``--v_pred_like_loss w`` (kohya's ``add_v_prediction_like_loss``,
+  ε-prediction only): loss ← loss + w·loss·(SNR_t+1)/SNR_t, adding a v-prediction-like term.
 - ``--scale_weight_norms m`` (max-norm regularisation, kohya's ``apply_max_norm_regularization``): for each
   LoRA module, ΔW = up·down·alpha/dim; when ‖ΔW‖_F > m, up and down are each scaled by √(m/‖ΔW‖_F), so
   ‖ΔW‖_F becomes m. Returns (keys scaled, mean norm, max norm) after scaling, which the loop logs.
@@ -61,6 +65,18 @@ def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
 def debiased_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, v_prediction: bool) -> torch.Tensor:
     snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=1000)
     return 1 / (snr_t + 1) if v_prediction else 1 / torch.sqrt(snr_t)
+
+
+def snr_scale(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """kohya's ``get_snr_scale``: SNR_t/(SNR_t+1) with SNR_t capped at 1000."""
+    snr_t = torch.clamp(snr(timesteps, alphas_cumprod), max=1000)
+    return snr_t / (snr_t + 1)
+
+
+def v_pred_like_loss(loss: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                     weight: float) -> torch.Tensor:
+    """``--v_pred_like_loss``: loss + weight·loss/snr_scale (kohya's ``add_v_prediction_like_loss``)."""
+    return loss + loss / snr_scale(timesteps, alphas_cumprod) * weight
 
 
 def prior_weights(items, prior_loss_weight: float) -> torch.Tensor:

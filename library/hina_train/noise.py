@@ -3,6 +3,8 @@ timesteps``, ``custom_train_functions``). Every draw comes from the micro-batch'
 
 - Offset noise (``--noise_offset o``, Guttenberg 2023, crosslabs.org "diffusion with offset noise"):
   ε ← ε + o·n with n ~ N(0, 1) of shape (B, C, 1, 1); ``--noise_offset_random_strength``: o ~ U(0, o).
+  ``--adaptive_noise_scale s`` (kohya's ``apply_noise_offset``): per sample and channel
+  o_bc = max(0, o + s·|mean_hw(latents_bc)|), so brighter/darker latents get a larger offset.
 - Multi-resolution ("pyramid") noise (``--multires_noise_iterations k``, ``--multires_noise_discount d``;
   J. Whitaker, "Multi-Resolution Noise for Diffusion Model Training", 2023): for i = 0..k-1 with
   r_i ~ U(2, 4): ε ← ε + d^i · upsample_bilinear(N(0, 1) of size (H/r_i^i, W/r_i^i)), stopping once a side
@@ -21,10 +23,14 @@ import torch
 import torch.nn.functional as F
 
 
-def offset_noise(noise: torch.Tensor, offset: float, random_strength: bool, generator: torch.Generator) -> torch.Tensor:
+def offset_noise(noise: torch.Tensor, offset: float, random_strength: bool, generator: torch.Generator,
+                 latents: torch.Tensor | None = None, adaptive_scale: float | None = None) -> torch.Tensor:
     if random_strength:
         offset = float(torch.rand(1, generator=generator)) * offset
     b, c = noise.shape[:2]
+    if adaptive_scale is not None:
+        latent_mean = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+        offset = torch.clamp(offset + adaptive_scale * latent_mean, min=0.0)
     return noise + offset * torch.randn((b, c, 1, 1), generator=generator)
 
 
@@ -41,11 +47,12 @@ def pyramid_noise(noise: torch.Tensor, iterations: int, discount: float, generat
     return noise / noise.std()
 
 
-def training_noise(shape, args, generator: torch.Generator) -> torch.Tensor:
-    """ε for a batch of latents of ``shape`` with ``--noise_offset``/``--multires_noise_*`` applied."""
-    noise = torch.randn(shape, generator=generator)
+def training_noise(latents: torch.Tensor, args, generator: torch.Generator) -> torch.Tensor:
+    """ε (on the CPU) for ``latents`` with ``--noise_offset``/``--adaptive_noise_scale``/``--multires_noise_*``."""
+    noise = torch.randn(latents.shape, generator=generator)
     if args.noise_offset:
-        noise = offset_noise(noise, args.noise_offset, getattr(args, "noise_offset_random_strength", False), generator)
+        noise = offset_noise(noise, args.noise_offset, getattr(args, "noise_offset_random_strength", False), generator,
+                             latents, getattr(args, "adaptive_noise_scale", None))
     if getattr(args, "multires_noise_iterations", None):
         noise = pyramid_noise(noise, args.multires_noise_iterations, args.multires_noise_discount, generator)
     return noise

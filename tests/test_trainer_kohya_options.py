@@ -1,0 +1,80 @@
+"""kohya options that act inside the training step, checked on the built-in tiny model: one prepared trainer,
+its ``_loss`` called with the same draws with and without each option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from library.hina_train import losses
+from library.hina_train.args import ArgumentError, parse_args
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    from library.hina_train.cli import given_flags
+    from library.hina_train.loop import Trainer
+    from library.hina_train.trainer import prepare
+
+    argv = ["--output_dir", str(tmp_path_factory.mktemp("opts")), "--max_train_steps", "1", "--seed", "3"]
+    t = Trainer(prepare(parse_args(argv), given_flags(argv)))
+    t._setup_models()
+    t.batch_items = [t.plan.spec.items[0]]
+    return t
+
+
+def _loss(trainer, latents, seed=5, **options):
+    args = trainer.plan.args
+    saved = {k: getattr(args, k) for k in options}
+    vars(args).update(options)
+    try:
+        trainer.draws = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            return float(trainer._loss(latents, ["a red circle"]))
+    finally:
+        vars(args).update(saved)
+
+
+def _timestep(latents, seed=5) -> torch.Tensor:
+    """The timestep ``_loss`` draws with the micro-batch generator (noise first, then t)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(latents.shape, generator=g)
+    return torch.randint(0, 1000, (latents.shape[0],), generator=g)
+
+
+def _latents():
+    return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+
+
+def test_v_pred_like_loss_adds_the_weighted_term(trainer):
+    latents = _latents()
+    base = _loss(trainer, latents)
+    got = _loss(trainer, latents, v_pred_like_loss=0.5)
+    scale = float(losses.snr_scale(_timestep(latents), trainer.scheduler.alphas_cumprod)[0])
+    assert got == pytest.approx(base + 0.5 * base / scale, rel=1e-5)
+
+
+def test_scale_v_pred_loss_like_noise_pred_weighs_by_snr_over_snr_plus_one(trainer):
+    latents = _latents()
+    base = _loss(trainer, latents, v_parameterization=True)
+    got = _loss(trainer, latents, v_parameterization=True, scale_v_pred_loss_like_noise_pred=True)
+    scale = float(losses.snr_scale(_timestep(latents), trainer.scheduler.alphas_cumprod)[0])
+    assert scale < 1 and got == pytest.approx(base * scale, rel=1e-5)
+
+
+def test_adaptive_noise_scale_changes_the_step_noise(trainer):
+    latents = _latents() + 3.0  # a large latent mean: a large adaptive offset
+    plain = _loss(trainer, latents, noise_offset=0.1)
+    assert _loss(trainer, latents, noise_offset=0.1) == plain  # same draws, same loss
+    assert _loss(trainer, latents, noise_offset=0.1, adaptive_noise_scale=2.0) != pytest.approx(plain, rel=1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adaptive_noise_scale", "0.1"], "--adaptive_noise_scale 0.1 needs --noise_offset"),
+    (["--scale_v_pred_loss_like_noise_pred"], "--scale_v_pred_loss_like_noise_pred needs --v_parameterization"),
+    (["--v_pred_like_loss", "0.1", "--v_parameterization"], "--v_pred_like_loss 0.1 cannot be used with"),
+    (["--v_pred_like_loss", "-1"], "--v_pred_like_loss -1.0 must be a number >= 0"),
+])
+def test_loss_option_combinations_kohya_refuses(argv, message):
+    with pytest.raises(ArgumentError, match=message.replace(".", r"\.")):
+        parse_args(argv)
