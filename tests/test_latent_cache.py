@@ -98,3 +98,24 @@ def test_random_crop_cannot_be_cached(tmp_path, vae):
     assign(items, (32, 32), BucketSettings(False))
     with pytest.raises(ArgumentError, match="--cache_latents cannot be used with random_crop"):
         _build(items, vae)
+
+
+def test_vae_batch_size_sets_how_many_images_the_vae_encodes_at_once(tmp_path, vae, monkeypatch):
+    from PIL import Image
+
+    folder = tmp_path / "img"
+    folder.mkdir()
+    subset = dataset.Subset(image_dir=folder)
+    items = []
+    for i in range(5):
+        Image.new("RGB", (32, 32), (40 * i, 30, 30)).save(folder / f"{i}.png")
+        items.append(dataset.Item(image=folder / f"{i}.png", caption="", subset=subset, size=(32, 32)))
+    assign(items, (32, 32), BucketSettings(False))
+    sizes = []
+    real = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda pixels: (sizes.append(len(pixels)), real(pixels))[1])
+    latent_cache.build(items, vae, torch.Generator(), "cpu", to_disk=False, sdxl=False, vae_batch_size=2)
+    assert sizes == [2, 2, 1]
+    sizes.clear()
+    latent_cache.build(items, vae, torch.Generator(), "cpu", to_disk=False, sdxl=False)
+    assert sizes == [1] * 5  # kohya's default: one image at a time

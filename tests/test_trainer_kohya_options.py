@@ -78,3 +78,21 @@ def test_adaptive_noise_scale_changes_the_step_noise(trainer):
 def test_loss_option_combinations_kohya_refuses(argv, message):
     with pytest.raises(ArgumentError, match=message.replace(".", r"\.")):
         parse_args(argv)
+
+
+def test_vae_batch_size_chunks_the_training_encode_without_changing_it(trainer, monkeypatch):
+    vae = trainer.plan.models.vae
+    sizes = []
+    real = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda pixels: (sizes.append(len(pixels)), real(pixels))[1])
+    pixels = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    args = trainer.plan.args
+    results = {}
+    for size in (3, 8):
+        args.vae_batch_size = size
+        trainer.draws = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            results[size] = trainer._encode(pixels)
+    args.vae_batch_size = 1
+    assert sizes == [3, 1, 4]
+    assert torch.allclose(results[3], results[8], atol=1e-5)

@@ -53,6 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--prior_loss_weight", type=float, default=1.0, help="loss weight for regularization images")
     a("--vae", type=str, default=None, help="VAE to use instead of the model's: a diffusers folder or a single file")
     # caching
+    a("--vae_batch_size", type=int, default=1, help="batch size for encoding images with the VAE (caching and training)")
     a("--cache_latents_to_disk", action="store_true",
       help="cache latents to .npz files beside the images (kohya's format; reused when valid)")
     a("--skip_cache_check", action="store_true",
@@ -146,7 +147,7 @@ def _number(args, name: str, low: float, high: float | None = None, text: str = 
 def check(args: argparse.Namespace) -> None:
     """Check the options above; raises ArgumentError naming the bad value and what is valid."""
     for name in ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "sample_every_n_steps", "dataset_repeats",
-                 "sample_every_n_epochs", "multires_noise_iterations"):
+                 "sample_every_n_epochs", "multires_noise_iterations", "vae_batch_size"):
         _positive_int(args, name)
     if args.sample_sampler not in SAMPLE_SAMPLERS:
         raise ArgumentError(f"--sample_sampler {args.sample_sampler!r} is not a sampler; valid: {', '.join(SAMPLE_SAMPLERS)}")

@@ -1,6 +1,7 @@
 """Latent caching (``--cache_latents``, ``--cache_latents_to_disk``), in kohya sd-scripts' file format.
 
-Every image is encoded once before training, at its bucket, in batches of one bucket. Images of subsets with
+Every image is encoded once before training, at its bucket, in batches of one bucket of at most
+``--vae_batch_size`` images (kohya's default 1). Images of subsets with
 ``flip_aug`` are also encoded flipped (the flipped image, not a flipped latent), as kohya does.
 
 ``--cache_latents_to_disk`` writes, beside each image, kohya's ``.npz`` (``strategy_sd.py``:
@@ -20,9 +21,6 @@ import torch
 
 from . import dataset as data
 from .buckets import crop_ltrb
-
-BATCH = 8
-
 
 def npz_path(item, sdxl: bool) -> Path:
     old = item.image.with_suffix(".npz")
@@ -93,7 +91,7 @@ class LatentCache:
 
 
 def build(items, vae, generator: torch.Generator, device, to_disk: bool, sdxl: bool,
-          skip_check: bool = False) -> tuple[LatentCache, dict]:
+          skip_check: bool = False, vae_batch_size: int = 1) -> tuple[LatentCache, dict]:
     """Encode (or, with ``to_disk``, read valid ``.npz`` files for) every item; returns the cache and counts
     ``{"encoded": n, "reused": n}``. The VAE samples its latent with ``generator`` (mean + std * noise)."""
     from .errors import ArgumentError
@@ -123,8 +121,8 @@ def build(items, vae, generator: torch.Generator, device, to_disk: bool, sdxl: b
 
     with torch.no_grad():
         for bucket, indices in todo.items():
-            for start in range(0, len(indices), BATCH):
-                chunk = indices[start:start + BATCH]
+            for start in range(0, len(indices), vae_batch_size):
+                chunk = indices[start:start + vae_batch_size]
                 pixels = torch.stack([data.load_item(items[i]) for i in chunk])
                 encoded = encode(pixels)
                 flips = [i for i in chunk if items[i].subset.flip_aug]

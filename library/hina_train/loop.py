@@ -123,7 +123,7 @@ class Trainer:
 
         self.latent_cache, counts = latent_cache.build(plan.spec.items, plan.models.vae, self.draws, self.device,
                                                        plan.args.cache_latents_to_disk, plan.models.is_sdxl,
-                                                       plan.args.skip_cache_check)
+                                                       plan.args.skip_cache_check, plan.args.vae_batch_size)
         if plan.args.cache_latents_to_disk:
             print(f"latents cached to disk: {counts['encoded']} encoded, {counts['reused']} reused (.npz beside the images)")
 
@@ -141,10 +141,14 @@ class Trainer:
         print(f"text encoder outputs cached: {counts['encoded']} encoded, {counts['reused']} reused")
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The batch's latents; the VAE sees at most ``--vae_batch_size`` images at a time (kohya), and the
+        sampling noise is drawn for the whole batch, so the result does not depend on that size."""
         vae = self.plan.models.vae
-        dist = vae.encode(pixels.float()).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=self.draws).to(self.device)
-        return (dist.mean + dist.std * noise) * vae.config.scaling_factor
+        size = self.plan.args.vae_batch_size
+        dists = [vae.encode(chunk.float()).latent_dist for chunk in pixels.split(size or len(pixels))]
+        mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+        noise = torch.randn(mean.shape, generator=self.draws).to(self.device)
+        return (mean + std * noise) * vae.config.scaling_factor
 
     def _micro_batch_generator(self, index: int) -> torch.Generator:
         """The draws of micro-batch ``index`` (counted over all processes since the start of training).
