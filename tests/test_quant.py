@@ -195,6 +195,25 @@ def test_codes_next_to_decade_thresholds_are_the_exact_nearest(signed):
     assert ((decoded - x).abs() <= (best - x).abs() * (1 + 1e-6))[~kept_off_zero].all()
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_midpoint_table_is_the_exact_rounding_threshold(signed):
+    """encode's one lookup: mid[i] is the largest float32 <= the midpoint of codes i and i + 1, so a value at
+    mid[i] rounds down (a tie goes to the lower code) and the next float32 above it rounds up."""
+    qmap = quant.dynamic_map(signed, "cpu")
+    mid = quant.midpoints(signed, "cpu")[:255]
+    exact = (qmap[:-1].double() + qmap[1:].double()) / 2
+    above = torch.nextafter(mid, torch.full_like(mid, 2.0))
+    assert (mid.double() <= exact).all() and (above.double() > exact).all()
+    start = 128 if signed else 1  # positive codes with a positive neighbour above (the mirrored side is tested above)
+    index = torch.arange(start, 255)
+    x = torch.stack([mid[index], above[index]], dim=1)  # each pair in its own 64-element block of max 1.0
+    blocks = torch.cat([x, torch.zeros(len(index), 61), torch.ones(len(index), 1)], dim=1).reshape(-1)
+    codes, absmax = quant.encode(blocks, qmap, 64, signed)
+    codes = codes.reshape(-1, 64).long()
+    assert (absmax == 1.0).all()
+    assert torch.equal(codes[:, 0], index) and torch.equal(codes[:, 1], index + 1)
+
+
 def test_bad_block_size_is_a_clear_error():
     qmap = quant.dynamic_map(True, "cpu")
     with pytest.raises(ValueError, match="block size 100 .* 256"):
