@@ -10,13 +10,37 @@ from library.hina_train import losses
 from library.hina_train.args import ArgumentError, parse_args
 
 
+def _tiny_models():
+    from library.hina_train.demo_data import caption_words
+    from library.hina_train.tiny_model import build_tiny_sd
+
+    return build_tiny_sd(caption_words(), seed=0)  # the built-in model, as the trainer builds it
+
+
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+def base_lora(tmp_path_factory):
+    """A LoRA file with non-zero ΔW for --base_weights, and its network on a separate copy of the tiny model."""
+    import networks.lora as lora
+
+    _, text_encoder, vae, unet = _tiny_models()
+    network = lora.create_network(1.0, 2, 1.0, vae, text_encoder, unet)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    network.save_weights(str(path), None, {})
+    return path, network, text_encoder, unet
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, base_lora):
     from library.hina_train.cli import given_flags
     from library.hina_train.loop import Trainer
     from library.hina_train.trainer import prepare
 
-    argv = ["--output_dir", str(tmp_path_factory.mktemp("opts")), "--max_train_steps", "1", "--seed", "3"]
+    argv = ["--output_dir", str(tmp_path_factory.mktemp("opts")), "--max_train_steps", "1", "--seed", "3",
+            "--base_weights", str(base_lora[0]), "--base_weights_multiplier", "0.5"]
     t = Trainer(prepare(parse_args(argv), given_flags(argv)))
     t._setup_models()
     t.batch_items = [t.plan.spec.items[0]]
@@ -96,3 +120,26 @@ def test_vae_batch_size_chunks_the_training_encode_without_changing_it(trainer, 
     args.vae_batch_size = 1
     assert sizes == [3, 1, 4]
     assert torch.allclose(results[3], results[8], atol=1e-5)
+
+
+def test_base_weights_are_merged_into_the_model_with_their_multiplier(trainer, base_lora):
+    _, network, text_encoder, unet = base_lora  # the network's own (unmerged) copy of the built-in model
+    reference = dict(unet.named_modules()) | {f"te.{k}": v for k, v in text_encoder.named_modules()}
+    trained = dict(trainer.plan.models.unet.named_modules()) | {
+        f"te.{k}": v for k, v in trainer.plan.models.text_encoders[0].named_modules()}
+    checked = 0
+    for module in network.unet_loras + network.text_encoder_loras:
+        prefix = "" if module in network.unet_loras else "te."
+        path = next(f"{prefix}{k}" for k, v in (unet if not prefix else text_encoder).named_modules()
+                    if v is module.org_module)
+        up, down = module.lora_up.weight.flatten(1), module.lora_down.weight.flatten(1)
+        delta = (up @ down).view(module.org_module.weight.shape) * module.scale  # ΔW = up·down·alpha/dim
+        expected = reference[path].weight + 0.5 * delta
+        assert torch.allclose(trained[path].weight, expected, atol=1e-6), path
+        checked += 1
+    assert checked > 10
+
+
+def test_base_weights_multiplier_needs_a_file_each():
+    with pytest.raises(ArgumentError, match="--base_weights_multiplier has 2 values for 1 --base_weights file"):
+        parse_args(["--base_weights", "a.safetensors", "--base_weights_multiplier", "0.5", "1"])

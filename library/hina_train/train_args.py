@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--save_n_epoch_ratio", type=int, default=None, help="save N times over the run (at least every epoch)")
     a("--save_state_on_train_end", action="store_true", help="write a state folder at the end only")
     a("--dim_from_weights", action="store_true", help="take the network's dims from --network_weights")
+    # network files merged into the base model before training
+    a("--base_weights", type=str, default=None, nargs="*",
+      help="network weights to merge into the model before training")
+    a("--base_weights_multiplier", type=float, default=None, nargs="*",
+      help="multiplier for each --base_weights file (default 1)")
     # model-card metadata (--metadata_title is in args.py since the first version)
     for field in METADATA_FIELDS[1:]:
         a(f"--metadata_{field}", type=str, default=None, help=f"modelspec.{field} in the saved file's metadata")
@@ -93,6 +98,10 @@ def check(args, optimizer_type_default: str) -> None:
                                 f"{args.optimizer_type!r} is given too: keep one")
         print(f"note: --{flag} is kohya's old switch for --optimizer_type {name}")
         args.optimizer_type = name
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) > len(args.base_weights or []):
+        raise ArgumentError(f"--base_weights_multiplier has {len(args.base_weights_multiplier)} values for "
+                            f"{len(args.base_weights or [])} --base_weights file(s): give one per file (or fewer; "
+                            "the rest are 1)")
     if args.metadata_thumbnail is not None and not str(args.metadata_thumbnail).startswith("data:"):
         from pathlib import Path
 

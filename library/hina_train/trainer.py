@@ -165,6 +165,9 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
         check_state_files(Path(args.resume))
     if args.network_weights is not None and not Path(args.network_weights).is_file():
         raise SaveError(f"--network_weights {args.network_weights!r} does not exist")
+    for path in args.base_weights or []:
+        if not Path(path).is_file():
+            raise SaveError(f"--base_weights {path!r} does not exist")
     if args.dim_from_weights and args.network_weights is None:
         raise ArgumentError("--dim_from_weights needs --network_weights FILE (the dims are read from it)")
 
@@ -199,6 +202,7 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
 
     # network
     module = _network_module(args.network_module)
+    merge_base_weights(args, module, models)
     network_kwargs = network_kwargs_from(args.network_args)
     train_unet = not args.network_train_text_encoder_only
     train_text_encoder = not args.network_train_unet_only
@@ -269,6 +273,23 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
                 optimizer=optimizer, param_descriptions=descriptions, epochs=epochs,
                 max_train_steps=max_train_steps, num_epochs=num_epochs, resume_state=resume_state,
                 builtin=builtin, validation_indices=list(range(len(spec.items) - held_out, len(spec.items))))
+
+
+def merge_base_weights(args, module, models) -> None:
+    """kohya's ``--base_weights``: each file, read by the network module, is merged into the base model (its
+    ΔW times ``--base_weights_multiplier``, 1 where none is given) before the trained network is built."""
+    multipliers = list(args.base_weights_multiplier or [])
+    for i, path in enumerate(args.base_weights or []):
+        multiplier = multipliers[i] if i < len(multipliers) else 1.0
+        try:
+            merged, weights_sd = module.create_network_from_weights(multiplier, path, models.vae,
+                                                                    models.text_encoder_for_network, models.unet,
+                                                                    for_inference=True)
+        except (ValueError, KeyError) as e:
+            raise ArgumentError(f"--base_weights {path!r} does not fit --network_module {args.network_module} "
+                                f"on this model: {e}") from None
+        merged.merge_to(models.text_encoder_for_network, models.unet, weights_sd, None, "cpu")
+        print(f"merged {path} into the model (multiplier {multiplier})")
 
 
 def check_resume_has_work(args, resume_state: dict, max_train_steps: int) -> None:
