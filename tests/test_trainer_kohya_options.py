@@ -143,3 +143,69 @@ def test_base_weights_are_merged_into_the_model_with_their_multiplier(trainer, b
 def test_base_weights_multiplier_needs_a_file_each():
     with pytest.raises(ArgumentError, match="--base_weights_multiplier has 2 values for 1 --base_weights file"):
         parse_args(["--base_weights", "a.safetensors", "--base_weights_multiplier", "0.5", "1"])
+
+
+# --- where a run starts: --initial_step / --initial_epoch / --skip_until_initial_step -----------------------
+@pytest.fixture(scope="module")
+def started_runs(tmp_path_factory):
+    """Three demo runs (samples off): 10 steps from the start, from step 6 skipping, from epoch 2 not skipping.
+    Each records (epoch, item indices) of every micro-batch."""
+    from library.hina_train import loop, sampling
+    from library.hina_train.cli import run
+
+    real_batch, real_samples = loop.Trainer._batch, sampling.sample_images
+    records = []
+
+    def spy(self, indices):
+        records[-1].append((self.epoch, list(indices)))
+        return real_batch(self, indices)
+
+    loop.Trainer._batch, sampling.sample_images = spy, lambda *a, **k: []
+    results = {}
+    try:
+        for name, extra in (("full", []), ("skip", ["--initial_step", "6", "--skip_until_initial_step"]),
+                            ("epoch", ["--initial_epoch", "2"])):
+            records.append([])
+            out = tmp_path_factory.mktemp(name)
+            results[name] = (run(["--output_dir", str(out), "--max_train_steps", "10", *extra]), records[-1], out)
+    finally:
+        loop.Trainer._batch, sampling.sample_images = real_batch, real_samples
+    return results
+
+
+def test_skip_until_initial_step_trains_the_remaining_steps_on_their_own_data(started_runs):
+    full, full_batches, _ = started_runs["full"]
+    result, batches, _ = started_runs["skip"]
+    assert len(full_batches) == 10 and full["global_step"] == 10
+    assert batches == full_batches[6:]  # steps 7..10, with the batches (and epochs) they have in a full run
+    assert result["global_step"] == 10 and len(result["losses"]) == 4
+
+
+def test_initial_epoch_without_skipping_numbers_epochs_from_it(started_runs):
+    full, full_batches, _ = started_runs["full"]
+    result, batches, out = started_runs["epoch"]
+    per_epoch = sum(1 for epoch, _ in full_batches if epoch == 1)  # 32 demo images, batch 4: 8 steps an epoch
+    assert per_epoch < 10 <= 2 * per_epoch  # the 10 planned steps make 2 epochs
+    assert {epoch for epoch, _ in batches} == {2} and len(batches) == per_epoch  # epoch 2 whole, then the end
+    assert batches[:10 - per_epoch] == full_batches[per_epoch:]  # epoch 2's own data order
+    assert result["global_step"] == per_epoch  # steps count from 0 (kohya: "only the epoch number is skipped")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "demo.safetensors"), "pt") as f:
+        assert f.metadata()["ss_epoch"] == "2"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--initial_epoch", "0"], "--initial_epoch 0 must be an epoch number >= 1"),
+    (["--initial_step", "-1"], "--initial_step -1 must be a step number >= 0"),
+])
+def test_initial_step_values(argv, message):
+    with pytest.raises(ArgumentError, match=message):
+        parse_args(argv)
+
+
+def test_initial_step_past_the_planned_steps_fails_before_training(tmp_path):
+    from library.hina_train.trainer import prepare
+
+    with pytest.raises(ArgumentError, match="start at step 12, but the run plans 10 steps"):
+        prepare(parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "10", "--initial_step", "12"]))

@@ -33,7 +33,7 @@ UNSUPPORTED = (
     "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
     "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "stop_text_encoder_training", "deepspeed", "zero_stage", "wandb_api_key",
     "wandb_run_name", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",
-    "network_train_text_encoder_only_lr", "skip_until_initial_step", "initial_epoch", "initial_step",
+    "network_train_text_encoder_only_lr",
     "no_token_padding", "train_text_encoder", "cpu_offload_checkpointing", "immiscible_noise",
     "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "debug_dataset",
     "torch_compile", "dynamo_backend", "offload_optimizer_device",

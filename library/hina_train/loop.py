@@ -327,6 +327,26 @@ class Trainer:
                            f"{skipped} in this run so far)")
             self.skipped_seen = skipped
 
+    def _initial_step(self, global_step: int, epoch_updates: int) -> tuple[int, int]:
+        """(first step, epoch offset) with kohya's ``--initial_step``/``--initial_epoch``.
+
+        With ``--skip_until_initial_step`` training starts at that step: the earlier steps' data is passed over
+        and steps, epochs and file names continue from there. Without it (kohya: "only the epoch number is
+        skipped") steps count from 0 while epochs are numbered from the initial one, and the run ends with the
+        planned epochs. The lr schedule is not moved in either case (it starts at 0 unless ``--resume``).
+        """
+        plan, args = self.plan, self.plan.args
+        if plan.initial_step is None:
+            return global_step, 0
+        if plan.resume_state is not None:
+            print(f"note: --initial_step/--initial_epoch given: the resumed state's step {global_step} is ignored")
+        self.losses = []
+        self.smoothed = 0.0
+        if args.skip_until_initial_step:
+            print(f"skipping {plan.initial_step} steps (their data is passed over, not trained)")
+            return plan.initial_step, 0
+        return 0, plan.initial_step // epoch_updates
+
     # --- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         from tqdm.auto import tqdm
@@ -361,6 +381,8 @@ class Trainer:
         nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
         rounds = math.ceil(per_epoch / nproc)  # micro-batches per epoch on each process
         epoch_updates = updates_per_epoch(per_epoch, accum, nproc)
+        global_step, epoch_offset = self._initial_step(global_step, epoch_updates)
+        epochs_ran_out = False
         bar = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps", dynamic_ncols=True,
                    disable=not self.accelerator.is_local_main_process, mininterval=0.5)
         self.network.train()
@@ -371,6 +393,10 @@ class Trainer:
         self.sample_paths = sampling.sample_images(self, global_step, 0)  # --sample_at_first
         while global_step < plan.max_train_steps:
             epoch, first_update = divmod(global_step, epoch_updates)
+            epoch += epoch_offset
+            epochs_ran_out = epoch >= plan.num_epochs  # --initial_epoch without --skip_until_initial_step
+            if epochs_ran_out:
+                break
             batches = plan.epochs.batches(epoch)
             self.epoch = epoch + 1  # kohya counts epochs from 1 (caption_dropout_every_n_epochs)
             for update in range(first_update, epoch_updates):
@@ -431,13 +457,14 @@ class Trainer:
                     self.accelerator.wait_for_everyone()
                     self._save(global_step, epoch + 1, final=False, by_epoch=True)
         bar.close()
-        if global_step > start_step:  # the last epoch ends here (kohya samples at every epoch's end)
-            self.sample_paths += sampling.sample_images(self, global_step, math.ceil(global_step / epoch_updates))
-            if validation.should_validate_epoch(args, math.ceil(global_step / epoch_updates)):
+        final_epoch = math.ceil(global_step / epoch_updates) + epoch_offset
+        if global_step > start_step and not epochs_ran_out:  # the last epoch ends here (kohya samples at every epoch's end)
+            self.sample_paths += sampling.sample_images(self, global_step, final_epoch)
+            if validation.should_validate_epoch(args, final_epoch):
                 self._validate(global_step, "epoch")
         seconds = time.time() - start
         self.accelerator.wait_for_everyone()
-        final_epoch = math.ceil(global_step / epoch_updates)
+        final_epoch = min(final_epoch, plan.num_epochs)
         last_path = self._save(global_step, final_epoch, final=True)
         plot_path = None
         if self.accelerator.is_main_process and self.losses:

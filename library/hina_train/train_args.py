@@ -39,6 +39,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="network weights to merge into the model before training")
     a("--base_weights_multiplier", type=float, default=None, nargs="*",
       help="multiplier for each --base_weights file (default 1)")
+    # where the run starts (kohya: lr scheduler untouched; only --resume restores it)
+    a("--initial_epoch", type=int, default=None,
+      help="initial epoch number, 1 means first epoch (same as not specifying); the lr schedule starts at 0 "
+           "without --resume")
+    a("--initial_step", type=int, default=None,
+      help="initial step number including all epochs, 0 means first step (same as not specifying); overrides "
+           "--initial_epoch")
+    a("--skip_until_initial_step", action="store_true",
+      help="skip training until initial_step is reached (the data of the skipped steps is passed over)")
     # model-card metadata (--metadata_title is in args.py since the first version)
     for field in METADATA_FIELDS[1:]:
         a(f"--metadata_{field}", type=str, default=None, help=f"modelspec.{field} in the saved file's metadata")
@@ -72,6 +81,12 @@ def check(args, optimizer_type_default: str) -> None:
     if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
         raise ArgumentError("--fp8_base/--fp8_base_unet need --mixed_precision fp16 or bf16 (the float8 weights are "
                             "used through autocast)")
+    if args.initial_epoch is not None and (isinstance(args.initial_epoch, bool) or not isinstance(args.initial_epoch, int)
+                                           or args.initial_epoch < 1):
+        raise ArgumentError(f"--initial_epoch {args.initial_epoch!r} must be an epoch number >= 1 (1: the first)")
+    if args.initial_step is not None and (isinstance(args.initial_step, bool) or not isinstance(args.initial_step, int)
+                                          or args.initial_step < 0):
+        raise ArgumentError(f"--initial_step {args.initial_step!r} must be a step number >= 0 (0: the first)")
     for name in ("save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps", "save_last_n_steps_state",
                  "save_n_epoch_ratio", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
                  "ddp_timeout"):

@@ -78,6 +78,7 @@ class Plan:
     resume_state: dict | None
     builtin: bool
     validation_indices: list = field(default_factory=list)  # held-out items (the last ones of spec.items)
+    initial_step: int | None = None  # --initial_step / --initial_epoch as a step count (kohya)
 
 
 def seed_everything(seed: int) -> None:
@@ -265,14 +266,28 @@ def prepare(args, argv_given: set[str] = frozenset()) -> Plan:
     num_epochs = math.ceil(max_train_steps / epoch_updates)
     if args.save_n_epoch_ratio:  # kohya: save N times over the run, at least every epoch
         args.save_every_n_epochs = max(1, num_epochs // args.save_n_epoch_ratio)
-    if resume_state is not None:
+    initial_step = initial_step_of(args, epoch_updates)
+    if initial_step is not None and initial_step >= max_train_steps:
+        raise ArgumentError(f"--initial_step/--initial_epoch start at step {initial_step}, but the run plans "
+                            f"{max_train_steps} steps: nothing to train (kohya: max_train_steps must be greater)")
+    if resume_state is not None and initial_step is None:
         check_resume_has_work(args, resume_state, max_train_steps)
     return Plan(args=args, output_dir=output_dir, output_name=output_name, models=models, spec=spec,
                 resolution=resolution, batch_size=batch_size, network=network, network_module=args.network_module,
                 network_kwargs=network_kwargs, train_unet=train_unet, train_text_encoder=train_text_encoder,
                 optimizer=optimizer, param_descriptions=descriptions, epochs=epochs,
                 max_train_steps=max_train_steps, num_epochs=num_epochs, resume_state=resume_state,
-                builtin=builtin, validation_indices=list(range(len(spec.items) - held_out, len(spec.items))))
+                builtin=builtin, validation_indices=list(range(len(spec.items) - held_out, len(spec.items))),
+                initial_step=initial_step)
+
+
+def initial_step_of(args, epoch_updates: int) -> int | None:
+    """kohya's start step: ``--initial_step``, else ``(--initial_epoch - 1) × steps per epoch``; None if neither."""
+    if args.initial_step is not None:
+        return args.initial_step
+    if args.initial_epoch is not None:
+        return (args.initial_epoch - 1) * epoch_updates
+    return None
 
 
 def merge_base_weights(args, module, models) -> None:
