@@ -209,3 +209,16 @@ def test_initial_step_past_the_planned_steps_fails_before_training(tmp_path):
 
     with pytest.raises(ArgumentError, match="start at step 12, but the run plans 10 steps"):
         prepare(parse_args(["--output_dir", str(tmp_path), "--max_train_steps", "10", "--initial_step", "12"]))
+
+
+def test_debug_dataset_prints_the_first_epoch_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    from library.hina_train import loop
+    from library.hina_train.cli import run
+
+    monkeypatch.setattr(loop, "train", lambda plan: pytest.fail("--debug_dataset must not train"))
+    assert run(["--output_dir", str(tmp_path / "out"), "--debug_dataset"]) is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1, step ")]
+    images = sorted(p.name for p in (tmp_path / "out" / "demo_data").rglob("*.png"))
+    assert {line.split(": ", 1)[1].split(" (")[0].rsplit("/", 1)[-1] for line in lines} == set(images)
+    assert all(" -> bucket 64x64): '" in line for line in lines)
+    assert not list((tmp_path / "out").glob("*.safetensors"))

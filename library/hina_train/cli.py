@@ -30,6 +30,11 @@ def run(argv: list[str]) -> dict | None:
     from .trainer import prepare
 
     plan = prepare(args, given_flags(argv))
+    if args.debug_dataset:  # kohya: show the data as training would see it, and do not train
+        from .dataset import debug_lines
+
+        print("\n".join(debug_lines(plan.spec.items, plan.epochs, args.seed)))
+        return None
     return train(plan)
 
 

@@ -446,3 +446,20 @@ class Epochs:
             order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
             batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def debug_lines(items: list[Item], epochs: Epochs, seed: int) -> list[str]:
+    """kohya's ``--debug_dataset`` as text: every batch of the first epoch, each image with its size, bucket
+    and the caption as training would see it (drawn with ``seed``); nothing is trained."""
+    generator = torch.Generator().manual_seed(seed)
+    lines = [f"debug_dataset: {len(items)} images, {len(epochs.indices)} samples per epoch "
+             f"(repeats included), {epochs.batches_per_epoch} batches of up to {epochs.batch_size}"]
+    for step, batch in enumerate(epochs.batches(0), start=1):
+        for i in batch:
+            item = items[i]
+            w, h = item.size
+            bw, bh = item.bucket or item.size
+            reg = ", regularisation" if item.subset.is_reg else ""
+            caption = process_caption(item.caption, item.subset, generator, 1)
+            lines.append(f"epoch 1, step {step}: {item.image} ({w}x{h} -> bucket {bw}x{bh}{reg}): {caption!r}")
+    return lines
