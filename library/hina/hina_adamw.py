@@ -261,8 +261,11 @@ def _decode(stored, qmap, block_size):
 def _store(stored, value, keep_blocks, qmap, signed: bool, block_size: int) -> None:
     """Write ``value`` into fp32 or (codes, absmax) storage; blocks where ``keep_blocks`` stay as they were."""
     if isinstance(stored, tuple):
-        codes, absmax = quant.encode(value, qmap, block_size, signed)
-        stored[0].copy_(torch.where(keep_blocks, stored[0].view(-1, block_size), codes.view(-1, block_size)).view(-1))
+        codes, absmax = quant.encode_int32(value, qmap, block_size, signed)
+        # Select in int32, not uint8: CPU inductor vectorises a uint8 select lane by lane (measured 2x slower
+        # encode); the codes are the same.
+        kept = torch.where(keep_blocks, quant.code_indices(stored[0]).view(-1, block_size), codes.view(-1, block_size))
+        stored[0].copy_(kept.to(torch.uint8).view(-1))
         stored[1].copy_(torch.where(keep_blocks.squeeze(1), stored[1], absmax))
     else:
         stored.copy_(torch.where(keep_blocks, stored.view(-1, block_size), value.view(-1, block_size)).view(-1))

@@ -56,6 +56,8 @@ eager runs ~30 separate ops and is meant only as the fallback.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _MAX_EXPONENT = 7  # decades 10^-7..10^0 of bitsandbytes' default dynamic map (max_exponent_bits=7)
@@ -129,6 +131,7 @@ def dynamic_map(signed: bool, device) -> torch.Tensor:
     if key not in _DYNAMIC_MAPS:
         _DYNAMIC_MAPS[key] = _build_dynamic_map(bool(signed)).to(key[1])
         midpoints(*key)  # encode's rounding table, built here (eagerly) rather than while tracing
+        _BYTE_SHIFTS.setdefault(key[1], _byte_shifts(key[1]))
     return _DYNAMIC_MAPS[key]
 
 
@@ -171,6 +174,13 @@ def encode(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) -> tup
 
     ``qmap`` must be ``dynamic_map(signed, x.device)``: the code arithmetic assumes its layout.
     """
+    codes, absmax = encode_int32(x, qmap, block, signed)
+    return codes.to(torch.uint8).reshape(x.shape), absmax
+
+
+def encode_int32(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode`` with the codes as int32 ``(n // block, block)``, for a caller that selects among codes before
+    storing them (CPU inductor vectorises selects on uint8 lane by lane: measured 2x slower)."""
     _check_block(x.numel(), block)
     blocks = x.reshape(-1, block).to(torch.float32)
     absmax = blocks.abs().amax(dim=1)  # NaN if the block holds a NaN, inf if it holds ±inf
@@ -190,11 +200,40 @@ def encode(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) -> tup
     else:
         # no zero-point: a positive value gets at least the smallest positive code
         code = torch.where((a > 0) & (code == 0), torch.ones_like(code), code)
-    return code.to(torch.uint8).reshape(x.shape), absmax
+    return code, absmax
 
 
 def decode(codes: torch.Tensor, absmax: torch.Tensor, qmap: torch.Tensor, block: int) -> torch.Tensor:
     """Dequantise: ``qmap[codes] * absmax`` per block, float32[n] (same as bitsandbytes' dequantize_blockwise)."""
     _check_block(codes.numel(), block)
-    values = qmap[codes.reshape(-1, block).to(torch.int32)]
+    values = qmap[code_indices(codes).reshape(-1, block)]
     return (values * absmax[:, None]).reshape(codes.shape)
+
+
+_BYTE_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_shifts(device) -> torch.Tensor:
+    return torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=device)
+
+
+def code_indices(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes as int32 indices. A contiguous, 4-byte aligned buffer is read as int32 words and split with
+    shifts (little-endian byte order): CPU inductor loads 8 uint8 lanes through a zeroed 32-byte buffer, and
+    reading words measured 1.35x faster per decode. Anything else is converted element by element.
+
+    While tracing, ``storage_offset`` is not readable without a graph break: the codes are taken to start at a
+    word boundary, as every codec buffer does (a view of them that does not makes ``view(int32)`` fail at
+    compile time, and the step then runs eagerly, where the offset is checked)."""
+    aligned = (sys.byteorder == "little" and codes.dtype == torch.uint8 and codes.is_contiguous()
+               and codes.numel() % 4 == 0
+               and (torch.compiler.is_compiling() or codes.storage_offset() % 4 == 0))
+    if not aligned:
+        return codes.reshape(-1).to(torch.int32)
+    shifts = _BYTE_SHIFTS.get(codes.device)
+    if shifts is None:  # dynamic_map fills the cache eagerly; never store a tensor made while tracing
+        shifts = _byte_shifts(codes.device)
+        if not torch.compiler.is_compiling():
+            _BYTE_SHIFTS[codes.device] = shifts
+    words = codes.reshape(-1).view(torch.int32).view(-1, 1)
+    return ((words >> shifts) & 255).view(-1)
