@@ -445,8 +445,8 @@ CASES = [
     Case("network", "foreign-exception", "a network module failing with a bare AssertionError (LyCORIS)",
          _foreign_network_module, ArgumentError,
          r"--network_module foreign_net failed to build the network .*AssertionError: duplicated lora name"),
-    Case("kohya options", "refused", "--torch_compile (a kohya option not implemented here)",
-         _cli(lambda t: ["--torch_compile"]), ArgumentError, "--torch_compile is a kohya sd-scripts option"),
+    Case("kohya options", "refused", "--deepspeed (a kohya option not implemented here)",
+         _cli(lambda t: ["--deepspeed"]), ArgumentError, "--deepspeed is a kohya sd-scripts option"),
     Case("kohya options", "inert", "--xformers", _printed(lambda t: __import__(
         "library.hina_train.args", fromlist=["x"]).parse_args(["--xformers"])), None),
     Case("data", "caption-extension", "captions in .txt files with kohya's default --caption_extension .caption",

@@ -222,3 +222,33 @@ def test_debug_dataset_prints_the_first_epoch_and_trains_nothing(tmp_path, capsy
     assert {line.split(": ", 1)[1].split(" (")[0].rsplit("/", 1)[-1] for line in lines} == set(images)
     assert all(" -> bucket 64x64): '" in line for line in lines)
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_torch_compile_compiles_the_unet_with_the_backend(trainer):
+    import torch._dynamo
+
+    from library.hina_train.loop import Trainer
+
+    latents = _latents()
+    plain = _loss(trainer, latents)
+    args, models = trainer.plan.args, trainer.plan.models
+    unet = models.unet
+    args.torch_compile, args.dynamo_backend = True, "eager"  # dynamo traces; no code generation (fast)
+    torch._dynamo.reset()
+    try:
+        compiled = Trainer(trainer.plan)
+        compiled._setup_models()
+        compiled.batch_items = trainer.batch_items
+        assert isinstance(models.unet, torch._dynamo.eval_frame.OptimizedModule) and models.unet._orig_mod is unet
+        got = _loss(compiled, latents)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo traced the U-Net
+        assert got == pytest.approx(plain, rel=1e-4)
+    finally:
+        models.unet = unet
+        args.torch_compile, args.dynamo_backend = False, "inductor"
+        torch._dynamo.reset()
+
+
+def test_dynamo_backend_must_be_kohyas_choice():
+    with pytest.raises(ArgumentError, match="--dynamo_backend 'fast'; valid: eager, aot_eager, inductor"):
+        parse_args(["--torch_compile", "--dynamo_backend", "fast"])

@@ -107,6 +107,8 @@ class Trainer:
             for te in models.text_encoders:
                 te.gradient_checkpointing_enable()
                 te.train()
+        if args.torch_compile:  # kohya: accelerate's dynamo plugin compiles the U-Net it prepares
+            models.unet = torch.compile(models.unet, backend=args.dynamo_backend)
         self.conditioner = TextConditioner(models, args.clip_skip, plan.resolution, args.max_token_length)
         self.network, self.optimizer = self.accelerator.prepare(plan.network, plan.optimizer)
         self.inner_optimizer = plan.optimizer

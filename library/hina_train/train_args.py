@@ -12,6 +12,9 @@ import logging
 
 from .errors import ArgumentError
 
+# kohya's --dynamo_backend choices (train_util.add_training_arguments); torch must also have the backend
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi", "fx2trt",
+                   "onnxrt", "tensort", "ipex", "tvm")
 # kohya's sai_model_spec.add_model_spec_arguments: each --metadata_X goes into the file as modelspec.X
 METADATA_FIELDS = ("title", "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from",
                    "trigger_phrase", "preprocessor", "is_negative_embedding")
@@ -39,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="network weights to merge into the model before training")
     a("--base_weights_multiplier", type=float, default=None, nargs="*",
       help="multiplier for each --base_weights file (default 1)")
+    # compilation
+    a("--torch_compile", action="store_true", help="compile the U-Net with torch.compile")
+    a("--dynamo_backend", type=str, default="inductor",
+      help=f"torch.compile backend for --torch_compile: {', '.join(DYNAMO_BACKENDS)} (default inductor)")
     # where the run starts (kohya: lr scheduler untouched; only --resume restores it)
     a("--initial_epoch", type=int, default=None,
       help="initial epoch number, 1 means first epoch (same as not specifying); the lr schedule starts at 0 "
@@ -81,6 +88,15 @@ def check(args, optimizer_type_default: str) -> None:
     if (args.fp8_base or args.fp8_base_unet) and args.mixed_precision == "no":
         raise ArgumentError("--fp8_base/--fp8_base_unet need --mixed_precision fp16 or bf16 (the float8 weights are "
                             "used through autocast)")
+    if args.dynamo_backend not in DYNAMO_BACKENDS:
+        raise ArgumentError(f"--dynamo_backend {args.dynamo_backend!r}; valid: {', '.join(DYNAMO_BACKENDS)}")
+    if args.torch_compile:
+        import torch._dynamo
+
+        available = torch._dynamo.list_backends(exclude_tags=())
+        if args.dynamo_backend not in available:
+            raise ArgumentError(f"--dynamo_backend {args.dynamo_backend!r} is not available in this torch; "
+                                f"available: {', '.join(b for b in DYNAMO_BACKENDS if b in available)}")
     if args.initial_epoch is not None and (isinstance(args.initial_epoch, bool) or not isinstance(args.initial_epoch, int)
                                            or args.initial_epoch < 1):
         raise ArgumentError(f"--initial_epoch {args.initial_epoch!r} must be an epoch number >= 1 (1: the first)")
