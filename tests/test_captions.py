@@ -168,3 +168,35 @@ def test_text_encoder_cache_refuses_changing_captions():
         from library.hina_train.args import parse_args
 
         parse_args(["--cache_text_encoder_outputs"])
+
+
+def test_wildcards_pick_one_line_and_one_choice_each():
+    subset = _subset(enable_wildcard=True)
+    seen = set()
+    for seed in range(40):
+        got = captions.process_caption("a {red|blue} {{literal}} shape\nline two {x|y}", subset, _gen(seed))
+        assert got in {"a red {literal} shape", "a blue {literal} shape", "line two x", "line two y"}, got
+        seen.add(got)
+    assert len(seen) == 4  # every line and every choice is drawn
+    assert captions.process_caption("a {red|blue}", _subset(), _gen()) == "a {red|blue}"  # off: left as written
+
+
+def test_wildcard_caption_file_keeps_every_line(tmp_path):
+    from PIL import Image
+
+    from library.hina_train.dataset import _caption
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("first {x|y}\n\nsecond\n")
+    assert _caption(tmp_path / "a.png", _subset(caption_extension=".txt"))[0] == "first {x|y}"
+    both = _subset(caption_extension=".txt", enable_wildcard=True)
+    assert _caption(tmp_path / "a.png", both)[0] == "first {x|y}\nsecond"
+
+
+def test_enable_wildcard_on_the_command_line_reaches_the_folders_subsets(tmp_path):
+    from library.hina_train.args import parse_args
+    from library.hina_train.dataset import subsets_from_folder
+
+    (tmp_path / "2_dog").mkdir()
+    args = parse_args(["--train_data_dir", str(tmp_path), "--enable_wildcard"])
+    assert [s.enable_wildcard for s in subsets_from_folder(tmp_path, args)] == [True]

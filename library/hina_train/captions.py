@@ -4,11 +4,13 @@ In order:
 1. ``caption_prefix`` + " " + caption + " " + ``caption_suffix``;
 2. caption dropout: the whole caption becomes "" with probability ``caption_dropout_rate``, and in every
    epoch divisible by ``caption_dropout_every_n_epochs`` (epochs counted from 1, as kohya counts them);
-3. tags (split at ``caption_separator``, default ","): the fixed head is the first ``keep_tokens`` tags, or,
+3. ``enable_wildcard``: a multi-line caption file gives one line at random, and each ``{a|b|c}`` becomes one
+   of its choices at random (``{{``/``}}`` are literal braces); without it only the first line is read;
+4. tags (split at ``caption_separator``, default ","): the fixed head is the first ``keep_tokens`` tags, or,
    when ``keep_tokens_separator`` occurs in the caption, the part before it (a second occurrence also fixes
    a tail); the flexible tags in between are shuffled (``shuffle_caption``) and each dropped with
    probability ``caption_tag_dropout_rate``; the tags are joined with ", ";
-4. ``secondary_separator`` is replaced by ``caption_separator`` (so "a;;b" stays one tag through shuffling).
+5. ``secondary_separator`` is replaced by ``caption_separator`` (so "a;;b" stays one tag through shuffling).
 
 Randomness comes from the micro-batch's ``torch.Generator``, so a resumed run draws the same captions.
 """
@@ -38,6 +40,24 @@ def split_fixed_flexible(caption: str, keep_tokens: int, keep_tokens_separator: 
     return [], tags, []
 
 
+def _pick(choices: list[str], generator: torch.Generator) -> str:
+    return choices[int(torch.randint(len(choices), (), generator=generator))]
+
+
+def expand_wildcards(caption: str, generator: torch.Generator) -> str:
+    """kohya's wildcards: one line of a multi-line caption, then every ``{a|b}`` replaced by one choice."""
+    import re
+
+    if "\n" in caption:
+        caption = _pick(caption.split("\n"), generator)
+    open_mark, close_mark = "\u2985", "\u2986"  # stand-ins for escaped braces, made unique as kohya does
+    while open_mark in caption or close_mark in caption:
+        open_mark, close_mark = open_mark + "\u2985", close_mark + "\u2986"
+    caption = caption.replace("{{", open_mark).replace("}}", close_mark)
+    caption = re.sub(r"\{([^}]+)\}", lambda m: _pick(m.group(1).split("|"), generator), caption)
+    return caption.replace(open_mark, "{").replace(close_mark, "}")
+
+
 def process_caption(caption: str, subset, generator: torch.Generator, epoch: int = 1) -> str:
     """The caption a sample trains with this time (see the module docstring). ``subset`` carries kohya's
     per-subset caption settings; ``epoch`` counts from 1."""
@@ -50,6 +70,8 @@ def process_caption(caption: str, subset, generator: torch.Generator, epoch: int
     every = subset.caption_dropout_every_n_epochs
     if dropped or (every and every > 0 and epoch % every == 0):
         return ""
+    if getattr(subset, "enable_wildcard", False):
+        caption = expand_wildcards(caption, generator)
     separator = subset.caption_separator
     if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0:
         fixed, flexible, tail = split_fixed_flexible(caption, subset.keep_tokens, subset.keep_tokens_separator,

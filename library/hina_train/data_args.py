@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       help="tags before this separator are not shuffled (instead of --keep_tokens); a second one fixes a tail")
     a("--secondary_separator", type=str, default=None,
       help="replaced by caption_separator after shuffling/dropping (keeps a multi-part tag together)")
+    a("--enable_wildcard", action="store_true",
+      help="enable wildcards in captions ('{image|picture|rendition}'; a multi-line caption file: one line at random)")
     a("--caption_prefix", type=str, default=None, help="prefix for caption text")
     a("--caption_suffix", type=str, default=None, help="suffix for caption text")
     a("--caption_dropout_rate", type=float, default=0.0, help="rate of dropping the whole caption (0.0~1.0)")

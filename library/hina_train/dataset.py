@@ -44,7 +44,7 @@ SUBSET_TYPES = {
     "secondary_separator": (str,), "caption_prefix": (str,), "caption_suffix": (str,),
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
     "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,), "random_crop": (bool,),
-    "color_aug": (bool,),
+    "color_aug": (bool,), "enable_wildcard": (bool,),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -83,6 +83,7 @@ class Subset:
     random_crop: bool = False
     color_aug: bool = False
     is_reg: bool = False
+    enable_wildcard: bool = False
 
 
 @dataclass
@@ -239,6 +240,8 @@ def _caption(image: Path, subset: Subset) -> tuple[str, bool]:
         except UnicodeDecodeError:
             raise DatasetError(f"caption {str(path)!r} is not UTF-8 text") from None
         if lines and lines[0].strip():
+            if subset.enable_wildcard:  # kohya: every non-empty line; each sample picks one (captions.py)
+                return "\n".join(line.strip() for line in lines if line.strip()), False
             return lines[0].strip(), False
     if subset.class_tokens:
         return subset.class_tokens, True
