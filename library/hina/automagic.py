@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, StepContext
-from . import techniques
+from . import quant, techniques
+from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, decoupled_update
+from .codec import dynamic_map
+from .compiled import MaybeCompiled
 from .techniques import came, lr_mask
 from .techniques import multiscale_momentum as msm
-from .techniques.contextual import ContextualModule, sketch, sketch_length
+from .techniques.alora import row_coefficients
+from .techniques.contextual import ContextualModule, sketch, sketch_length, sketch_signs
 from .techniques.frequency import suppress_high_frequency_
 from .techniques.lowrank import add_lowrank_penalty_
 from .techniques.tam import tam_step
-
-SIDE_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col", "exp_avg_sq")
 
 
 def _check_triple(name, values, low, high, high_open=True):
@@ -116,6 +117,7 @@ class _AutomagicCame(HinaOptimizer):
                                             context["adaptation_rate"], context["verbose"])
             self._sketches: dict[tuple[int, int], torch.Tensor] = {}
             self._grad_sq: list[torch.Tensor] = []
+            self._stepped: list[torch.Tensor] = []
             self._pending_loss = None
 
     # --- states ------------------------------------------------------------------------------------------------
@@ -133,103 +135,119 @@ class _AutomagicCame(HinaOptimizer):
     def vector_specs(self, group):
         return ["tam_smoothed"] if group["use_tam"] else []
 
-    def _side_state(self, p: torch.Tensor) -> dict:
-        """CAME's factored statistics (or a 1-D tensor's full v), kept per tensor in optimizer.state."""
-        state = self.state[p]
-        if came.is_factored(p.shape):
-            if "exp_avg_sq_row" not in state:
-                state.update(came.factored_states(p.shape, p.device))
-        elif "exp_avg_sq" not in state:
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return state
+    # --- CAME's statistics: one flat side vector per chunk (techniques/came.py) --------------------------------
+    def _build_layout(self, group, roles):
+        layout = super()._build_layout(group, roles)
+        for pack in layout.chunks:
+            geometry = came.side_layout(pack.shapes, pack.numels, pack.offsets, pack.slots, pack.device)
+            pack.came = geometry
+            pack.came_side = torch.zeros(geometry.used, device=pack.device)
+            self._adopt_side(pack)
+        return layout
+
+    def _adopt_side(self, pack) -> None:
+        """Per-parameter views of the chunk's side vector in ``optimizer.state`` (``exp_avg_sq_row``/``_col``,
+        ``exp_avg_res_row``/``_col``; a 1-D tensor's ``exp_avg_sq``), taking over loaded or earlier values."""
+        geometry, side = pack.came, pack.came_side
+        for i, p in enumerate(pack.params):
+            rows, cols = geometry.rows[i], geometry.cols[i]
+            if came.is_factored(p.shape) and pack.numels[i]:
+                views = {"exp_avg_sq_row": side.narrow(0, geometry.row_base[i], rows),
+                         "exp_avg_res_row": side.narrow(0, geometry.res_base[i], rows),
+                         "exp_avg_sq_col": side.narrow(0, geometry.col_base[i], cols),
+                         "exp_avg_res_col": side.narrow(0, geometry.col_base[i] + geometry.cols_total, cols)}
+            else:
+                views = {"exp_avg_sq": side.narrow(0, geometry.row_base[i], rows).view(p.shape)}
+            state = self.state[p]
+            for key, view in views.items():
+                if key in state and state[key] is not view:
+                    view.copy_(state[key].reshape(view.shape))
+                state[key] = view
 
     def state_nbytes(self) -> int:
-        side = sum(v.numel() * v.element_size() for s in self.state.values() for k, v in s.items()
-                   if k in SIDE_KEYS and isinstance(v, torch.Tensor))
+        side = sum(pack.came_side.numel() * 4 for layout in self._layouts.values() for pack in layout.chunks)
         return super().state_nbytes() + side
 
     def row_scaled(self, group, roles):
         return [group["use_alora"] and role in ADAPTER_MATRIX_ROLES for role in roles]
 
     # --- the update ----------------------------------------------------------------------------------------------
-    def compute_update(self, ctx: StepContext, states, vectors):
-        group, pack, grad = ctx.group, ctx.pack, ctx.grad
+    def _step_vectors(self, group, pack, steps, active) -> torch.Tensor:
+        """Per-tensor inputs of a chunk's step, one (10, slots) tensor: lr, 1 - lr wd, the confidence correction
+        1 / (1 - b3^t), active, first step, and the lr mask's adapt flag, bump, min, max and start ratios (the
+        same for every tensor). Built on the host in float64, one small copy to the device per chunk."""
+        beta3 = group["betas"][2]
+        spare = [0.0] * (pack.slots - len(pack))
+        lr = group["lr"]
+        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+        wd = self.current_weight_decay(group)
+        correct = group["confidence_bias_correction"]
+        mask = lr_mask.step_constants(group) if group["use_lr_mask"] else (0.0, 0.0, 1.0, 1.0, 1.0)
+        rows = [[lr] * len(pack) + spare, [1.0 - lr * wd] * len(pack) + spare,
+                [came.confidence_correction(beta3, s + 1, correct) for s in steps] + spare,
+                [float(a) for a in active] + spare, [float(s == 0) for s in steps] + spare]
+        rows += [[value] * pack.slots for value in mask]
+        return torch.tensor(rows, dtype=torch.float64).float().to(pack.device)
+
+    def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
+        """One chunk: decode -> the recipe -> apply -> encode, in one (optionally compiled) function."""
+        codec = pack.codec
+        names = self._momentum_names(group)
+        moments = tuple(codec.storage(name) for name in names)
+        mask = codec.storage("lr_mask") if group["use_lr_mask"] else None
+        qmap = dynamic_map(True, pack.device) if codec.bits == 8 else None
+        scaled = self.row_scaled(group, pack.roles)
+        row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef")) if any(scaled) else None
+        transformed = None
+        if group["use_fft_suppression"] or group["use_lowrank_reg"]:
+            transformed = self._transform_per_tensor(group, pack, grad, weight, active)
+        geometry = pack.came
+        side = pack.pool.get("came_side", _side_size(geometry.used, pack.total), torch.float32, pack.device)
+        side.narrow(0, 0, geometry.used - 1).copy_(pack.came_side.narrow(0, 0, geometry.used - 1))
+        multiplier = self.c_optim.multiplier_tensor() if self.contextual else None
+        signs = sketch_signs(pack.total, pack.device) if self.contextual else None
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2, eps3 = group["eps"]
-        active = [i for i, a in enumerate(ctx.active) if a]
-        first = [i for i in active if ctx.steps[i] == 0]
+        nonfinite, observed = _fused(
+            self.use_compile(), grad, transformed, weight, row_coef, moments, mask, pack.vectors.get("tam_smoothed"),
+            side, self._step_vectors(group, pack, steps, active), geometry.slot_ints, geometry.factored,
+            pack.segments, qmap, signs, multiplier, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
+            eps3=eps3, clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"],
+            scales=tuple(group["momentum_scales"]) if self.contextual else (1,),
+            orthogonal=group["use_orthogonal_grad"] and transformed is None,
+            agr=group["use_agr"] and transformed is None, tam=group["use_tam"], grams=group["use_grams"],
+            cautious=group["use_cautious"])
+        pack.came_side.narrow(0, 0, geometry.used - 1).copy_(side.narrow(0, 0, geometry.used - 1))
         if self.contextual:
-            self._observe(ctx)
+            self._observe(group, pack, *observed)
+        return nonfinite
 
-        # gradient transforms
+    def _transform_per_tensor(self, group, pack, grad, weight, active) -> torch.Tensor:
+        """⊥Grad and AGR, then the per-tensor FFT suppression and low-rank penalty (options, off by default:
+        an FFT or an SVD per tensor, eager), on a copy of the gradient in the work pool."""
+        g = pack.buffer("grad_transformed")
+        g.copy_(grad)
         if group["use_orthogonal_grad"]:
-            grad.copy_(techniques.orthogonalize(grad, ctx.weight, pack.segments))
+            g.copy_(techniques.orthogonalize(g, weight, pack.segments))
         if group["use_agr"]:
-            grad.copy_(techniques.agr(grad, pack.segments))
-        grads = pack.views(grad)
-        if group["use_fft_suppression"]:
-            for i in active:
+            g.copy_(techniques.agr(g, pack.segments))
+        grads = pack.views(g)
+        for i, is_active in enumerate(active):
+            if not is_active:
+                continue
+            if group["use_fft_suppression"]:
                 suppress_high_frequency_(grads[i], group["fft_cutoff"], group["fft_strength"])
-        if group["use_lowrank_reg"]:
-            for i in active:
-                if ctx.roles[i] in ADAPTER_MATRIX_ROLES:
-                    add_lowrank_penalty_(grads[i], pack.params[i].detach(), group["lowrank_rank"],
-                                         group["lowrank_strength"])
-
-        # CAME: U = G / sqrt(V_hat), clipped per tensor
-        normalized = ctx.scratch("came_u")
-        units = pack.views(normalized)
-        sides = {}
-        for i, p in enumerate(pack.params):
-            if i not in sides and ctx.active[i]:
-                sides[i] = self._side_state(p)
-                came.normalize_(grads[i], units[i], sides[i], beta2, eps1)
-            else:
-                units[i].zero_()
-        pack.scale_(normalized, came.clip_factor(normalized, pack, group["clip_threshold"]))
-
-        names = self._momentum_names(group)
-        if group["use_tam"]:
-            damping, smoothed = tam_step(states[names[0]], normalized, vectors["tam_smoothed"], group["tam_beta"],
-                                         pack.segments)
-            vectors["tam_smoothed"].copy_(smoothed)
-            momentum_input = torch.mul(normalized, 1.0, out=ctx.scratch("momentum_input"))
-            pack.scale_(momentum_input, damping)
-        else:
-            momentum_input = normalized
-        if self.contextual:
-            momentum = msm.multiscale_update_([states[n] for n in names], momentum_input, beta1,
-                                              group["momentum_scales"], ctx.scratch("momentum"))
-        else:
-            momentum = states["exp_avg"].mul_(beta1).add_(momentum_input, alpha=1.0 - beta1)
-
-        # CAME confidence
-        update = ctx.scratch("update")
-        updates, moments = pack.views(update), pack.views(momentum)
-        for i in range(len(pack.params)):
-            if ctx.active[i]:
-                correction = came.confidence_correction(beta3, ctx.steps[i] + 1, group["confidence_bias_correction"])
-                came.confidence_(moments[i], units[i], updates[i], sides[i], beta3, eps2, eps3, correction)
-            else:
-                updates[i].zero_()
-
-        if group["use_grams"]:
-            update.copy_(techniques.grams(update, grad))
-        if group["use_cautious"]:
-            update.copy_(techniques.cautious(update, grad, pack.segments))
-        if group["use_lr_mask"]:
-            update.mul_(lr_mask.mask_ratio(pack, states["lr_mask"], normalized, first, group,
-                                           ctx.scratch("lr_ratio")))
-        if self.contextual:
-            update.mul_(self.c_optim.multiplier_tensor())
-        return update
+            if group["use_lowrank_reg"] and pack.roles[i] in ADAPTER_MATRIX_ROLES:
+                add_lowrank_penalty_(grads[i], pack.params[i].detach(), group["lowrank_rank"], group["lowrank_strength"])
+        return g
 
     # --- C-Optim context --------------------------------------------------------------------------------------------
-    def _observe(self, ctx: StepContext) -> None:
-        gi = next(i for i, g in enumerate(self.param_groups) if g is ctx.group)
-        pi = next(i for i, p in enumerate(self._layouts[gi].chunks) if p is ctx.pack)
-        self._sketches[(gi, pi)] = sketch(ctx.grad)
-        self._grad_sq.append(torch.dot(ctx.grad, ctx.grad))
+    def _observe(self, group, pack, chunk_sketch, grad_sq, stepped) -> None:
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        pi = next(i for i, p in enumerate(self._layouts[gi].chunks) if p is pack)
+        self._sketches[(gi, pi)] = chunk_sketch
+        self._grad_sq.append(grad_sq)
+        self._stepped.append(stepped)
 
     def observe_loss(self, loss) -> None:
         if self.contextual:
@@ -239,9 +257,10 @@ class _AutomagicCame(HinaOptimizer):
     def step(self, closure=None):
         if not self.contextual:
             return super().step(closure)
-        self._sketches, self._grad_sq = {}, []
+        self._sketches, self._grad_sq, self._stepped = {}, [], []
         loss = super().step(closure)
-        if self._sketches:
+        # one host sync per step: a step in which every gradient was skipped leaves the context as it was
+        if self._sketches and bool(torch.stack([n.to(self._stepped[0].device) for n in self._stepped]).sum() > 0):
             parts = []
             for gi in range(len(self.param_groups)):
                 layout = self._layouts.get(gi)
@@ -253,7 +272,7 @@ class _AutomagicCame(HinaOptimizer):
             grad_norm = torch.stack([g.to(device) for g in self._grad_sq]).sum().sqrt()
             self.c_optim.update(torch.cat([p.to(device) for p in parts]), grad_norm, self._pending_loss)
         self._pending_loss = None
-        self._sketches, self._grad_sq = {}, []
+        self._sketches, self._grad_sq, self._stepped = {}, [], []
         return loss
 
     def get_optimization_info(self) -> dict:
@@ -261,6 +280,114 @@ class _AutomagicCame(HinaOptimizer):
         if self.contextual:
             info["c_optim"] = self.c_optim.summary()
         return info
+
+
+def _side_size(used: int, total: int) -> int:
+    """The side vector's length inside the compiled step: ``used`` rounded up to a sixteenth of the chunk, so
+    chunks of one shape share a few compiled graphs (the stored side vector is exactly ``used`` long)."""
+    granule = max(total // 16, 64)
+    return -(-used // granule) * granule
+
+
+def _load(stored, qmap, block: int) -> torch.Tensor:
+    """A flat state as fp32: fp32 storage as it is, 8-bit (codes, absmax) decoded."""
+    if isinstance(stored, tuple):
+        return quant.decode(stored[0], stored[1], qmap, block)
+    return stored
+
+
+def _store(stored, value, keep, qmap, block: int) -> None:
+    """Write ``value`` into fp32 or 8-bit (signed) storage; blocks where ``keep`` stay as they were."""
+    if isinstance(stored, tuple):
+        codes, absmax = quant.encode(value, qmap, block, True)
+        stored[0].copy_(torch.where(keep, stored[0].view(-1, block), codes.view(-1, block)).view(-1))
+        stored[1].copy_(torch.where(keep.squeeze(1), stored[1], absmax))
+    else:
+        stored.copy_(torch.where(keep, stored.view(-1, block), value.view(-1, block)).view(-1))
+
+
+def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoothed, side, step_vectors, slot_ints,
+                    factored, segments, qmap, signs, multiplier, *, beta1: float, beta2: float, beta3: float,
+                    eps1: float, eps2: float, eps3: float, clip_threshold: float, tam_beta: float, scales: tuple,
+                    orthogonal: bool, agr: bool, tam: bool, grams: bool, cautious: bool):
+    """The Automagic_CameAMP step of one chunk: decode, the recipe (module docstring), apply, encode.
+
+    Mutates in place: the momentum buffers ``moments`` (one per scale; fp32 or 8-bit (codes, absmax)), the
+    signed lr ``mask``, ``tam_smoothed``, CAME's ``side`` vector and ``weight`` (which becomes the new
+    weights); ``grad`` is read only (``transformed``, when given, is the gradient after the per-tensor
+    transforms, used in its place for the math). A tensor whose gradient (or its sum of squares) is not
+    finite is skipped like one without a gradient: states and weights stay exactly as they were.
+    Returns (skipped per slot, (sketch, sum g^2) of the raw gradient and the number of tensors that stepped, for
+    C-Optim; or None).
+    """
+    block = segments.block
+    expand = segments.expand
+    lr, decay, correction, active, first, adapt, bump, min_ratio, max_ratio, start = step_vectors.unbind(0)
+    finite = torch.isfinite(segments.sum(grad * grad))
+    live = (active > 0) & finite
+    live_blocks = expand(live)
+    keep = ~live_blocks
+    raw = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
+    g = raw if transformed is None else torch.where(keep, 0.0, transformed.view(-1, block)).view(-1)
+    if orthogonal:
+        g = techniques.orthogonalize(g, weight, segments)
+    if agr:
+        g = techniques.agr(g, segments)
+
+    # CAME: U = G / sqrt(V_hat), clipped to RMS <= d per tensor
+    ids = came.element_ids(segments, slot_ints, factored, side.numel() - 1)
+    u, side_new = came.normalize(g, side, ids, live_blocks, segments, beta2, eps1)
+    rms = (segments.sum(u * u) / segments.numel_tensor).sqrt()
+    u = (u.view(-1, block) * expand((rms / clip_threshold).clamp_min(1.0).reciprocal())).view(-1)
+
+    old = [_load(m, qmap, block) for m in moments]
+    x = u
+    smoothed = None
+    if tam:
+        damping, smoothed = tam_step(old[0], u, tam_smoothed, tam_beta, segments)
+        x = (u.view(-1, block) * expand(damping)).view(-1)
+    if len(old) == 1:
+        new = [old[0] * beta1 + x * (1.0 - beta1)]
+        momentum = new[0]
+    else:  # C-Optim's multi-scale momentum
+        new = [torch.lerp(m, x, 1.0 - b) for m, b in zip(old, msm.scale_betas(beta1, scales))]
+        weights = msm.scale_weights(scales)
+        momentum = new[0] * weights[0]
+        for m, w in zip(new[1:], weights[1:]):
+            momentum = momentum + m * w
+
+    update, side_new = came.confidence(momentum, u, side_new, ids, live_blocks, segments, correction, beta3, eps2,
+                                       eps3)
+    if grams:
+        update = techniques.grams(update, g)
+    if cautious:
+        update = techniques.cautious(update, g, segments)
+    if mask is not None:
+        ratio, mask_new = lr_mask.mask_step(_load(mask, qmap, block).view(-1, block), u.view(-1, block),
+                                            expand(first), expand(adapt), expand(bump), expand(min_ratio),
+                                            expand(max_ratio), expand(start))
+        update = (update.view(-1, block) * ratio).view(-1)
+    if multiplier is not None:
+        update = update * multiplier
+    if row_coef is not None:
+        update = update * row_coef
+    new_weight = decoupled_update(weight, update, g, None, segments, lr, decay, 0.0, spd=False)
+
+    for stored, value in zip(moments, new):
+        _store(stored, value, keep, qmap, block)
+    if mask is not None:
+        _store(mask, mask_new.view(-1), keep, qmap, block)
+    if tam:
+        tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
+    side.copy_(side_new)
+    weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
+    observed = None
+    if signs is not None:
+        observed = (sketch(raw, signs), (raw * raw).sum(), live.sum())
+    return (active > 0) & ~finite, observed
+
+
+_fused = MaybeCompiled(automagic_chunk)
 
 
 _COMMON_DOC = """
@@ -276,7 +403,8 @@ _COMMON_DOC = """
         use_alora: ALLoRA row scaling of LoRA/LoKr matrices (arXiv 2410.09692).
         use_fft_suppression, fft_cutoff, fft_strength: ``techniques/frequency.py`` (off by default).
         use_lowrank_reg, lowrank_rank, lowrank_strength: ``techniques/lowrank.py`` (off by default).
-        compile_step: torch.compile the core's apply stage: True, False, or None (auto: models of 1M+ elements).
+        compile_step: torch.compile the chunk step (decode, CAME, lr mask, apply, encode in one function):
+            True, False, or None (auto: models of 1M+ elements).
 """
 _CODEC_DOC = ("        block_size: 8-bit quantisation block (seed: 4096; ``blocksize``, the seed's spelling, is "
               "accepted too).\n        min_8bit_size: smaller tensors keep fp32 states (1024: every rank-4..64 "

@@ -67,11 +67,19 @@ def _signs(length: int, device) -> torch.Tensor:
     return signs
 
 
-def sketch(flat: torch.Tensor) -> torch.Tensor:
-    """Fixed random projection of a flat fp32 buffer to ``sketch_length(flat.numel())`` values."""
+def sketch_signs(total: int, device) -> torch.Tensor:
+    """The fixed +-1 vector ``sketch`` uses for a buffer of ``total`` elements."""
+    return _signs(chunk_length(total), device)
+
+
+def sketch(flat: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """Fixed random projection of a flat fp32 buffer to ``sketch_length(flat.numel())`` values.
+
+    ``signs``: ``sketch_signs(flat.numel(), device)``, passed in where the caller is compiled."""
     n = flat.numel()
     length = chunk_length(n)
-    signs = _signs(length, flat.device)
+    if signs is None:
+        signs = _signs(length, flat.device)
     full = n // length
     parts = []
     if full:

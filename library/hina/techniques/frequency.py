@@ -37,7 +37,7 @@ def _mask(rows: int, cols: int, cutoff: float, strength: float, device) -> torch
 
 def suppress_high_frequency_(grad: torch.Tensor, cutoff: float, strength: float) -> None:
     """In place on one tensor's gradient (a view shaped like the parameter)."""
-    if grad.dim() < 2:
+    if grad.dim() < 2 or grad.numel() == 0:
         return
     g = grad.reshape(grad.shape[0], -1)
     norm = g.norm()

@@ -65,27 +65,51 @@ def validate(lr_bump: float, min_lr: float, max_lr: float | None, warmup_steps: 
         raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (must be >= 0)")
 
 
+def base_lr(group: dict) -> float:
+    """The group's base lr lr0 (set at the mask's first step, with a warning when it is above max_lr)."""
+    if "lr_mask_base_lr" not in group:
+        base = group["lr_mask_base_lr"] = float(group.get("initial_lr", group["lr"]))
+        if group["max_lr"] is not None and base > group["max_lr"]:
+            warnings.warn(f"lr={base:g} is above max_lr={group['max_lr']:g}: the lr mask caps every element's lr at "
+                          "max_lr, so this lr has no effect beyond it; raise max_lr (or set max_lr=None for "
+                          f"{DEFAULT_MAX_RATIO:g}x the lr) or set use_lr_mask=False", stacklevel=5)
+    base = group["lr_mask_base_lr"]
+    if not base > 0.0:
+        raise ValueError(f"lr_mask needs a positive base learning rate, the group has lr={base!r}; "
+                         "set lr > 0 or use_lr_mask=False")
+    return base
+
+
+def step_constants(group: dict) -> tuple[float, float, float, float, float]:
+    """(adapt, bump, min ratio, max ratio, start ratio) of this step, host floats: adapt is 1.0 once the
+    group's step count is past ``warmup_steps``; a tensor's first step starts its ratio at 1, within bounds."""
+    base = base_lr(group)
+    min_ratio, max_ratio = bounds(group, base)
+    adapt = float(group.get("global_step", 0) > group["warmup_steps"])
+    return adapt, group["lr_bump"] / base, min_ratio, max_ratio, min(max(1.0, min_ratio), max_ratio)
+
+
+def mask_step(signed_mask: torch.Tensor, direction: torch.Tensor, first: torch.Tensor, adapt: torch.Tensor,
+              bump: torch.Tensor, min_ratio: torch.Tensor, max_ratio: torch.Tensor, start: torch.Tensor):
+    """``lr_mask_step_`` and ``init_mask_`` functionally, over a flat buffer (for a compiled chunk step): every
+    argument after ``direction`` broadcasts against it (per-block columns or 0-d). Returns (ratio, new mask)."""
+    polarity = direction > 0
+    ratio = signed_mask.abs()
+    bumped = torch.where(polarity == (signed_mask > 0), ratio + bump, ratio - bump)
+    ratio = torch.where(adapt > 0, torch.minimum(torch.maximum(bumped, min_ratio), max_ratio), ratio)
+    ratio = torch.where(first > 0, start, ratio)
+    return ratio, torch.where(polarity, ratio, -ratio)
+
+
 def mask_ratio(pack, signed_mask: torch.Tensor, direction: torch.Tensor, first: list[int], group: dict,
                out: torch.Tensor) -> torch.Tensor:
     """One step of the mask for a pack; returns the per-element lr ratio (effective lr = group lr * ratio).
 
     ``first``: tensors seen for the first time (their mask starts at ratio 1, clamped to the bounds).
     """
-    if "lr_mask_base_lr" not in group:
-        base = group["lr_mask_base_lr"] = float(group.get("initial_lr", group["lr"]))
-        if group["max_lr"] is not None and base > group["max_lr"]:
-            warnings.warn(f"lr={base:g} is above max_lr={group['max_lr']:g}: the lr mask caps every element's lr at "
-                          "max_lr, so this lr has no effect beyond it; raise max_lr (or set max_lr=None for "
-                          f"{DEFAULT_MAX_RATIO:g}x the lr) or set use_lr_mask=False", stacklevel=4)
-    base = group["lr_mask_base_lr"]
-    if not base > 0.0:
-        raise ValueError(f"lr_mask needs a positive base learning rate, the group has lr={base!r}; "
-                         "set lr > 0 or use_lr_mask=False")
-    min_ratio, max_ratio = bounds(group, base)
-    adapt = group.get("global_step", 0) > group["warmup_steps"]
-    lr_mask_step_(signed_mask, direction, group["lr_bump"] / base, min_ratio, max_ratio, adapt, out)
+    adapt, bump, min_ratio, max_ratio, start = step_constants(group)
+    lr_mask_step_(signed_mask, direction, bump, min_ratio, max_ratio, bool(adapt), out)
     if first:
-        start = min(max(1.0, min_ratio), max_ratio)
         masks, directions, ratios = pack.views(signed_mask), pack.views(direction), pack.views(out)
         for i in first:
             init_mask_(masks[i], directions[i], start)
