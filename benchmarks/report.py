@@ -33,7 +33,8 @@ TASK_TITLES = {"sd_lora": "Task 1: SD LoRA (tiny SD UNet, networks.lora)",
                "minilm_cls": "Pretrained: all-MiniLM-L6-v2 + peft LoRA, topic classification"}
 # docs/BENCHMARKS.md is built from these, in this order: the pretrained model first (what users train), then the
 # tiny from-scratch tasks
-DEFAULT_JSONS = ("convergence_minilm.json", "convergence_minilm_short.json", "convergence.json")
+DEFAULT_JSONS = ("convergence_minilm_defaults.json", "convergence_defaults.json", "convergence_minilm.json",
+                 "convergence_minilm_short.json", "convergence.json")
 FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"  # hand-written, kept on rebuild
 NEGLIGIBLE = 1e-3  # differences below 0.1 % of the reference mean are called negligible, however consistent
 HINA_PREFIXES = ("Hina", "AdamW_Hina", "AdamWBF16", "Automagic")
@@ -204,6 +205,37 @@ def headline(conv: dict) -> list[str]:
     return lines
 
 
+def settings_table(conv: dict) -> list[str]:
+    """Every HinaAdamW setting of the run against AdamW8bit, one column per task (each at its own best lr, paired
+    over the same seeds): where a setting is better, equal or worse. Empty without AdamW8bit or with fewer than
+    two HinaAdamW settings."""
+    tasks = [t for t, d in conv["tasks"].items() if "AdamW8bit" in d["results"]]
+    settings = []
+    for t in tasks:
+        settings += [o for o in conv["tasks"][t]["results"] if o.split(":")[0].split("+")[0] == "HinaAdamW"
+                     and o not in settings]
+    if not tasks or len(settings) < 2:
+        return []
+    lines = ["HinaAdamW settings against AdamW8bit (final held-out loss, difference of means in % of AdamW8bit's, "
+             "paired 2-standard-error verdict; each at its own best lr):", "",
+             "| HinaAdamW setting | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    short = {"lower (better)": "better", "higher (worse)": "worse", "no clear difference": "no clear difference",
+             "negligible (< 0.1 %)": "equal", "identical": "identical", "diverged": "diverged"}
+    for o in settings:
+        cells = []
+        for t in tasks:
+            res = conv["tasks"][t]["results"]
+            if o not in res:
+                cells.append("–")
+                continue
+            diff, _, verdict = compare(res[o], res["AdamW8bit"])
+            rel = "" if diff is None else f"{100 * diff / res['AdamW8bit']['mean']:+.1f} %, "
+            cells.append(f"{rel}{short[verdict]} (lr {res[o]['lr']:g})")
+        label = o + (" (task recipe)" if o == "HinaAdamW" else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def speed_line(res: dict, steps: int) -> str:
     """Convergence speed in the seed documents' sense: steps HinaAdamW needs to reach AdamW's final eval loss."""
     reach = res["HinaAdamW"].get("steps_to_adamw_final")
@@ -346,7 +378,7 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
               "median of forward + backward + clip + step; *opt.step ms* the median of `optimizer.step()`; *state "
               "B/param* is the bytes of `optimizer.state` tensors per trained parameter (on these tiny adapters; "
               "fixed per-tensor overheads weigh more than at full scale).", ""]
-    lines += ["## Headline: HinaAdamW against AdamW and AdamW8bit", ""] + headline(conv)
+    lines += ["## Headline: HinaAdamW against AdamW and AdamW8bit", ""] + settings_table(conv) + headline(conv)
     lines += ["## Convergence (`benchmarks/convergence.py`)", ""]
     lines += convergence_section(conv, docs, plots, variant)
     ablation = ablation_section(conv, docs, plots, variant)
