@@ -200,3 +200,15 @@ def test_enable_wildcard_on_the_command_line_reaches_the_folders_subsets(tmp_pat
     (tmp_path / "2_dog").mkdir()
     args = parse_args(["--train_data_dir", str(tmp_path), "--enable_wildcard"])
     assert [s.enable_wildcard for s in subsets_from_folder(tmp_path, args)] == [True]
+
+
+def test_token_warmup_keeps_the_first_tags_growing_to_all(monkeypatch):
+    caption = "fixed ||| t1, t2, t3, t4, t5, t6, t7"
+    subset = _subset(keep_tokens_separator="|||", token_warmup_min=1, token_warmup_step=4)
+    got = [captions.process_caption(caption, subset, _gen(), step=s) for s in range(6)]
+    # kohya: floor(step·(n − min)/warmup) + min of the n = 7 flexible tags until step 4, then all
+    counts = [int(s * (7 - 1) / 4) + 1 for s in range(4)] + [7, 7]
+    assert got == [", ".join(["fixed"] + [f"t{i}" for i in range(1, n + 1)]) for n in counts]
+    share = _subset(token_warmup_min=2, token_warmup_step=0.5)  # below 1: a share of the run's steps
+    assert captions.warmup_tag_count(10, share, 3, max_train_steps=12) == int(3 * 8 / 6) + 2
+    assert captions.warmup_tag_count(10, share, 6, max_train_steps=12) == 10

@@ -9,6 +9,8 @@ import torch
 from library.hina_train import losses
 from library.hina_train.args import ArgumentError, parse_args
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 
 def _tiny_models():
     from library.hina_train.demo_data import caption_words
@@ -148,19 +150,19 @@ def test_base_weights_multiplier_needs_a_file_each():
 # --- where a run starts: --initial_step / --initial_epoch / --skip_until_initial_step -----------------------
 @pytest.fixture(scope="module")
 def started_runs(tmp_path_factory):
-    """Three demo runs (samples off): 10 steps from the start, from step 6 skipping, from epoch 2 not skipping.
+    """Three demo runs: 10 steps from the start, from step 6 skipping, from epoch 2 not skipping.
     Each records (epoch, item indices) of every micro-batch."""
-    from library.hina_train import loop, sampling
+    from library.hina_train import loop
     from library.hina_train.cli import run
 
-    real_batch, real_samples = loop.Trainer._batch, sampling.sample_images
+    real_batch = loop.Trainer._batch
     records = []
 
     def spy(self, indices):
         records[-1].append((self.epoch, list(indices)))
         return real_batch(self, indices)
 
-    loop.Trainer._batch, sampling.sample_images = spy, lambda *a, **k: []
+    loop.Trainer._batch = spy
     results = {}
     try:
         for name, extra in (("full", []), ("skip", ["--initial_step", "6", "--skip_until_initial_step"]),
@@ -169,7 +171,7 @@ def started_runs(tmp_path_factory):
             out = tmp_path_factory.mktemp(name)
             results[name] = (run(["--output_dir", str(out), "--max_train_steps", "10", *extra]), records[-1], out)
     finally:
-        loop.Trainer._batch, sampling.sample_images = real_batch, real_samples
+        loop.Trainer._batch = real_batch
     return results
 
 
@@ -252,3 +254,21 @@ def test_torch_compile_compiles_the_unet_with_the_backend(trainer):
 def test_dynamo_backend_must_be_kohyas_choice():
     with pytest.raises(ArgumentError, match="--dynamo_backend 'fast'; valid: eager, aot_eager, inductor"):
         parse_args(["--torch_compile", "--dynamo_backend", "fast"])
+
+
+def test_token_warmup_follows_the_trainers_step(trainer, monkeypatch):
+    from library.hina_train.args import parse_args as parse
+
+    item = trainer.plan.spec.items[0]
+    monkeypatch.setattr(item, "caption", "t1, t2, t3, t4, t5")
+    monkeypatch.setattr(item.subset, "token_warmup_step", 10)
+    monkeypatch.setattr(item.subset, "token_warmup_min", 1)
+    trainer.latent_cache = None
+    counts = []
+    for step in (0, 5, 10):
+        trainer.current_step = step
+        trainer.draws = torch.Generator().manual_seed(0)
+        _, captions = trainer._batch([0])
+        counts.append(len(captions[0].split(", ")))
+    assert counts == [1, 3, 5]  # floor(step·(5 − 1)/10) + 1 until step 10
+    assert parse(["--token_warmup_step", "0.5"]).token_warmup_step == 0.5

@@ -28,15 +28,13 @@ from .train_args import SAVE_MODEL_AS
 
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
-    "in_json", "dataset_class", "conditioning_data_dir", "face_crop_aug_range",
-    "weighted_captions", "token_warmup_min", "token_warmup_step", "masked_loss", "alpha_mask", "huggingface_repo_id",
-    "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token", "huggingface_repo_visibility",
-    "save_state_to_huggingface", "resume_from_huggingface", "async_upload", "stop_text_encoder_training", "deepspeed", "zero_stage", "wandb_api_key",
-    "wandb_run_name", "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",
-    "network_train_text_encoder_only_lr",
-    "no_token_padding", "train_text_encoder", "cpu_offload_checkpointing", "immiscible_noise",
-    "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info",
-    "offload_optimizer_device",
+    "in_json", "dataset_class", "conditioning_data_dir", "face_crop_aug_range", "weighted_captions", "masked_loss",
+    "alpha_mask", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+    "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
+    "stop_text_encoder_training", "deepspeed", "zero_stage", "wandb_api_key", "wandb_run_name",
+    "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",
+    "network_train_text_encoder_only_lr", "no_token_padding", "train_text_encoder", "cpu_offload_checkpointing",
+    "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "offload_optimizer_device",
     "offload_optimizer_nvme_path", "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
     "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
 )

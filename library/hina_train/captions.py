@@ -8,7 +8,9 @@ In order:
    of its choices at random (``{{``/``}}`` are literal braces); without it only the first line is read;
 4. tags (split at ``caption_separator``, default ","): the fixed head is the first ``keep_tokens`` tags, or,
    when ``keep_tokens_separator`` occurs in the caption, the part before it (a second occurrence also fixes
-   a tail); the flexible tags in between are shuffled (``shuffle_caption``) and each dropped with
+   a tail); with token warm-up (``token_warmup_step`` s > 0; below 1 a share of the run's steps) only the
+   first ⌊step·(n − token_warmup_min)/s⌋ + token_warmup_min of the n flexible tags are kept until step s;
+   the flexible tags are then shuffled (``shuffle_caption``) and each dropped with
    probability ``caption_tag_dropout_rate``; the tags are joined with ", ";
 5. ``secondary_separator`` is replaced by ``caption_separator`` (so "a;;b" stays one tag through shuffling).
 
@@ -16,6 +18,8 @@ Randomness comes from the micro-batch's ``torch.Generator``, so a resumed run dr
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -58,7 +62,18 @@ def expand_wildcards(caption: str, generator: torch.Generator) -> str:
     return caption.replace(open_mark, "{").replace(close_mark, "}")
 
 
-def process_caption(caption: str, subset, generator: torch.Generator, epoch: int = 1) -> str:
+def warmup_tag_count(n_tags: int, subset, step: int, max_train_steps: int) -> int:
+    """kohya's token warm-up: how many of the ``n_tags`` flexible tags a caption keeps at ``step``."""
+    warmup = subset.token_warmup_step
+    if warmup < 1:
+        warmup = math.floor(warmup * max_train_steps)
+    if not warmup or step >= warmup:
+        return n_tags
+    return math.floor(step * ((n_tags - subset.token_warmup_min) / warmup)) + subset.token_warmup_min
+
+
+def process_caption(caption: str, subset, generator: torch.Generator, epoch: int = 1, step: int = 0,
+                    max_train_steps: int = 0) -> str:
     """The caption a sample trains with this time (see the module docstring). ``subset`` carries kohya's
     per-subset caption settings; ``epoch`` counts from 1."""
     if subset.caption_prefix:
@@ -73,9 +88,12 @@ def process_caption(caption: str, subset, generator: torch.Generator, epoch: int
     if getattr(subset, "enable_wildcard", False):
         caption = expand_wildcards(caption, generator)
     separator = subset.caption_separator
-    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0:
+    warmup = getattr(subset, "token_warmup_step", 0)
+    if subset.shuffle_caption or subset.caption_tag_dropout_rate > 0 or warmup > 0:
         fixed, flexible, tail = split_fixed_flexible(caption, subset.keep_tokens, subset.keep_tokens_separator,
                                                      separator)
+        if warmup > 0:
+            flexible = flexible[:warmup_tag_count(len(flexible), subset, step, max_train_steps)]
         if subset.shuffle_caption:
             flexible = [flexible[i] for i in torch.randperm(len(flexible), generator=generator).tolist()]
         tag_rate = subset.caption_tag_dropout_rate

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--caption_dropout_rate", type=float, default=0.0, help="rate of dropping the whole caption (0.0~1.0)")
     a("--caption_dropout_every_n_epochs", type=int, default=0, help="drop all captions every N epochs")
     a("--caption_tag_dropout_rate", type=float, default=0.0, help="rate of dropping each comma-separated tag (0.0~1.0)")
+    a("--token_warmup_min", type=int, default=1, help="start learning at N tags (token means comma separated strings)")
+    a("--token_warmup_step", type=float, default=0,
+      help="tag length reaches maximum on N steps (or N*max_train_steps if N<1)")
     a("--max_token_length", type=int, default=None,
       help="max token length of the text encoder (default 75; 150 or 225: captions encoded in 75-token chunks)")
     # regularisation images, VAE
@@ -169,6 +172,9 @@ def check(args: argparse.Namespace) -> None:
     _number(args, "huber_c", 0.0, 1.0, "a number in (0, 1]")
     if args.huber_c == 0:  # the exponential schedule takes its logarithm
         raise ArgumentError(f"--huber_c {args.huber_c!r} must be a number in (0, 1]")
+    _number(args, "token_warmup_step", 0.0)
+    if isinstance(args.token_warmup_min, bool) or not isinstance(args.token_warmup_min, int) or args.token_warmup_min < 0:
+        raise ArgumentError(f"--token_warmup_min {args.token_warmup_min!r} must be an integer >= 0")
     _number(args, "adaptive_noise_scale", float("-inf"), text="a number")
     if args.adaptive_noise_scale is not None and not args.noise_offset:
         raise ArgumentError(f"--adaptive_noise_scale {args.adaptive_noise_scale!r} needs --noise_offset "

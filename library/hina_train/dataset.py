@@ -44,7 +44,7 @@ SUBSET_TYPES = {
     "secondary_separator": (str,), "caption_prefix": (str,), "caption_suffix": (str,),
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
     "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,), "random_crop": (bool,),
-    "color_aug": (bool,), "enable_wildcard": (bool,),
+    "color_aug": (bool,), "enable_wildcard": (bool,), "token_warmup_min": (int,), "token_warmup_step": (float, int),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -84,6 +84,8 @@ class Subset:
     color_aug: bool = False
     is_reg: bool = False
     enable_wildcard: bool = False
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0
 
 
 @dataclass
@@ -412,9 +414,11 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return torch.stack([r, g, b])
 
 
-def process_caption(caption: str, subset: Subset, generator: torch.Generator, epoch: int = 1) -> str:
-    """kohya's per-sample caption processing (``captions.process_caption``); ``epoch`` counts from 1."""
-    return caption_rules.process_caption(caption, subset, generator, epoch)
+def process_caption(caption: str, subset: Subset, generator: torch.Generator, epoch: int = 1, step: int = 0,
+                    max_train_steps: int = 0) -> str:
+    """kohya's per-sample caption processing (``captions.process_caption``); ``epoch`` counts from 1, ``step``
+    is the number of steps done (token warm-up)."""
+    return caption_rules.process_caption(caption, subset, generator, epoch, step, max_train_steps)
 
 
 class Epochs:

@@ -82,6 +82,7 @@ class Trainer:
         self.written: set[Path] = set()  # outputs this run wrote (replacing them again needs no notice)
         self.validation_losses: list[tuple[int, str, float]] = []  # (step, "step"/"epoch", loss)
         self.epoch = 1
+        self.current_step = 0  # steps done before the current micro-batch (token warm-up)
 
     # --- set-up ----------------------------------------------------------------------------------
     def _setup_models(self):
@@ -169,7 +170,8 @@ class Trainer:
         items = [plan.spec.items[i] for i in indices]
         self.batch_items = items  # _loss weighs regularisation images by --prior_loss_weight
         flips = [it.subset.flip_aug and bool(torch.rand((), generator=self.draws) < 0.5) for it in items]
-        captions = [data.process_caption(it.caption, it.subset, self.draws, self.epoch) for it in items]
+        captions = [data.process_caption(it.caption, it.subset, self.draws, self.epoch, self.current_step,
+                                         plan.max_train_steps) for it in items]
         if self.latent_cache is not None:
             latents = self.latent_cache.batch(indices, flips).to(self.device)
         else:
@@ -406,6 +408,7 @@ class Trainer:
                 # gradient accumulation (sync_with_dataloader), an epoch always ends with a finished update
                 first, last = update * accum, min(update * accum + accum, rounds)
                 step_loss = 0.0
+                self.current_step = global_step
                 for r in range(first, last):
                     j = r * nproc + rank
                     indices = batches[j] if j < per_epoch else batches[j % per_epoch]

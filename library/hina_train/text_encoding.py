@@ -124,7 +124,8 @@ def check_cacheable(subsets) -> None:
     """kohya's ``is_text_encoder_output_cacheable``: captions must be the same every epoch."""
     for subset in subsets:
         changing = [name for name in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                                      "caption_dropout_every_n_epochs", "enable_wildcard") if getattr(subset, name)]
+                                      "caption_dropout_every_n_epochs", "enable_wildcard", "token_warmup_step")
+                    if getattr(subset, name)]
         if changing:
             from .errors import ArgumentError
 
