@@ -17,6 +17,8 @@ from typing import Callable
 import pytest
 import torch
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -447,6 +449,29 @@ CASES = [
          r"--network_module foreign_net failed to build the network .*AssertionError: duplicated lora name"),
     Case("kohya options", "refused", "--deepspeed (a kohya option not implemented here)",
          _cli(lambda t: ["--deepspeed"]), ArgumentError, "--deepspeed is a kohya sd-scripts option"),
+    Case("kohya options", "adaptive-noise-alone", "--adaptive_noise_scale without --noise_offset",
+         _cli(lambda t: ["--adaptive_noise_scale", "0.1"]), ArgumentError, "needs --noise_offset"),
+    Case("kohya options", "v-pred-like-with-v", "--v_pred_like_loss with --v_parameterization",
+         _cli(lambda t: ["--v_pred_like_loss", "0.1", "--v_parameterization"]), ArgumentError,
+         "cannot be used with --v_parameterization"),
+    Case("kohya options", "scale-v-pred-alone", "--scale_v_pred_loss_like_noise_pred without --v_parameterization",
+         _cli(lambda t: ["--scale_v_pred_loss_like_noise_pred"]), ArgumentError, "needs --v_parameterization"),
+    Case("kohya options", "vae-batch-size", "--vae_batch_size 0", _cli(lambda t: ["--vae_batch_size", "0"]),
+         ArgumentError, "--vae_batch_size 0 must be a positive integer"),
+    Case("kohya options", "base-weights-missing", "--base_weights naming a file that does not exist",
+         _cli(lambda t: ["--base_weights", str(t / "nothere.safetensors")]), SaveError,
+         r"--base_weights '.*nothere\.safetensors' does not exist"),
+    Case("kohya options", "base-weights-multipliers", "more --base_weights_multiplier values than files",
+         _cli(lambda t: ["--base_weights", "a.safetensors", "--base_weights_multiplier", "1", "0.5"]), ArgumentError,
+         "has 2 values for 1 --base_weights file"),
+    Case("kohya options", "initial-epoch", "--initial_epoch 0", _cli(lambda t: ["--initial_epoch", "0"]),
+         ArgumentError, "must be an epoch number >= 1"),
+    Case("kohya options", "initial-step-past-end", "--initial_step at or past the planned steps",
+         _cli(lambda t: ["--initial_step", "10", "--max_train_steps", "10"]), ArgumentError,
+         "start at step 10, but the run plans 10 steps"),
+    Case("kohya options", "dynamo-backend", "--dynamo_backend that is not a backend",
+         _cli(lambda t: ["--torch_compile", "--dynamo_backend", "fast"]), ArgumentError,
+         "--dynamo_backend 'fast'; valid: eager, aot_eager, inductor"),
     Case("kohya options", "inert", "--xformers", _printed(lambda t: __import__(
         "library.hina_train.args", fromlist=["x"]).parse_args(["--xformers"])), None),
     Case("data", "caption-extension", "captions in .txt files with kohya's default --caption_extension .caption",
