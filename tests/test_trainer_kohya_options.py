@@ -272,3 +272,30 @@ def test_token_warmup_follows_the_trainers_step(trainer, monkeypatch):
         counts.append(len(captions[0].split(", ")))
     assert counts == [1, 3, 5]  # floor(step·(5 − 1)/10) + 1 until step 10
     assert parse(["--token_warmup_step", "0.5"]).token_warmup_step == 0.5
+
+
+def test_cache_info_writes_kohyas_metadata_cache_and_reads_it_instead_of_the_images(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from library.hina_train import dataset
+
+    folder = tmp_path / "3_dog"
+    folder.mkdir()
+    Image.new("RGB", (48, 32)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a dog, running\n")
+    Image.new("RGB", (16, 40)).save(folder / "b.png")  # no caption: the class tokens
+    args = parse_args(["--train_data_dir", str(tmp_path), "--caption_extension", ".txt", "--cache_info"])
+    first = dataset.collect(dataset.spec_from_folders(args))
+    metas = json.loads((folder / "metadata_cache.json").read_text())
+    assert metas == {str(folder / "a.png"): {"caption": "a dog, running", "resolution": [48, 32]},
+                     str(folder / "b.png"): {"caption": "dog", "resolution": [16, 40]}}
+    (folder / "a.txt").write_text("changed\n")
+    (folder / "b.png").write_bytes(b"not an image any more")  # kohya: the cache is trusted, nothing is opened
+    again = dataset.collect(dataset.spec_from_folders(args))
+    assert [(it.image, it.caption, it.size, it.num_repeats) for it in again.items] == \
+        [(it.image, it.caption, it.size, it.num_repeats) for it in first.items]
+    without = parse_args(["--train_data_dir", str(tmp_path), "--caption_extension", ".txt"])
+    with pytest.raises(dataset.DatasetError):  # without --cache_info the images are read (and checked) again
+        dataset.collect(dataset.spec_from_folders(without))

@@ -34,7 +34,7 @@ UNSUPPORTED = (
     "stop_text_encoder_training", "deepspeed", "zero_stage", "wandb_api_key", "wandb_run_name",
     "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",
     "network_train_text_encoder_only_lr", "no_token_padding", "train_text_encoder", "cpu_offload_checkpointing",
-    "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list", "cache_info", "offload_optimizer_device",
+    "immiscible_noise", "min_snr_gamma_scale", "text_encoder_lr_list", "offload_optimizer_device",
     "offload_optimizer_nvme_path", "offload_param_device", "offload_param_nvme_path", "zero3_init_flag",
     "zero3_save_16bit_model", "fp16_master_weights_and_gradients",
 )

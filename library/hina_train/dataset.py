@@ -45,6 +45,7 @@ SUBSET_TYPES = {
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
     "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,), "random_crop": (bool,),
     "color_aug": (bool,), "enable_wildcard": (bool,), "token_warmup_min": (int,), "token_warmup_step": (float, int),
+    "cache_info": (bool,),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -86,6 +87,7 @@ class Subset:
     enable_wildcard: bool = False
     token_warmup_min: int = 1
     token_warmup_step: float = 0
+    cache_info: bool = False
 
 
 @dataclass
@@ -267,10 +269,52 @@ def check_image(path: Path) -> tuple[int, int]:
     return size
 
 
+INFO_CACHE_FILE = "metadata_cache.json"  # kohya's DreamBoothDataset.IMAGE_INFO_CACHE_FILE
+
+
+def read_info_cache(subset: Subset) -> list[tuple[Path, str, tuple[int, int]]] | None:
+    """``cache_info``: (image, caption, size) of every image from the subset's ``metadata_cache.json`` (kohya's
+    layout: {image path: {"caption": ..., "resolution": [w, h]}}), or None when there is no usable file."""
+    import json
+
+    path = subset.image_dir / INFO_CACHE_FILE
+    if not subset.cache_info or not path.is_file():
+        return None
+    try:
+        metas = json.loads(path.read_text(encoding="utf-8"))
+        return [(Path(image), str(meta["caption"]), (int(meta["resolution"][0]), int(meta["resolution"][1])))
+                for image, meta in metas.items()]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        print(f"note: {str(path)!r} cannot be read ({type(e).__name__}: {e}); reading the images instead")
+        return None
+
+
+def write_info_cache(subset: Subset, items: list[Item]) -> None:
+    import json
+
+    from .saving import atomic_write
+
+    metas = {str(it.image): {"caption": it.caption, "resolution": list(it.size)} for it in items}
+    text = json.dumps(metas, ensure_ascii=False, indent=2)
+    atomic_write(subset.image_dir / INFO_CACHE_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def collect(spec: DatasetSpec) -> DatasetSpec:
-    """Fill ``spec.items`` (one per image, sorted) after checking every image and caption."""
+    """Fill ``spec.items`` (one per image, sorted) after checking every image and caption.
+
+    With ``cache_info`` (kohya), a subset's images, captions and sizes come from its ``metadata_cache.json``
+    when it exists (nothing is opened: kohya leaves checking to the user), and the file is written otherwise.
+    """
     items, uncaptioned = [], []
     for subset in spec.subsets:
+        cached = read_info_cache(subset)
+        if cached is not None:
+            items += [Item(image=image, caption=caption, subset=subset, size=size, num_repeats=subset.num_repeats)
+                      for image, caption, size in cached]
+            print(f"note: image sizes and captions of {str(subset.image_dir)!r} read from {INFO_CACHE_FILE} "
+                  "(--cache_info)")
+            continue
+        first = len(items)
         images = sorted(p for p in subset.image_dir.iterdir()
                         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not images:
@@ -285,6 +329,8 @@ def collect(spec: DatasetSpec) -> DatasetSpec:
             if from_class:
                 uncaptioned.append((image, subset.caption_extension))
             items.append(Item(image=image, caption=caption, subset=subset, size=size, num_repeats=subset.num_repeats))
+        if subset.cache_info:
+            write_info_cache(subset, items[first:])
     if spec.captions_from_class:
         print(f"note: {spec.captions_from_class} image(s) have no caption file; using the folder's class tokens "
               "(kohya's behaviour)" + caption_hint([i for i, _ in uncaptioned], uncaptioned[0][1]))
