@@ -190,3 +190,73 @@ def test_lora_plus_ratio_applies_as_in_hina_adamw():
     assert all(torch.equal(a, b) for a, b in zip(adaptive, reference))
     without = run(AdamW_HinaAdaptive, use_alora=False, **off)
     assert not all(torch.equal(a, b) for a, b in zip(adaptive, without))
+
+
+# --- the fused chunk step ---------------------------------------------------------------------------------------
+class _DecodedPath(AdamW_HinaAdaptive):
+    """The same recipe step by step on decoded buffers (``compute_update`` + the core's apply): the path the
+    bf16 subclass runs, here the reference for the fused chunk step."""
+
+    fused_step = None
+
+
+FUSED_SHAPES = ((16, 40), (40, 16), (7,), (3, 4, 3, 3), (8, 4, 1, 1), (300, 16), (16, 300))
+FUSED_NAMES = ("a.lora_down.weight", "a.lora_up.weight", "b.alpha", "c.lora_down.weight", "c.lora_up.weight",
+               "d.lora_up.weight", "d.lora_down.weight")
+
+
+def _run(cls, steps, chunk=None, **kwargs):
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in FUSED_SHAPES]
+    opt = cls([{"params": params, "named": list(FUSED_NAMES)}], compile_step=False, **kwargs)
+    if chunk:
+        opt.chunk_elements = chunk
+    for t in range(steps):
+        for i, p in enumerate(params):
+            p.grad = None if (t == 4 and i == 2) else torch.randn(p.shape, generator=g)
+        if t == 5:
+            params[3].grad[0, 0, 0, 0] = float("inf")  # skipped and counted
+        opt.step()
+    return params, opt
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("chunk", [None, 512], ids=["one chunk", "several chunks"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_fused_chunk_step_matches_the_decoded_path(bits, chunk):
+    """Eight steps with relationship discovery every 2 (joint importance of pairs inside one chunk and across
+    chunks), the lr mask past its warm-up, ADOPT, a tensor without gradient and one with an inf: the fused
+    step equals the step-by-step path (8-bit: the same codes but where a value sits at a rounding tie)."""
+    kwargs = dict(lr=1e-2, max_lr=1e-1, warmup_steps=1, relationship_discovery_interval=2, optim_bits=bits,
+                  min_8bit_size=0)
+    fused, opt = _run(AdamW_HinaAdaptive, 8, chunk, **kwargs)
+    decoded, ref = _run(_DecodedPath, 8, chunk, **kwargs)
+    assert opt.get_relationship_summary()["total_relationships"] > 0
+    stats, ref_stats = (o.get_optimization_info()["training_stats"] for o in (opt, ref))
+    assert stats["skipped_updates"] == ref_stats["skipped_updates"] == 1
+    for p, q in zip(fused, decoded):
+        if bits == 32:
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+        else:
+            close = torch.isclose(p.detach(), q.detach(), rtol=1e-4, atol=1e-6)
+            assert close.float().mean() >= 0.99
+
+
+def test_work_memory_is_bounded_by_the_chunk_not_the_model():
+    """0.5M and 4M elements with 64K-element chunks: the same work pool, whatever the model size."""
+    workspace = {}
+    for total in (500_000, 4_000_000):
+        g = torch.Generator().manual_seed(0)
+        shapes = [(16, 320), (320, 16)] * (total // (2 * 16 * 320))
+        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
+        opt = AdamW_HinaAdaptive(params, lr=1e-4, compile_step=False)
+        opt.chunk_elements = 1 << 16
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        opt.step()
+        workspace[total] = opt.get_optimization_info()["training_stats"]["workspace_bytes"]
+    assert workspace[500_000] == workspace[4_000_000]
+    assert 0 < workspace[4_000_000] <= 4 * 4 * (1 << 16)  # at most 4 fp32 chunk-sized buffers

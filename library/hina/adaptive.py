@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import MIN_8BIT_SIZE, StepContext
-from .hina_adamw import HinaAdamW
+from .base import MIN_8BIT_SIZE, StepContext, decoupled_update
+from .codec import dynamic_map
+from .compiled import MaybeCompiled
+from .hina_adamw import HinaAdamW, adamw_math
+from .state_io import load_state, store_state
 from .techniques import importance as imp
 from .techniques import lr_mask
+from .techniques.alora import row_coefficients
 from .techniques.relationships import BALANCE_WINDOW, discover_pairs
 
 BALANCE_KEYS = tuple(f"balance_{k}" for k in range(BALANCE_WINDOW))
@@ -53,7 +57,6 @@ class AdamW_HinaAdaptive(HinaAdamW):
     """
 
     optimizer_type = "AdamW_HinaAdaptive"
-    fused_step = None  # importance and the lr mask need the update between direction and apply
     feature_flags = ("use_spd", "spd_lambda", "use_cautious", "use_orthogonal_grad", "use_adopt_stability",
                      "use_grams", "use_agr", "use_tam", "tam_beta", "use_alora", "alora_ratio",
                      "dynamic_weight_decay", "wd_transition_steps",
@@ -129,6 +132,53 @@ class AdamW_HinaAdaptive(HinaAdamW):
         return vectors
 
     # --- the update ------------------------------------------------------------------------------------------
+    def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
+        """One chunk: decode -> the recipe (module docstring) -> apply -> encode, in one (optionally compiled)
+        function, ``adaptive_chunk``. ``compute_update`` below is the same recipe step by step on decoded
+        buffers (the bf16 subclass runs it)."""
+        codec = pack.codec
+        names = [name for name, _ in self.state_specs(group, pack.roles)]
+        stored = {name: codec.storage(name) for name in names}
+        qmaps = (dynamic_map(True, pack.device), dynamic_map(False, pack.device)) if codec.bits == 8 else None
+        scaled = self.row_scaled(group, pack.roles)
+        row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef")) if any(scaled) else None
+        adaptive = group["use_dynamic_adaptation"]
+        vectors = pack.vectors
+        balance = vectors[BALANCE_KEYS[group["global_step"] % BALANCE_WINDOW]] if adaptive else None
+        partner_index = partner_value = None
+        if adaptive and group["adaptation_strength"] > 0.0:
+            partner_index, partner_value = self._partner_vectors(pack)
+        step_vectors = self._step_vectors(group, pack, steps, active)
+        mask_vector = torch.tensor(lr_mask.step_constants(group) if group["use_lr_mask"] else (0.0,) * 5,
+                                   dtype=torch.float32, device=pack.device)
+        return _fused(self.use_compile(), grad, weight, row_coef, stored["exp_avg"], stored["exp_avg_sq"],
+                      stored.get("spd_anchor"), stored.get("prev_grad"), stored.get("lr_mask"),
+                      vectors.get("tam_smoothed"), vectors.get("importance"), balance, partner_index, partner_value,
+                      step_vectors, mask_vector, pack.segments, qmaps, beta1=group["betas"][0],
+                      beta2=group["betas"][1], eps=group["eps"], tam_beta=group["tam_beta"],
+                      spd_lambda=float(group["spd_lambda"]), importance_decay=group["importance_decay"],
+                      strength=group["adaptation_strength"], orthogonal=group["use_orthogonal_grad"],
+                      agr=group["use_agr"], adopt=group["use_adopt_stability"], tam=group["use_tam"],
+                      grams=group["use_grams"], cautious=group["use_cautious"], spd=group["use_spd"])
+
+    def _partner_vectors(self, pack) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each tensor's discovered partner (``techniques/relationships.py``): its slot in this chunk (-1: none
+        here) and, for a partner in another chunk, its current importance (NaN: no partner). (slots,) each."""
+        partners = self._partners()
+        index = [-1] * pack.slots
+        external = []
+        slot_of = {id(p): i for i, p in enumerate(pack.params)}
+        for i, p in enumerate(pack.params):
+            partner = partners.get(id(p))
+            if partner is not None and id(partner) in slot_of:
+                index[i] = slot_of[id(partner)]
+            elif partner is not None and "importance" in self.state.get(partner, {}):
+                external.append((i, self.state[partner]["importance"]))
+        value = torch.full((pack.slots,), float("nan"), device=pack.device)
+        if external:
+            value[torch.tensor([i for i, _ in external], device=pack.device)] = torch.stack([v for _, v in external])
+        return torch.tensor(index, dtype=torch.int64, device=pack.device), value
+
     def compute_update(self, ctx: StepContext, states, vectors):
         group, pack, grad = ctx.group, ctx.pack, ctx.grad
         adaptive = group["use_dynamic_adaptation"]
@@ -291,3 +341,90 @@ class AdamW_HinaAdaptive(HinaAdamW):
                                                            code=dynamic_map(True, value.device), blocksize=block)
             value = value[:p.numel()]
         return value.float()
+
+
+def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_grad, mask, tam_smoothed, importance,
+                   balance, partner_index, partner_value, step_vectors, mask_vector, segments, qmaps, *,
+                   beta1: float, beta2: float, eps: float, tam_beta: float, spd_lambda: float, importance_decay: float,
+                   strength: float, spd: bool, **flags):
+    """AdamW_HinaAdaptive's whole step for one chunk: decode; observe (<p, g> into the balance ring, the
+    successive-gradient cosine); the lr mask from the raw gradient's signs; HinaAdamW's direction
+    (``adamw_math``: ⊥Grad, AGR, Adam or ADOPT, TAM, Grams, Cautious); the importance score and its EMA; the
+    update times the mask ratio and the (joint) importance multiplier; ALLoRA, decoupled weight decay, SPD;
+    encode. States (fp32 or 8-bit (codes, absmax)), the per-tensor vectors and ``weight`` (which becomes the
+    new weights) change in place; ``grad`` is read only. ``importance``/``balance``/``prev_grad`` are None
+    without dynamic adaptation, ``mask`` without the lr mask, ``partner_index`` with adaptation_strength 0.
+
+    A tensor whose gradient (or its sum of squares) is not finite is skipped like one without a gradient.
+    Returns that skipped set, a bool per slot.
+    """
+    block = segments.block
+    expand = segments.expand
+    lr, decay, bias1, bias2_sqrt, clip, active, first = step_vectors.unbind(0)
+    adapt, bump, min_ratio, max_ratio, start = mask_vector.unbind(0)
+    finite = torch.isfinite(segments.sum(grad * grad))
+    live = (active > 0) & finite
+    keep = ~expand(live)
+    qs, qu = (None, None) if qmaps is None else qmaps
+    g = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
+    adaptive = importance is not None
+    if adaptive:
+        balance_new = segments.sum(weight * g)
+        prev = load_state(prev_grad, qs, block)
+        cosine = imp.successive_cosine(g, prev, segments)
+        importance_new = torch.where((first > 0) & live, 1.0, importance)
+    if mask is not None:
+        ratio, mask_new = lr_mask.mask_step(load_state(mask, qs, block).view(-1, block), g.view(-1, block),
+                                            expand(first), adapt, bump, min_ratio, max_ratio, start)
+
+    m = load_state(exp_avg, qs, block)
+    v = load_state(exp_avg_sq, qu, block)
+    anchor_value = None
+    if anchor is not None:
+        anchor_value = torch.where(expand(first > 0), weight.view(-1, block),
+                                   load_state(anchor, qs, block).view(-1, block)).view(-1)
+    g_t, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1, 1.0),
+                                                expand(bias2_sqrt, 1.0), expand(clip), beta1=beta1, beta2=beta2,
+                                                eps=eps, tam_beta=tam_beta, **flags)
+    if flags["adopt"]:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (its lr is 0)
+        starting = expand(first > 0)
+        v_new = torch.where(starting, (g_t * g_t).view(-1, block), v_new.view(-1, block)).view(-1)
+        m_new = torch.where(starting, 0.0, m_new.view(-1, block)).view(-1)
+        u = torch.where(starting, 0.0, u.view(-1, block)).view(-1)
+
+    if adaptive:
+        stepping = live.to(weight.dtype)
+        score = imp.importance_score(cosine, u, weight, segments, stepping)
+        if flags["adopt"]:  # every stepping tensor at its first ADOPT step: no update yet, change rate neutral
+            neutral = imp.importance_score(cosine, None, weight, segments, stepping)
+            score = torch.where(((first > 0) | ~live).all(), neutral, score)
+        importance_new = torch.where(live, importance_new * importance_decay + score * (1.0 - importance_decay),
+                                     importance_new)
+    if mask is not None:
+        u = (u.view(-1, block) * ratio).view(-1)
+    if adaptive and partner_index is not None:
+        other = torch.where(partner_index >= 0, importance_new[partner_index.clamp_min(0)],
+                            torch.where(torch.isnan(partner_value), importance_new, partner_value))
+        joint = (importance_new * other).clamp_min(0.0).sqrt()
+        u = (u.view(-1, block) * expand(imp.importance_multiplier(joint, strength))).view(-1)
+    if row_coef is not None:
+        u = u * row_coef
+    new_weight = decoupled_update(weight, u, g_t, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
+
+    store_state(exp_avg, m_new, keep, qs, block)
+    store_state(exp_avg_sq, v_new, keep, qu, block, signed=False)
+    if anchor is not None:
+        store_state(anchor, anchor_value, keep, qs, block)
+    if mask is not None:
+        store_state(mask, mask_new.view(-1), keep, qs, block)
+    if adaptive:
+        store_state(prev_grad, g, keep, qs, block)
+        balance.copy_(torch.where(live, balance_new, balance))
+        importance.copy_(importance_new)
+    if tam_smoothed is not None:
+        tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
+    weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
+    return (active > 0) & ~finite
+
+
+_fused = MaybeCompiled(adaptive_chunk)

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from . import quant, techniques
+from . import techniques
 from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
+from .state_io import load_state, store_state
 from .techniques import came, lr_mask
 from .techniques import multiscale_momentum as msm
 from .techniques.alora import row_coefficients
@@ -289,23 +290,6 @@ def _side_size(used: int, total: int) -> int:
     return -(-used // granule) * granule
 
 
-def _load(stored, qmap, block: int) -> torch.Tensor:
-    """A flat state as fp32: fp32 storage as it is, 8-bit (codes, absmax) decoded."""
-    if isinstance(stored, tuple):
-        return quant.decode(stored[0], stored[1], qmap, block)
-    return stored
-
-
-def _store(stored, value, keep, qmap, block: int) -> None:
-    """Write ``value`` into fp32 or 8-bit (signed) storage; blocks where ``keep`` stay as they were."""
-    if isinstance(stored, tuple):
-        codes, absmax = quant.encode(value, qmap, block, True)
-        stored[0].copy_(torch.where(keep, stored[0].view(-1, block), codes.view(-1, block)).view(-1))
-        stored[1].copy_(torch.where(keep.squeeze(1), stored[1], absmax))
-    else:
-        stored.copy_(torch.where(keep, stored.view(-1, block), value.view(-1, block)).view(-1))
-
-
 def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoothed, side, step_vectors, slot_ints,
                     factored, segments, qmap, signs, multiplier, *, beta1: float, beta2: float, beta3: float,
                     eps1: float, eps2: float, eps3: float, clip_threshold: float, tam_beta: float, scales: tuple,
@@ -340,7 +324,7 @@ def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoo
     rms = (segments.sum(u * u) / segments.numel_tensor).sqrt()
     u = (u.view(-1, block) * expand((rms / clip_threshold).clamp_min(1.0).reciprocal())).view(-1)
 
-    old = [_load(m, qmap, block) for m in moments]
+    old = [load_state(m, qmap, block) for m in moments]
     x = u
     smoothed = None
     if tam:
@@ -363,7 +347,7 @@ def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoo
     if cautious:
         update = techniques.cautious(update, g, segments)
     if mask is not None:
-        ratio, mask_new = lr_mask.mask_step(_load(mask, qmap, block).view(-1, block), u.view(-1, block),
+        ratio, mask_new = lr_mask.mask_step(load_state(mask, qmap, block).view(-1, block), u.view(-1, block),
                                             expand(first), expand(adapt), expand(bump), expand(min_ratio),
                                             expand(max_ratio), expand(start))
         update = (update.view(-1, block) * ratio).view(-1)
@@ -374,9 +358,9 @@ def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoo
     new_weight = decoupled_update(weight, update, g, None, segments, lr, decay, 0.0, spd=False)
 
     for stored, value in zip(moments, new):
-        _store(stored, value, keep, qmap, block)
+        store_state(stored, value, keep, qmap, block)
     if mask is not None:
-        _store(mask, mask_new.view(-1), keep, qmap, block)
+        store_state(mask, mask_new.view(-1), keep, qmap, block)
     if tam:
         tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
     side.copy_(side_new)

@@ -101,6 +101,9 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     """
 
     optimizer_type = "AdamWBF16_HinaAdaptive"
+    # Steps through the core's decoded path (AdamW_HinaAdaptive.compute_update, then write_back below), not
+    # AdamW_HinaAdaptive's fused chunk step: the bf16 codec and the compensated write-back are outside it.
+    fused_step = None
     write_back_policy = "compensated"  # p += delta through the shift buffer (write_back below)
     feature_flags = AdamW_HinaAdaptive.feature_flags + ("delayed_wd_threshold",)
 
