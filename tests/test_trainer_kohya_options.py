@@ -299,3 +299,48 @@ def test_cache_info_writes_kohyas_metadata_cache_and_reads_it_instead_of_the_ima
     without = parse_args(["--train_data_dir", str(tmp_path), "--caption_extension", ".txt"])
     with pytest.raises(dataset.DatasetError):  # without --cache_info the images are read (and checked) again
         dataset.collect(dataset.spec_from_folders(without))
+
+
+def test_alpha_mask_weighs_the_loss_by_the_area_downsampled_alpha(trainer, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    alpha = np.zeros((64, 64), dtype=np.uint8)
+    alpha[:, :32] = 255  # left half opaque, right half transparent
+    rgba = np.dstack([np.full((64, 64, 3), 120, dtype=np.uint8), alpha])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    item = trainer.plan.spec.items[0]
+    for name, value in (("image", tmp_path / "half.png"), ("size", (64, 64)), ("bucket", (64, 64)),
+                        ("resized", (64, 64))):
+        monkeypatch.setattr(item, name, value)
+    monkeypatch.setattr(item.subset, "flip_aug", False)
+    trainer.latent_cache = None
+    monkeypatch.setattr(item.subset, "alpha_mask", True)
+    trainer.draws = torch.Generator().manual_seed(0)
+    latents, captions = trainer._batch([0])
+    assert torch.equal(trainer.batch_masks[0], torch.from_numpy(alpha / 255.0))
+    elementwise = {}
+    real = losses.elementwise_loss
+    monkeypatch.setattr(losses, "elementwise_loss", lambda *a: elementwise.setdefault("l", real(*a)))
+    trainer.draws = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        got = float(trainer._loss(latents, captions))
+    el = elementwise["l"]  # (1, 4, 8, 8): the mask is 1 on latent columns 0..3, 0 on 4..7
+    assert got == pytest.approx(float(el[..., :4].sum() / el.numel()), rel=1e-5)
+    monkeypatch.setattr(item.subset, "alpha_mask", False)
+    trainer.draws = torch.Generator().manual_seed(0)
+    trainer._batch([0])
+    assert trainer.batch_masks is None  # off: no mask, the whole image trains
+
+
+def test_load_item_with_mask_matches_load_item_and_is_one_without_alpha(tmp_path):
+    from PIL import Image
+
+    from library.hina_train import dataset
+
+    Image.new("RGB", (80, 48), (10, 200, 30)).save(tmp_path / "rgb.png")
+    subset = dataset.Subset(image_dir=tmp_path, random_crop=True)
+    item = dataset.Item(image=tmp_path / "rgb.png", caption="", subset=subset, size=(80, 48), bucket=(32, 32))
+    pixels, mask = dataset.load_item_with_mask(item, torch.Generator().manual_seed(3))
+    assert torch.equal(pixels, dataset.load_item(item, torch.Generator().manual_seed(3)))  # same crop draw
+    assert mask.shape == (32, 32) and torch.equal(mask, torch.ones(32, 32))

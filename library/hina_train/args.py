@@ -29,7 +29,7 @@ from .train_args import SAVE_MODEL_AS
 # kohya flags that exist in sd-scripts but that this standalone trainer does not implement.
 UNSUPPORTED = (
     "in_json", "dataset_class", "conditioning_data_dir", "face_crop_aug_range", "weighted_captions", "masked_loss",
-    "alpha_mask", "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+    "huggingface_repo_id", "huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
     "huggingface_repo_visibility", "save_state_to_huggingface", "resume_from_huggingface", "async_upload",
     "stop_text_encoder_training", "deepspeed", "zero_stage", "wandb_api_key", "wandb_run_name",
     "training_comment_file", "fused_backward_pass", "fused_optimizer_groups", "unet_lr_weights",

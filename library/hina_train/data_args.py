@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--color_aug", action="store_true", help="weak colour augmentation: small random hue shift or gamma")
     a("--cache_info", action="store_true",
       help="cache image sizes and captions in metadata_cache.json per folder for faster dataset loading")
+    a("--alpha_mask", action="store_true",
+      help="use the images' alpha channel as a loss mask (transparent parts are not trained)")
     a("--debug_dataset", action="store_true",
       help="print every batch of the first epoch (images, buckets, captions) and exit without training")
     a("--dataset_repeats", type=int, default=1, help="num_repeats of dataset-config subsets that do not set it")

@@ -45,7 +45,7 @@ SUBSET_TYPES = {
     "caption_dropout_rate": (float, int), "caption_dropout_every_n_epochs": (int,),
     "caption_tag_dropout_rate": (float, int), "resize_interpolation": (str,), "random_crop": (bool,),
     "color_aug": (bool,), "enable_wildcard": (bool,), "token_warmup_min": (int,), "token_warmup_step": (float, int),
-    "cache_info": (bool,),
+    "cache_info": (bool,), "alpha_mask": (bool,),
 }
 SUBSET_ONLY_TYPES = {"image_dir": (str,), "is_reg": (bool,)}
 DATASET_TYPES = {
@@ -88,6 +88,7 @@ class Subset:
     token_warmup_min: int = 1
     token_warmup_step: float = 0
     cache_info: bool = False
+    alpha_mask: bool = False
 
 
 @dataclass
@@ -390,10 +391,19 @@ def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | N
     size, aspect kept, that covers width x height) with ``resize_filter``, then centre-cropped, or cropped at a
     random place drawn from ``crop_generator`` (kohya's ``trim_and_resize_if_required``, ``random_crop``)."""
     import numpy as np
+
+    image = _fitted(path, "RGB", width, height, resized, interpolation, crop_generator)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _fitted(path: Path, mode: str, width: int, height: int, resized: tuple[int, int] | None,
+            interpolation: str | None, crop_generator: torch.Generator | None):
+    """The image in ``mode``, resized and cropped to width x height as ``load_image`` describes."""
     from PIL import Image
 
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = image.convert(mode)
         if resized is None:
             scale = max(width / image.width, height / image.height)
             resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
@@ -403,9 +413,7 @@ def load_image(path: Path, width: int, height: int, resized: tuple[int, int] | N
         if crop_generator is not None:
             left = int(torch.randint(0, resized[0] - width + 1, (), generator=crop_generator))
             top = int(torch.randint(0, resized[1] - height + 1, (), generator=crop_generator))
-        image = image.crop((left, top, left + width, top + height))
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return image.crop((left, top, left + width, top + height))
 
 
 def load_item(item: Item, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -417,6 +425,21 @@ def load_item(item: Item, generator: torch.Generator | None = None) -> torch.Ten
     if item.subset.color_aug and generator is not None:
         pixels = color_aug(pixels, generator)
     return pixels
+
+
+def load_item_with_mask(item: Item, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels, alpha mask) of the item: ``load_item``'s pixels (same draws) and kohya's ``alpha_mask``, the
+    image's alpha channel in [0, 1] at the bucket size with the same resize and crop (1 where it has none)."""
+    import numpy as np
+
+    crop = generator if item.subset.random_crop else None
+    image = _fitted(item.image, "RGBA", item.bucket[0], item.bucket[1], item.resized, item.subset.resize_interpolation,
+                    crop)
+    array = np.asarray(image, dtype=np.float32)
+    pixels = torch.from_numpy((array[..., :3] / 127.5 - 1.0).copy()).permute(2, 0, 1)
+    if item.subset.color_aug and generator is not None:
+        pixels = color_aug(pixels, generator)
+    return pixels, torch.from_numpy((array[..., 3] / 255.0).copy())
 
 
 HUE_SHIFT_DEGREES = 16.0  # kohya: ±8 in OpenCV's 0..180 hue units

@@ -172,8 +172,19 @@ class Trainer:
         flips = [it.subset.flip_aug and bool(torch.rand((), generator=self.draws) < 0.5) for it in items]
         captions = [data.process_caption(it.caption, it.subset, self.draws, self.epoch, self.current_step,
                                          plan.max_train_steps) for it in items]
+        self.batch_masks = None
+        with_masks = any(it.subset.alpha_mask for it in items)
         if self.latent_cache is not None:
             latents = self.latent_cache.batch(indices, flips).to(self.device)
+            if with_masks:  # cached images have the centre crop (random_crop cannot be cached)
+                masks = [data.load_item_with_mask(it)[1] for it in items]
+                self.batch_masks = torch.stack([m.flip(-1) if f else m for m, f in zip(masks, flips)])
+        elif with_masks:
+            pairs = [data.load_item_with_mask(it, self.draws) for it in items]  # the draws of load_item
+            pixels = torch.stack([p.flip(-1) if f else p for (p, _), f in zip(pairs, flips)]).to(self.device)
+            self.batch_masks = torch.stack([m.flip(-1) if f else m for (_, m), f in zip(pairs, flips)])
+            with torch.no_grad():
+                latents = self._encode(pixels)
         else:
             pixels = torch.stack([data.load_item(it, self.draws) for it in items])  # draws: random_crop
             pixels = torch.stack([p.flip(-1) if f else p for p, f in zip(pixels, flips)]).to(self.device)
@@ -201,7 +212,10 @@ class Trainer:
         if args.loss_type in ("huber", "smooth_l1"):
             c = losses.huber_c(timesteps, self.scheduler.alphas_cumprod, args.huber_schedule, args.huber_c,
                                args.huber_scale, self.scheduler.config.num_train_timesteps)
-        loss = losses.elementwise_loss(pred.float(), target.float(), args.loss_type, c).mean(dim=(1, 2, 3))
+        loss = losses.elementwise_loss(pred.float(), target.float(), args.loss_type, c)
+        if getattr(self, "batch_masks", None) is not None:  # --alpha_mask (kohya: alpha masks imply the masked loss)
+            loss = losses.masked(loss, self.batch_masks)
+        loss = loss.mean(dim=(1, 2, 3))
         loss = loss * losses.prior_weights(self.batch_items, args.prior_loss_weight).to(loss.device)
         if args.min_snr_gamma:
             loss = loss * _min_snr_weights(self.scheduler, timesteps, args.min_snr_gamma, args.v_parameterization)

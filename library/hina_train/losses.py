@@ -10,6 +10,8 @@
 - ``--prior_loss_weight w``: the loss of a regularisation image (``is_reg`` subset) is multiplied by w.
 - ``--debiased_estimation_loss`` (Yu et al., arXiv 2310.08442): weight 1/√SNR_t (v-prediction: 1/(SNR_t+1)),
   SNR_t = ᾱ_t/(1−ᾱ_t) capped at 1000 as kohya does (SNR_0 is very large).
+- ``--alpha_mask`` (kohya's ``apply_masked_loss``): the elementwise loss is multiplied by the image's alpha
+  channel, area-downsampled to the latent size, before the per-sample mean; transparent parts train nothing.
 - ``--scale_v_pred_loss_like_noise_pred`` (kohya's ``scale_v_prediction_loss_like_noise_prediction``, with
   ``--v_parameterization``): weight SNR_t/(SNR_t+1), SNR_t capped at 1000, so a v-prediction loss weighs the
   timesteps as an ε-prediction loss would; ``--v_pred_like_loss w`` (kohya's ``add_v_prediction_like_loss``,
@@ -55,6 +57,12 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str,
         root = torch.sqrt((pred - target) ** 2 + c**2) - c
         return 2 * c * root if loss_type == "huber" else 2 * root
     raise ValueError(f"loss_type {loss_type!r}; valid: l1, l2, huber, smooth_l1")
+
+
+def masked(loss: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``loss`` (B, C, h, w) times ``masks`` (B, H, W) area-downsampled to (h, w)."""
+    masks = F.interpolate(masks.to(loss.device, loss.dtype).unsqueeze(1), size=loss.shape[2:], mode="area")
+    return loss * masks
 
 
 def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
