@@ -37,6 +37,8 @@ from safetensors.torch import load_file
 
 from _hina_cases import CLASSES, IDS, bits, dtype_of, lora_params, make, same_state, set_grads, skipped, state_bits
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 ROOT = Path(__file__).resolve().parents[1]
 # "huge": finite, but its square overflows float32 (g^2 = 1e40): skipped like a non-finite one, not turned into NaN
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": 1e20}
@@ -234,8 +236,10 @@ KILLER = textwrap.dedent('''
     import torch
     sys.path.insert(0, {root!r})
     torch.set_num_threads({threads})
-    from library.hina_train import cli, loop
+    from library.hina_train import cli, loop, trainer
 
+    for key in ("sample_prompts", "sample_at_first", "sample_every_n_steps"):  # as DEMO_SAMPLES = False
+        trainer.DEMO_SETTINGS.pop(key)
     real_setup = loop.Trainer._setup_models
     def setup(self):
         real_setup(self)
@@ -250,8 +254,8 @@ KILLER = textwrap.dedent('''
     loop.Trainer._setup_models = setup
     sys.exit(cli.main(sys.argv[1:]))
 ''')
-COMMON = ["--max_train_steps", "4", "--train_batch_size", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
-          "--save_every_n_steps", "2", "--save_state"]
+COMMON = ["--resolution", "32", "--max_train_steps", "4", "--train_batch_size", "2", "--lr_scheduler", "cosine",
+          "--lr_warmup_steps", "1", "--save_every_n_steps", "2", "--save_state"]
 
 
 @pytest.mark.slow
@@ -302,7 +306,7 @@ def test_trainer_logs_skip_and_continues(tmp_path, monkeypatch, capsys, clip):
     from library.hina_train.cli import run
 
     _inject_nan(monkeypatch, at_micro_batch=2)
-    result = run(["--max_train_steps", "3", "--train_batch_size", "2", "--max_grad_norm", clip,
+    result = run(["--resolution", "32", "--max_train_steps", "3", "--train_batch_size", "2", "--max_grad_norm", clip,
                   "--output_dir", str(tmp_path)])
     out = capsys.readouterr()
     text = out.out + out.err

@@ -22,6 +22,8 @@ from library.hina_train.dataset import DatasetError, DatasetSpec, collect, spec_
 from library.hina_train.args import parse_args
 from library.hina_train.saving import SaveError
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 
 @pytest.fixture(autouse=True)
 def no_training(monkeypatch):

@@ -18,6 +18,7 @@ from library.hina_train.cli import run
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
+DEMO_SAMPLES = False  # in-process demo runs train without sample images (conftest); the real demo run keeps them
 
 STEPS = 20
 
@@ -98,7 +99,7 @@ def test_lokr_demo_recipe_trains_and_reloads(tmp_path):
     import networks.lokr as lokr
 
     result = run(["--config_file", str(REPO / "configs" / "demo_lokr.toml"), "--output_dir", str(tmp_path),
-                  "--max_train_steps", "4"])
+                  "--max_train_steps", "4", "--resolution", "32"])
     path = tmp_path / "demo_lokr.safetensors"
     assert result["output"] == path and path.is_file()
     saved = load_file(str(path))

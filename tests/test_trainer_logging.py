@@ -25,6 +25,8 @@ from library.hina_train.cli import run
 from library.hina_train.schedulers import build_scheduler
 from library.hina_train.tracking import lr_tags, run_log_dir
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 FAST = ["--resolution", "32", "--train_batch_size", "8", "--max_train_steps", "2"]
 
 

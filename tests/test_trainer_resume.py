@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 from library.hina_train import saving
 from library.hina_train.cli import run
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 STEPS, SAVE_AT = 6, 3
 
 
@@ -29,8 +31,8 @@ STEPS, SAVE_AT = 6, 3
 def runs(tmp_path_factory):
     full = tmp_path_factory.mktemp("full")
     resumed = tmp_path_factory.mktemp("resumed")
-    common = ["--max_train_steps", str(STEPS), "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
-              "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
+    common = ["--resolution", "32", "--max_train_steps", str(STEPS), "--train_batch_size", "2",
+              "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
     uninterrupted = run(common + ["--output_dir", str(full), "--save_every_n_steps", str(SAVE_AT), "--save_state"])
     state = full / f"demo-step{SAVE_AT:08d}-state"
     continued = run(common + ["--output_dir", str(resumed), "--resume", str(state)])
@@ -149,7 +151,7 @@ def test_resumed_fp16_run_keeps_the_loss_scale(tmp_path, monkeypatch):
             scalers.append(self.scaler)
 
     monkeypatch.setattr(accelerate, "Accelerator", CpuScalerAccelerator)
-    common = ["--max_train_steps", "3", "--train_batch_size", "1", "--mixed_precision", "fp16"]
+    common = ["--resolution", "32", "--max_train_steps", "3", "--train_batch_size", "1", "--mixed_precision", "fp16"]
     try:
         full = run(common + ["--output_dir", str(tmp_path / "full"), "--save_every_n_steps", "2", "--save_state"])
         state = tmp_path / "full" / "demo-step00000002-state"

@@ -29,6 +29,8 @@ from safetensors import safe_open
 from library.hina_train import loop, saving
 from library.hina_train.cli import run
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -21,6 +21,8 @@ from library.hina_train.args import ArgumentError, parse_args
 from library.hina_train.cli import run
 from library.hina_train.validation import split_items, validation_timesteps
 
+DEMO_SAMPLES = False  # the built-in demo trains without sample images here (conftest); none is checked
+
 
 def _items(counts):
     items = []
