@@ -169,7 +169,8 @@ def started_runs(tmp_path_factory):
                             ("epoch", ["--initial_epoch", "2"])):
             records.append([])
             out = tmp_path_factory.mktemp(name)
-            results[name] = (run(["--output_dir", str(out), "--max_train_steps", "10", *extra]), records[-1], out)
+            results[name] = (run(["--output_dir", str(out), "--max_train_steps", "10", "--resolution", "32", *extra]),
+                              records[-1], out)
     finally:
         loop.Trainer._batch = real_batch
     return results
