@@ -9,7 +9,11 @@ The recipe (DESIGN.md's pipeline), on top of HinaAdamW's (``hina_adamw.py``):
     relationships      every ``relationship_discovery_interval`` steps, LoRA-like pairs are found from shapes
                        and the rescaling balance (``techniques/relationships.py``); a pair shares the joint
                        importance sqrt(I_a I_b), so both factors move at one rate
-    apply              decoupled weight decay (dynamic schedule), SPD, as the core does
+    apply              decoupled weight decay (dynamic schedule), SPD, as HinaAdamW
+
+Per chunk of the param group (base.py), ``fused_step`` runs all of it (decode, the stages above, apply, encode)
+in one function, ``adaptive_chunk``, compiled with torch.compile when ``compile_step`` asks for it;
+``compute_update`` is the same recipe stage by stage on decoded buffers (the bf16 subclass runs that path).
 
 HinaAdamW's LoRA+ ratio and ALLoRA row scaling (``use_alora``, roles from names or shapes) apply here too, on
 by default: without them this optimizer trailed plain AdamW on the benchmark tasks (``benchmarks/convergence.py``,

@@ -13,9 +13,16 @@ Seed document 004 (and 000 for the series). The recipe, in the order it runs:
                        polarity from CAME's normalised update U as in ostris' Automagic; ALLoRA row scaling
                        of LoRA/LoKr matrices (use_alora); (C-Optim) the bounded contextual multiplier
     apply              decoupled weight decay at the group lr (the reference Automagic decays with the
-                       per-element lr), by the optimizer core
+                       per-element lr)
     state codec        fp32, or 8-bit blockwise for every large flat state (momentum buffers, lr mask):
-                       ``Automagic_CameAMP8bit``, ``Automagic_CameAMP_COptim8bit`` (``block_size``, seed name ``blocksize``: 4096)
+                       ``Automagic_CameAMP8bit``, ``Automagic_CameAMP_COptim8bit`` (``block_size``, seed name
+                       ``blocksize``: 4096); CAME's factored statistics stay fp32 (O(rows + cols) per tensor)
+
+Per chunk of the param group (base.py), ``fused_step`` runs all of it (decode, the stages above, apply, encode)
+in one function, ``automagic_chunk``, compiled with torch.compile when ``compile_step`` asks for it. CAME's
+statistics of a chunk are one flat vector (``came.SideLayout``), so no stage loops over tensors in Python; the
+two optional per-tensor transforms (FFT suppression, low-rank penalty: an FFT or SVD per tensor) run eagerly
+before it when switched on.
 
 Seed defaults: lr=1e-6, min_lr=1e-7, max_lr=1e-3, lr_bump=3e-6, betas=(0.8, 0.99, 0.999),
 eps=(1e-30, 1e-16, 1e-8), clip_threshold=1.0, weight_decay=5e-4, warmup_steps=500. The paper's CAME
