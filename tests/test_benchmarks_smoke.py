@@ -117,13 +117,16 @@ def test_recipe_suffix_and_ablation_variants():
     conv = _bench_module("convergence")
     assert conv.split_name("HinaAdamW:sd_lora") == ("HinaAdamW", "sd_lora")
     assert conv.hina_kwargs("HinaAdamW:defaults", "llm_lora") == {}
-    assert conv.hina_kwargs("HinaAdamW:sd_lora", "llm_lora")["spd_lambda"] == 0.06
+    assert conv.hina_kwargs("HinaAdamW:sd_lora", "llm_lora")["wd_transition_steps"] == 800
     assert conv.hina_kwargs("AdamW", "llm_lora") == {}
     assert "no such" in conv.check_optimizer_name("HinaAdamW:no_such_recipe").replace("no recipe", "no such")
     assert "only HinaAdamW" in conv.check_optimizer_name("AdamW:sd_lora")
     assert conv.check_optimizer_name("Adam") is not None and conv.check_optimizer_name("HinaAdamW:defaults") is None
     variants = conv.ablation_variants({}, "HinaAdamW:defaults")  # relative to the constructor defaults
-    assert variants["no spd"] == {"use_spd": False} and variants["fp32 states"] == {"optim_bits": 32}
+    assert variants["+ spd"] == {"use_spd": True} and variants["no grams"] == {"use_grams": False}
+    assert variants["fp32 states"] == {"optim_bits": 32} and "spd_lambda=0.01" not in variants  # SPD off
+    variants = conv.ablation_variants({"use_spd": True}, "HinaAdamW")  # a recipe with SPD on
+    assert variants["no spd"] == {"use_spd": False}
     assert variants["spd_lambda=0.01"] == {"spd_lambda": 0.01} and variants["spd_lambda=0.18"] == {"spd_lambda": 0.18}
     automagic = conv.ablation_variants({}, "Automagic_CameAMP")  # only the techniques it has
     assert "no spd" not in automagic and "+ cautious" in automagic and "fp32 states" not in automagic
@@ -136,7 +139,7 @@ def test_optimizer_name_carries_constructor_arguments():
     assert conv.split_name(name) == ("HinaAdamW", "sd_lora")
     assert conv.name_args(name) == ["alora_ratio=4", "use_tam=False"]
     kwargs = conv.hina_kwargs(name, "llm_lora")
-    assert kwargs["alora_ratio"] == 4 and kwargs["use_tam"] is False and kwargs["spd_lambda"] == 0.06
+    assert kwargs["alora_ratio"] == 4 and kwargs["use_tam"] is False and kwargs["wd_transition_steps"] == 800
     assert conv.hina_kwargs("HinaAdamW:defaults+use_grams=False", "llm_lora") == {"use_grams": False}
     assert conv.check_optimizer_name("HinaAdamW:defaults+alora_ratio=2") is None
     assert "no_such_arg" in conv.check_optimizer_name("HinaAdamW:defaults+no_such_arg=1")

@@ -58,7 +58,7 @@ def test_trainer_with_hina_adamw_learns_and_finds_lora_pairs(tmp_path):
     assert isinstance(optimizer, HinaOptimizer)
     info = optimizer.get_optimization_info()
     assert info["lora_stats"]["lora_pairs"] == adapted == 6  # c_attn, attn.c_proj, mlp.c_proj in 2 layers
-    assert info["features"]["alora_ratio"] == 20 and info["features"]["use_adopt_stability"] is True
+    assert info["features"]["wd_transition_steps"] == 1200 and info["features"]["use_grams"] is True  # the recipe
     assert optimizer.param_groups[0]["lr"] >= 0
     assert log.losses[-1] < log.losses[0] - 0.1 and log.losses == sorted(log.losses, reverse=True), log.losses
 

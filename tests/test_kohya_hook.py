@@ -165,7 +165,7 @@ def loraplus_groups(ratio=16.0, lr=1e-3):
 def test_kohya_loraplus_wins_and_alora_ratio_is_not_applied_on_top(optimizer_type, capsys):
     train_util, _ = make_train_util()
     kohya.install(train_util, network_modules=())
-    args = sd_args(optimizer_type)
+    args = sd_args(optimizer_type, "use_alora=True")  # HinaAdamW's default is off (issue 16)
     args.network_args = ["loraplus_lr_ratio=16"]
     _, _, optimizer = train_util.get_optimizer(args, loraplus_groups())
     assert [g["alora_ratio"] for g in optimizer.param_groups] == [1.0, 1.0]
@@ -181,7 +181,7 @@ def test_loraplus_asked_but_groups_not_split_keeps_the_optimizer_ratio(capsys):
     train_util, _ = make_train_util()
     kohya.install(train_util, network_modules=())
     _, groups, _ = named_groups()
-    args = sd_args("HinaAdamW", "alora_ratio=8")
+    args = sd_args("HinaAdamW", "use_alora=True", "alora_ratio=8")
     args.network_args = ["loraplus_unet_lr_ratio=4", "conv_dim=4"]
     _, _, optimizer = train_util.get_optimizer(args, groups)
     assert {g["alora_ratio"] for g in optimizer.param_groups} == {8}
@@ -194,11 +194,11 @@ def test_no_loraplus_no_notice_and_dotted_path_gets_the_setting_too(capsys):
     _, groups, _ = named_groups()
     _, _, optimizer = train_util.get_optimizer(sd_args("HinaAdamW"), groups)
     assert {g["alora_ratio"] for g in optimizer.param_groups} == {16.0} and capsys.readouterr().out == ""
-    args = sd_args("library.hina.HinaAdamW", "use_spd=True")
+    args = sd_args("library.hina.HinaAdamW", "use_alora=True")
     args.network_args = ["loraplus_lr_ratio=16"]
     train_util.get_optimizer(args, loraplus_groups())  # sd-scripts builds it from args.optimizer_args
     assert calls[-1][0] == "library.hina.HinaAdamW"
-    assert args.optimizer_args == ["use_spd=True", "alora_ratio=1.0"]
+    assert args.optimizer_args == ["use_alora=True", "alora_ratio=1.0"]
     # use_alora=False or an optimizer without a ratio of its own: nothing to settle
     args = sd_args("HinaAdamW", "use_alora=False")
     args.network_args = ["loraplus_lr_ratio=16"]

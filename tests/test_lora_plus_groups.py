@@ -12,7 +12,8 @@ import torch
 
 from library.hina import HinaAdamW
 
-ALL_OFF = dict(use_spd=False, use_cautious=False, use_grams=False, use_agr=False, use_tam=False,
+# every technique off but use_alora (the B-side ratio these tests are about; off by default since issue 16)
+ALL_OFF = dict(use_spd=False, use_cautious=False, use_grams=False, use_agr=False, use_tam=False, use_alora=True,
                dynamic_weight_decay=False, weight_decay=0.0, optim_bits=32, compile_step=False)
 
 
