@@ -51,7 +51,9 @@ Measured (``OMP_NUM_THREADS=2 python benchmarks/quant_speed.py [--signed]``; 1M 
 one run, not nanoseconds), encode + decode per element: unsigned map: compiled 47 ns, bitsandbytes
 ``quantize_blockwise`` + ``dequantize_blockwise`` 70 ns (0.68x), eager 834 ns; signed map: compiled 46 ns,
 bitsandbytes 72 ns (0.63x), eager 708 ns. Compiled, encode and decode fuse into a few vectorised loops;
-eager runs ~30 separate ops and is meant only as the fallback.
+eager runs ~30 separate ops and is meant only as the fallback. (Those figures predate the one-lookup encode
+and the word-wise code reads, each faster in single-thread development measurements; quant_speed.py has
+not been re-run since.)
 """
 
 from __future__ import annotations
