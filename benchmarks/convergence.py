@@ -80,7 +80,7 @@ ABLATION_TASKS = ("sd_lora", "llm_lora")
 TECHNIQUES = {"spd": "use_spd", "cautious": "use_cautious", "adopt": "use_adopt_stability", "grams": "use_grams",
               "agr": "use_agr", "tam": "use_tam", "alora": "use_alora", "dynamic wd": "dynamic_weight_decay",
               "orthogonal grad": "use_orthogonal_grad"}
-QUICK_ABLATION = ("full (recipe)", "no cautious", "all off")
+QUICK_ABLATION = ("full (recipe)", "no grams", "all off")
 SPD_LAMBDA_FACTORS = (1 / 6, 3.0)  # SPD's strength in the ablation: 0.01 and 0.18 around the default 0.06
 REFINE_FACTORS = (0.5, 2.0)  # --refine: these multiples of each optimizer's best grid lr join the sweep
 # --long (issue 15): the horizon the recipes are written for, so that dynamic weight decay (wd_transition_steps

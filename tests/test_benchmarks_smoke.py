@@ -158,7 +158,7 @@ def test_pretrained_task_quick_run_resumes_from_cached_runs(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--workers", "1", "--tasks",
            "minilm_cls", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--optimizers", "AdamW",
            "HinaAdamW:defaults", "--ablation-of", "HinaAdamW:defaults", "--ablation-tasks", "minilm_cls",
-           "--ablation-variants", "no spd"]
+           "--ablation-variants", "no grams"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first = json.loads(out.read_text())
@@ -168,7 +168,7 @@ def test_pretrained_task_quick_run_resumes_from_cached_runs(tmp_path):
         assert 0.0 <= res["accuracy_mean"] <= 1.0 and len(res["accuracy_curve"]) == len(res["eval_steps"])
         assert res["update_rms_median"] > 0 and res["best_eval_mean"] <= res["mean"] + 1e-12
         assert res["gap_mean"] is not None and res["last20_spread"] >= 0
-    assert set(block["ablation"]) == {"full (recipe)", "no spd"}
+    assert set(block["ablation"]) == {"full (recipe)", "no grams"}
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
