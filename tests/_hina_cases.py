@@ -85,3 +85,21 @@ def same_state(a: dict, b: dict) -> bool:
         elif x != y:
             return False
     return True
+
+
+def workspace_by_model_size(cls, totals=(500_000, 4_000_000), chunk_elements: int = 1 << 16) -> dict[int, int]:
+    """``workspace_bytes`` after two steps of ``cls`` on LoRA-shaped params of each total size (elements),
+    chunked at ``chunk_elements``: the work pool must not grow with the model."""
+    workspace = {}
+    for total in totals:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(16, 320), (320, 16)] * (total // (2 * 16 * 320))
+        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
+        opt = cls(params, lr=1e-4, compile_step=False)
+        opt.chunk_elements = chunk_elements
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        opt.step()
+        workspace[total] = opt.get_optimization_info()["training_stats"]["workspace_bytes"]
+    return workspace

@@ -1,6 +1,7 @@
 """AdamW_HinaAdaptive: relationship discovery on an unnamed kohya-style LoRA, importance, lr mask."""
 
 import torch
+from _hina_cases import workspace_by_model_size
 
 from library.hina import AdamW_HinaAdaptive
 from library.hina.techniques.importance import MULTIPLIER_BOUNDS, importance_multiplier
@@ -247,17 +248,6 @@ def test_fused_chunk_step_matches_the_decoded_path(bits, chunk):
 
 def test_work_memory_is_bounded_by_the_chunk_not_the_model():
     """0.5M and 4M elements with 64K-element chunks: the same work pool, whatever the model size."""
-    workspace = {}
-    for total in (500_000, 4_000_000):
-        g = torch.Generator().manual_seed(0)
-        shapes = [(16, 320), (320, 16)] * (total // (2 * 16 * 320))
-        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
-        opt = AdamW_HinaAdaptive(params, lr=1e-4, compile_step=False)
-        opt.chunk_elements = 1 << 16
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
-        opt.step()
-        workspace[total] = opt.get_optimization_info()["training_stats"]["workspace_bytes"]
+    workspace = workspace_by_model_size(AdamW_HinaAdaptive)
     assert workspace[500_000] == workspace[4_000_000]
     assert 0 < workspace[4_000_000] <= 4 * 4 * (1 << 16)  # at most 4 fp32 chunk-sized buffers

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _hina_cases import workspace_by_model_size
 
 from library.hina import (Automagic_CameAMP, Automagic_CameAMP8bit, Automagic_CameAMP_COptim,
                           Automagic_CameAMP_COptim8bit, automagic)
@@ -347,17 +348,6 @@ def test_compiled_chunk_step_matches_eager():
 def test_work_memory_is_bounded_by_the_chunk_not_the_model():
     """Automagic_CameAMP8bit at 0.5M and 4M elements with 64K-element chunks: the same work pool (a few
     chunk-sized buffers, CAME's side vector included), whatever the model size."""
-    workspace = {}
-    for total in (500_000, 4_000_000):
-        g = torch.Generator().manual_seed(0)
-        shapes = [(16, 320), (320, 16)] * (total // (2 * 16 * 320))
-        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
-        opt = Automagic_CameAMP8bit(params, lr=1e-4, compile_step=False)
-        opt.chunk_elements = 1 << 16
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
-        opt.step()
-        workspace[total] = opt.get_optimization_info()["training_stats"]["workspace_bytes"]
+    workspace = workspace_by_model_size(Automagic_CameAMP8bit)
     assert workspace[500_000] == workspace[4_000_000]
     assert 0 < workspace[4_000_000] <= 8 * 4 * (1 << 16)  # at most 8 fp32 chunk-sized buffers
