@@ -25,6 +25,7 @@ from . import naming, quant, techniques
 from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, ZERO_ANCHOR_ROLES, HinaOptimizer, StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
+from .state_io import store_state
 from .techniques.adopt import adopt_normalize
 from .techniques.alora import row_coefficients
 from .techniques.tam import tam_step
@@ -284,21 +285,6 @@ def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, seg
     return update
 
 
-def _store(stored, value, keep_blocks, block_size: int) -> None:
-    """Write ``value`` into an fp32 state; blocks where ``keep_blocks`` stay as they were."""
-    stored.copy_(torch.where(keep_blocks, stored.view(-1, block_size), value.view(-1, block_size)).view(-1))
-
-
-def _store_codes(stored, value, keep_blocks, qmap, signed: bool, block_size: int) -> None:
-    """Encode ``value`` into 8-bit ``(codes, absmax)`` storage; blocks where ``keep_blocks`` keep their codes."""
-    codes, absmax = quant.encode_int32(value, qmap, block_size, signed)
-    # Select in int32, not uint8: CPU inductor vectorises a uint8 select lane by lane (measured 2x slower
-    # encode); the codes are the same.
-    kept = torch.where(keep_blocks, quant.code_indices(stored[0]).view(-1, block_size), codes.view(-1, block_size))
-    stored[0].copy_(kept.to(torch.uint8).view(-1))
-    stored[1].copy_(torch.where(keep_blocks.squeeze(1), stored[1], absmax))
-
-
 def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_smoothed, step_vectors, segments,
                      *, spd_lambda: float, spd: bool, **flags):
     """HinaAdamW's whole step for one chunk on fp32 states: ``adamw_math``, ALLoRA, decoupled weight decay and
@@ -332,10 +318,10 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
     if row_coef is not None:
         u = u * row_coef
     new_weight = decoupled_update(weight, u, g, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
-    _store(exp_avg, m_new, keep, block)
-    _store(exp_avg_sq, v_new, keep, block)
+    store_state(exp_avg, m_new, keep, None, block)
+    store_state(exp_avg_sq, v_new, keep, None, block)
     if anchor is not None:
-        _store(anchor, anchor_value, keep, block)
+        store_state(anchor, anchor_value, keep, None, block)
     if tam_smoothed is not None:
         tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
     weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
@@ -354,7 +340,7 @@ def encode_states(values, codes, qmaps, step_vectors, nonfinite, segments, *, si
     live = (step_vectors[5] > 0) & ~nonfinite
     keep = ~segments.expand(live)
     for value, stored, qmap, signed in zip(values, codes, qmaps, signs):
-        _store_codes(stored, value, keep, qmap, signed, segments.block)
+        store_state(stored, value, keep, qmap, segments.block, signed)
 
 
 _decode_states = MaybeCompiled(decode_states)
