@@ -342,8 +342,10 @@ class HinaOptimizer(torch.optim.Optimizer):
             sizes = {i: -(-max(group["params"][i].numel(), 1) // align) * align for i in indices}
             for members in pack_chunks(sizes, self.chunk_elements):
                 # Within a chunk, order by row length, so tensors whose rows are equally long sit side by side
-                # and ALLoRA's row scaling treats each run of them as one matrix (techniques/alora.py).
-                members = sorted(members, key=lambda i: (_row_length(group["params"][i]), i))
+                # and ALLoRA's row scaling treats each run of them as one matrix (techniques/alora.py); then
+                # by shape, so equal shapes are adjacent (CAME's statistics batch them, techniques/came.py).
+                members = sorted(members, key=lambda i: (_row_length(group["params"][i]),
+                                                         tuple(group["params"][i].shape), i))
                 total, slots = chunk_shape(sum(sizes[i] for i in members), len(members), align, self.chunk_elements)
                 chunk = FlatPack([group["params"][i] for i in members], members, align=align, total=total, slots=slots)
                 chunk.pool = self._work
