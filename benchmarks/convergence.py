@@ -486,22 +486,28 @@ def steps_to_reach(curve_steps: list[int], curve: list[float], target: float) ->
     return None
 
 
-def long_grids(best_from: Path, tasks, optimizers, error) -> dict:
-    """--long: per (task, optimizer), the best lr of the short run ``best_from`` and its lower grid neighbour (a
-    longer run usually wants a lower lr); the neighbour is x1/3 when the best is the grid's lowest value."""
-    if not best_from.is_file():
-        error(f"--long reuses the best lrs of a short run: {best_from} does not exist (run "
-              "benchmarks/convergence.py first, or give --best-from)")
-    short = json.loads(best_from.read_text())["tasks"]
+def long_grids(best_from: list[Path], tasks, optimizers, error, below: bool = True) -> dict:
+    """--long: per (task, optimizer), the best lr of the short runs ``best_from`` (a later file wins where two
+    hold the same optimizer: a newer sweep of some optimizers over an older one of all) and, with ``below``, its
+    lower grid neighbour (a longer run usually wants a lower lr; x1/3 when the best is the grid's lowest value)."""
+    short = {}
+    for path in best_from:
+        if not path.is_file():
+            error(f"--long reuses the best lrs of a short run: {path} does not exist (run "
+                  "benchmarks/convergence.py first, or give --best-from)")
+        for t, block in json.loads(path.read_text())["tasks"].items():
+            merged = short.setdefault(t, {"results": {}, "lr_grid": {}})
+            merged["results"].update(block["results"])
+            merged["lr_grid"].update(block["lr_grid"])
     grids = {}
     for t in tasks:
         for o in optimizers:
             if t not in short or o not in short[t]["results"]:
-                error(f"--best-from {best_from} has no result for {o} on {t} (it has: "
+                error(f"--best-from {' '.join(map(str, best_from))} has no result for {o} on {t} (it has: "
                       f"{', '.join(sorted(short.get(t, {}).get('results', {}))) or 'no such task'})")
             lr = short[t]["results"][o]["lr"]
-            below = [g for g in short[t]["lr_grid"][o] if g < lr]
-            grids[(t, o)] = sorted({lr, max(below) if below else float(f"{lr / 3:.3g}")})
+            lower = [g for g in short[t]["lr_grid"][o] if g < lr]
+            grids[(t, o)] = sorted({lr, max(lower) if lower else float(f"{lr / 3:.3g}")}) if below else [lr]
     return grids
 
 
@@ -582,8 +588,12 @@ def main(argv=None) -> dict:
                              "ablation of the long-horizon features (dynamic weight decay, lr mask, C-Optim context) "
                              "-> docs/convergence_long.json. Runtime, estimated from the 120-step run's step times (142 runs "
                              "x 1,500 steps, 2 workers): about 70 min on 2 idle cores; not yet run in full. Resumable")
-    parser.add_argument("--best-from", type=Path, default=ROOT / "docs" / "convergence.json",
-                        help="--long: the short run whose best lrs are reused")
+    parser.add_argument("--best-from", type=Path, nargs="+", default=[ROOT / "docs" / "convergence.json"],
+                        help="--long: the short runs whose best lrs are reused (a later file wins for an optimizer "
+                             "that two files hold)")
+    parser.add_argument("--long-best-only", action="store_true",
+                        help="--long: only each optimizer's best short-run lr, not also the grid value below it "
+                             "(halves the runs; the sweep seeds are then the first seeds at that lr)")
     args = parser.parse_args(argv)
     if args.long:  # with --quick: the quick tasks and 8 steps (the smoke test of the long mode)
         defaults = parser.parse_args([])
@@ -635,7 +645,7 @@ def main(argv=None) -> dict:
     grids = {(t, o): [float(f"{TYPICAL_LR.get(split_name(o)[0], 1e-3) * f:.3g}") for f in factors]
              for t in args.tasks for o in args.optimizers}
     if args.long:
-        grids = long_grids(args.best_from, args.tasks, args.optimizers, parser.error)
+        grids = long_grids(args.best_from, args.tasks, args.optimizers, parser.error, not args.long_best_only)
 
     # 1. sweep (and, with --refine, the neighbours of each grid optimum)
     def sweep_jobs(grid_of):

@@ -123,7 +123,7 @@ class SDTask:
         self.res = 8
         self.batch = 8
         self.pretrain = dict(arch="tiny_sd_unet", res=self.res, n_images=96 if not quick else 24,
-                             steps=400 if not quick else 40, batch=16, lr=1e-3, seed=0, version=1)
+                             steps=400 if not quick else 10, batch=16, lr=1e-3, seed=0, version=1)
         from library.hina import presets
         rec = presets.load_recipe(self.recipe)
         self.network_dim = int(rec.get("network_dim", 8))
@@ -314,7 +314,7 @@ class LLMTask:
         self.seq, self.batch = 64, 16
         self.model_cfg = dict(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        self.pretrain = dict(model=self.model_cfg, steps=500 if not quick else 40, batch=32, lr=2e-3, seed=0,
+        self.pretrain = dict(model=self.model_cfg, steps=500 if not quick else 10, batch=32, lr=2e-3, seed=0,
                              version=1)
         self.lora = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0)
         self.n_eval_windows = 32

@@ -2,7 +2,8 @@
 
 No performance assertions: this only checks that every task, the lr sweep, the seeds, the ablation and the
 report generator run end to end and produce well-formed output. A subset of optimizers keeps it short while
-covering every code path (peer optimizer, 8-bit Hina, bf16 shadow copy, C-Optim loss observation).
+covering every code path (peer optimizer, 8-bit Hina, bf16 shadow copy, C-Optim loss observation); one seed and
+the ablation on the cheapest task keep it shorter still.
 """
 
 import importlib.util
@@ -21,69 +22,95 @@ TASKS = ["sd_lora", "sd_lokr", "llm_lora"]
 
 
 def test_convergence_quick_writes_valid_json_and_report(tmp_path):
-    out = tmp_path / "convergence_quick.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--quick", "--workers", "1",
-           "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--optimizers", *OPTIMIZERS]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    """--quick (4 steps) on every task with one seed, the quick ablation on the cheapest task, the report, then the
+    long mode (best lr only) on the same cached base models. In this process: a subprocess per step paid the imports
+    (diffusers, transformers, bitsandbytes) again, most of this test's time."""
+    conv, report = _bench_module("convergence"), _bench_module("report")
+    out, cache, docs = tmp_path / "convergence_quick.json", str(tmp_path / "cache"), tmp_path / "docs"
+    threads = torch.get_num_threads()
+    try:
+        data = conv.main(["--quick", "--steps", "4", "--eval-every", "2", "--workers", "1", "--seeds", "1",
+                          "--cache-dir", cache, "--out", str(out), "--optimizers", *OPTIMIZERS,
+                          "--ablation-tasks", "llm_lora"])
+        assert json.loads(out.read_text())["meta"] == data["meta"]
+        assert data["meta"]["mode"] == "quick" and data["meta"]["seeds"] == 1
+        assert set(data["tasks"]) == set(TASKS)
+        for task, block in data["tasks"].items():
+            assert set(block["results"]) == set(OPTIMIZERS)
+            for name, res in block["results"].items():
+                assert len(res["final"]) == data["meta"]["seeds"]
+                assert res["eval_steps"][0] == 0 and res["eval_steps"][-1] == data["meta"]["steps"]
+                assert len(res["mean_curve"]) == len(res["eval_steps"]) == len(res["std_curve"])
+                assert res["state_bytes_per_param"] > 0 and res["step_ms"] > 0
+                assert res["mean"] is None or math.isfinite(res["mean"])
+            assert set(block["ablation"]) == ({"full (recipe)", "no grams", "all off"} if task == "llm_lora" else set())
 
-    data = json.loads(out.read_text())
-    assert data["meta"]["mode"] == "quick"
-    assert set(data["tasks"]) == set(TASKS)
-    for task, block in data["tasks"].items():
-        assert set(block["results"]) == set(OPTIMIZERS)
-        for name, res in block["results"].items():
-            assert len(res["final"]) == data["meta"]["seeds"]
-            assert res["eval_steps"][0] == 0 and res["eval_steps"][-1] == data["meta"]["steps"]
-            assert len(res["mean_curve"]) == len(res["eval_steps"]) == len(res["std_curve"])
-            assert res["state_bytes_per_param"] > 0 and res["step_ms"] > 0
-            assert res["mean"] is None or math.isfinite(res["mean"])
-        if task in ("sd_lora", "llm_lora"):
-            assert "full (recipe)" in block["ablation"] and "all off" in block["ablation"]
+        report.main(["--convergence", str(out), "--docs", str(docs)])
+        text = (docs / "BENCHMARKS_quick.md").read_text()  # named after the JSON: a quick run keeps its own files
+        assert "HinaAdamW" in text and "## Ablation" in text
+        assert (docs / "convergence_quick_sd_lora.png").stat().st_size > 0
+        assert (docs / "ablation_quick_llm_lora.png").stat().st_size > 0
 
-    docs = tmp_path / "docs"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--convergence", str(out),
-                           "--docs", str(docs)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = (docs / "BENCHMARKS_quick.md").read_text()  # named after the JSON: a quick run keeps its own files
-    assert "HinaAdamW" in text and "## Ablation" in text
-    assert (docs / "convergence_quick_sd_lora.png").stat().st_size > 0
-    assert (docs / "ablation_quick_sd_lora.png").stat().st_size > 0
+        # the long-horizon mode (issue 15) at tiny settings: the quick run's best lr, warm-up + cosine, the
+        # long-horizon features switched off in turn (the lower-neighbour grid: test_long_grids_merge_...)
+        long_out = tmp_path / "convergence_long_quick.json"
+        long = conv.main(["--long", "--quick", "--long-best-only", "--steps", "4", "--eval-every", "2", "--workers",
+                          "1", "--seeds", "1", "--tasks", "llm_lora", "--best-from", str(out), "--cache-dir", cache,
+                          "--out", str(long_out),
+                          "--optimizers", "AdamW", "HinaAdamW", "Automagic_CameAMP_COptim8bit"])
+        assert long["meta"]["mode"] == "long" and long["meta"]["warmup"] == 0.05
+        block = long["tasks"]["llm_lora"]
+        assert block["lr_grid"]["AdamW"] == [0.001]  # the quick run's best, alone
+        (name,) = block["ablation"]  # only HinaAdamW's feature: the Automagic rows need their own optimizers
+        assert name == "HinaAdamW: no dynamic wd" and block["ablation"][name]["reference"]["seeds"] == [0]
+        report.main(["--convergence", str(long_out), "--docs", str(docs)])
+        text = (docs / "BENCHMARKS_long_quick.md").read_text()
+        assert "long-horizon features switched off" in text and "overfitting and stability" in text
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread per process
 
-    # the long-horizon mode (issue 15) on the same cached base models, at tiny settings: best lr of the quick run
-    # plus its lower neighbour, warm-up + cosine, the long-horizon features switched off in turn
-    long_out = tmp_path / "convergence_long_quick.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--long", "--quick", "--workers", "1",
-           "--tasks", "sd_lora", "--best-from", str(out), "--cache-dir", str(tmp_path / "cache"), "--out",
-           str(long_out), "--optimizers", "AdamW", "HinaAdamW", "Automagic_CameAMP_COptim8bit"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    long = json.loads(long_out.read_text())
-    assert long["meta"]["mode"] == "long" and long["meta"]["warmup"] == 0.05
-    block = long["tasks"]["sd_lora"]
-    assert block["lr_grid"]["AdamW"] == [0.000333, 0.001]  # the quick run's best (1e-3) and the value below
-    (name,) = block["ablation"]  # only HinaAdamW's feature: the Automagic rows need their own optimizers
-    assert name == "HinaAdamW: no dynamic wd" and block["ablation"][name]["reference"]["seeds"] == [0, 1]
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--convergence", str(long_out),
-                           "--docs", str(docs)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = (docs / "BENCHMARKS_long_quick.md").read_text()
-    assert "long-horizon features switched off" in text and "overfitting and stability" in text
+
+def test_long_grids_merge_short_runs_and_add_the_lower_neighbour(tmp_path):
+    """--best-from files merge (a later file wins per optimizer); the long grid is the best lr and the grid value
+    below it (x1/3 at the grid's bottom), or the best alone with --long-best-only; a missing optimizer is an error."""
+    conv = _bench_module("convergence")
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"tasks": {"sd_lora": {
+        "results": {"AdamW": {"lr": 0.003}, "HinaAdamW": {"lr": 0.003}, "CAME": {"lr": 0.0001}},
+        "lr_grid": {"AdamW": [0.001, 0.003, 0.01], "HinaAdamW": [0.001, 0.003, 0.01], "CAME": [0.0001, 0.001]}}}}))
+    new.write_text(json.dumps({"tasks": {"sd_lora": {"results": {"HinaAdamW": {"lr": 0.03}},
+                                                     "lr_grid": {"HinaAdamW": [0.003, 0.01, 0.03]}}}}))
+
+    def error(message):
+        raise ValueError(message)
+
+    names = ["AdamW", "HinaAdamW", "CAME"]
+    grids = conv.long_grids([old, new], ["sd_lora"], names, error)
+    assert grids == {("sd_lora", "AdamW"): [0.001, 0.003], ("sd_lora", "HinaAdamW"): [0.01, 0.03],
+                     ("sd_lora", "CAME"): [3.33e-05, 0.0001]}
+    assert conv.long_grids([new, old], ["sd_lora"], ["HinaAdamW"], error, below=False) == {
+        ("sd_lora", "HinaAdamW"): [0.003]}
+    with pytest.raises(ValueError, match="no result for Prodigy on sd_lora"):
+        conv.long_grids([old, new], ["sd_lora"], ["Prodigy"], error)
+    with pytest.raises(ValueError, match="does not exist"):
+        conv.long_grids([tmp_path / "missing.json"], ["sd_lora"], ["AdamW"], error)
 
 
 def test_step_speed_writes_json_table_and_chart(tmp_path):
-    """``benchmarks/step_speed.py`` on the smallest parameter set, three optimizers, two steps: well-formed output."""
+    """``benchmarks/step_speed.py`` on a small parameter set (8 Llama-7B-class attention layers at LoRA rank 1: no
+    diffusers import in its worker processes, below the size at which the Hina optimizers compile), the reference
+    and one Hina optimizer (each worker is a process of its own), two steps: well-formed output."""
     json_out, md_out, png_out = tmp_path / "s.json", tmp_path / "s.md", tmp_path / "s.png"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--model", "sd15_lokr", "--steps", "2",
-           "--threads", "1", "--only", "AdamW (fused)", "bnb AdamW8bit", "HinaAdamW (all off, 32-bit)",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_speed.py"), "--model", "llm7b", "--rank", "1", "--steps",
+           "2", "--threads", "1", "--only", "AdamW (fused)", "HinaAdamW (all off, 32-bit)",
            "--json", str(json_out), "--markdown", str(md_out), "--plot", str(png_out)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads(json_out.read_text())
     (block,) = report["models"]
-    assert [r["optimizer"] for r in block["results"]] == [
-        "torch AdamW (fused)", "bnb AdamW8bit", "HinaAdamW (all off, 32-bit)"]
+    assert block["model"] == "llm7b" and block["rank"] == 1
+    assert [r["optimizer"] for r in block["results"]] == ["torch AdamW (fused)", "HinaAdamW (all off, 32-bit)"]
     for r in block["results"]:
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["ratio_to_fused"] > 0 and r["state_bytes_per_param"] > 0
