@@ -331,14 +331,14 @@ def test_compiled_chunk_step_matches_eager():
     for compile_step in (False, True):
         params = [torch.nn.Parameter(p.clone()) for p in make(seed=5, shapes=FUSED_SHAPES)]
         opt = Automagic_CameAMP8bit(params, compile_step=compile_step, **dict(MASKED, block_size=256, min_8bit_size=0))
-        before = automagic._fused.compiled_calls
+        before = automagic._moments.compiled_calls
         for step in grad_steps(FUSED_SHAPES, 3, seed=6):
             for p, g in zip(params, step):
                 p.grad = g
             opt.step()
-        if compile_step and automagic._fused.failed:
-            pytest.skip(f"torch.compile is not usable here: {automagic._fused.failed[:200]}")
-        assert (automagic._fused.compiled_calls > before) == compile_step
+        if compile_step and automagic._moments.failed:
+            pytest.skip(f"torch.compile is not usable here: {automagic._moments.failed[:200]}")
+        assert (automagic._moments.compiled_calls > before) == compile_step
         results.append([p.detach().clone() for p in params])
     for eager, compiled in zip(*results):
         close = torch.isclose(eager, compiled, rtol=1e-4, atol=1e-6)

@@ -18,11 +18,22 @@ Seed document 004 (and 000 for the series). The recipe, in the order it runs:
                        ``Automagic_CameAMP8bit``, ``Automagic_CameAMP_COptim8bit`` (``block_size``, seed name
                        ``blocksize``: 4096); CAME's factored statistics stay fp32 (O(rows + cols) per tensor)
 
-Per chunk of the param group (base.py), ``fused_step`` runs all of it (decode, the stages above, apply, encode)
-in one function, ``automagic_chunk``, compiled with torch.compile when ``compile_step`` asks for it. CAME's
-statistics of a chunk are one flat vector (``came.SideLayout``), so no stage loops over tensors in Python; the
-two optional per-tensor transforms (FFT suppression, low-rank penalty: an FFT or SVD per tensor) run eagerly
-before it when switched on.
+Per chunk of the param group (base.py), ``fused_step`` runs all of it in three functions over the chunk's flat
+buffers, each compiled with torch.compile when ``compile_step`` asks for it, with CAME's row and column
+statistics between them:
+
+    prepare_chunk   which tensors step (gradient present and finite), G (⊥Grad, AGR), V = G^2 + eps1; decode
+                    the 8-bit states into fp32 pool buffers
+    (came.second_moment_factor: r, c from V, batched per run of one shape; V_hat into a flat buffer)
+    moments_chunk   U = G / sqrt(V_hat), clipping, TAM, momentum, lr mask, CAME's residual (U - m)^2 + eps2
+    (came.confidence_factor: R, C from the residual; S into the same flat buffer)
+    apply_chunk     update m / sqrt(max(S, eps3)), Grams, Cautious, lr ratio, ALLoRA, C-Optim, weight decay,
+                    the new weights; encode the 8-bit states
+
+The row and column means are plain reductions over batched (k, rows, cols) views of runs of equally shaped
+tensors (techniques/came.py), so no stage loops over tensors in Python or scatters per element. The two
+optional per-tensor transforms (FFT suppression, low-rank penalty: an FFT or SVD per tensor) run eagerly
+before them when switched on.
 
 Seed defaults: lr=1e-6, min_lr=1e-7, max_lr=1e-3, lr_bump=3e-6, betas=(0.8, 0.99, 0.999),
 eps=(1e-30, 1e-16, 1e-8), clip_threshold=1.0, weight_decay=5e-4, warmup_steps=500. The paper's CAME
@@ -147,7 +158,7 @@ class _AutomagicCame(HinaOptimizer):
     def _build_layout(self, group, roles):
         layout = super()._build_layout(group, roles)
         for pack in layout.chunks:
-            geometry = came.side_layout(pack.shapes, pack.numels, pack.offsets, pack.slots, pack.device)
+            geometry = came.side_layout(pack)
             pack.came = geometry
             pack.came_side = torch.zeros(geometry.used, device=pack.device)
             self._adopt_side(pack)
@@ -198,34 +209,45 @@ class _AutomagicCame(HinaOptimizer):
         return torch.tensor(rows, dtype=torch.float64).float().to(pack.device)
 
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
-        """One chunk: decode -> the recipe -> apply -> encode, in one (optionally compiled) function."""
+        """One chunk: the three stages (module docstring), with CAME's row and column statistics between them
+        (batched per run of one shape, techniques/came.py)."""
+        compile_step = self.use_compile()
         codec = pack.codec
-        names = self._momentum_names(group)
-        moments = tuple(codec.storage(name) for name in names)
-        mask = codec.storage("lr_mask") if group["use_lr_mask"] else None
-        qmap = dynamic_map(True, pack.device) if codec.bits == 8 else None
+        names = self._momentum_names(group) + (["lr_mask"] if group["use_lr_mask"] else [])
+        stored = [codec.storage(name) for name in names]
+        eight_bit = codec.bits == 8
+        qmap = dynamic_map(True, pack.device) if eight_bit else None
+        # 8-bit states are decoded into pool buffers by stage 1 and encoded back by stage 3, so that the math
+        # between reads plain fp32 (inside one graph each reduction would recompute the decode)
+        states = [pack.buffer(f"decoded_{name}") for name in names] if eight_bit else stored
+        codes = stored if eight_bit else []
         scaled = self.row_scaled(group, pack.roles)
         row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef")) if any(scaled) else None
         transformed = None
         if group["use_fft_suppression"] or group["use_lowrank_reg"]:
             transformed = self._transform_per_tensor(group, pack, grad, weight, active)
-        geometry = pack.came
-        side = pack.pool.get("came_side", _side_size(geometry.used, pack.total), torch.float32, pack.device)
-        side.narrow(0, 0, geometry.used - 1).copy_(pack.came_side.narrow(0, 0, geometry.used - 1))
-        multiplier = self.c_optim.multiplier_tensor() if self.contextual else None
+        geometry, segments = pack.came, pack.segments
+        vectors = self._step_vectors(group, pack, steps, active)
         signs = sketch_signs(pack.total, pack.device) if self.contextual else None
         beta1, beta2, beta3 = group["betas"]
         eps1, eps2, eps3 = group["eps"]
-        nonfinite, observed = _fused(
-            self.use_compile(), grad, transformed, weight, row_coef, moments, mask, pack.vectors.get("tam_smoothed"),
-            side, self._step_vectors(group, pack, steps, active), geometry.slot_ints, geometry.factored,
-            pack.segments, qmap, signs, multiplier, beta1=beta1, beta2=beta2, beta3=beta3, eps1=eps1, eps2=eps2,
-            eps3=eps3, clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"],
-            scales=tuple(group["momentum_scales"]) if self.contextual else (1,),
-            orthogonal=group["use_orthogonal_grad"] and transformed is None,
-            agr=group["use_agr"] and transformed is None, tam=group["use_tam"], grams=group["use_grams"],
-            cautious=group["use_cautious"])
-        pack.came_side.narrow(0, 0, geometry.used - 1).copy_(side.narrow(0, 0, geometry.used - 1))
+        scales = tuple(group["momentum_scales"]) if self.contextual else (1,)
+        factor, scratch = pack.buffer("came_factor"), pack.buffer("came_scratch")
+        live, nonfinite, observed = _prepare(
+            compile_step, grad, transformed, weight, vectors, segments, signs, codes, qmap,
+            states if eight_bit else [], scratch, eps1=eps1, orthogonal=group["use_orthogonal_grad"] and transformed is None,
+            agr=group["use_agr"] and transformed is None)
+        means = pack.pool.get("came_means", geometry.used, torch.float32, pack.device)
+        came.second_moment_factor(scratch, factor, pack.came_side, means, geometry, live, beta2)
+        moments, mask = (states[:-1], states[-1]) if group["use_lr_mask"] else (states, None)
+        _moments(compile_step, grad, factor, geometry.block_valid, live, moments, mask,
+                 pack.vectors.get("tam_smoothed"), vectors, segments, scratch, beta1=beta1, eps2=eps2, clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"],
+                 scales=scales, tam=group["use_tam"])
+        came.confidence_factor(scratch, factor, pack.came_side, means, geometry, live, vectors[2], beta3)
+        multiplier = self.c_optim.multiplier_tensor() if self.contextual else None
+        _apply(compile_step, grad, factor, moments, mask, row_coef, weight, geometry.block_valid, live,
+               geometry.factored, vectors, segments, multiplier, codes, qmap, states if eight_bit else [],
+               scales=scales, eps3=eps3, grams=group["use_grams"], cautious=group["use_cautious"])
         if self.contextual:
             self._observe(group, pack, *observed)
         return nonfinite
@@ -290,48 +312,60 @@ class _AutomagicCame(HinaOptimizer):
         return info
 
 
-def _side_size(used: int, total: int) -> int:
-    """The side vector's length inside the compiled step: ``used`` rounded up to a sixteenth of the chunk, so
-    chunks of one shape share a few compiled graphs (the stored side vector is exactly ``used`` long)."""
-    granule = max(total // 16, 64)
-    return -(-used // granule) * granule
+def prepare_chunk(grad, transformed, weight, step_vectors, segments, signs, codes, qmap, decoded, square_out, *,
+                  eps1: float, orthogonal: bool, agr: bool):
+    """Stage 1 of the Automagic step of one chunk: which tensors step, and their gradient G.
 
-
-def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoothed, side, step_vectors, slot_ints,
-                    factored, segments, qmap, signs, multiplier, *, beta1: float, beta2: float, beta3: float,
-                    eps1: float, eps2: float, eps3: float, clip_threshold: float, tam_beta: float, scales: tuple,
-                    orthogonal: bool, agr: bool, tam: bool, grams: bool, cautious: bool):
-    """The Automagic_CameAMP step of one chunk: decode, the recipe (module docstring), apply, encode.
-
-    Mutates in place: the momentum buffers ``moments`` (one per scale; fp32 or 8-bit (codes, absmax)), the
-    signed lr ``mask``, ``tam_smoothed``, CAME's ``side`` vector and ``weight`` (which becomes the new
-    weights); ``grad`` is read only (``transformed``, when given, is the gradient after the per-tensor
-    transforms, used in its place for the math). A tensor whose gradient (or its sum of squares) is not
-    finite is skipped like one without a gradient: states and weights stay exactly as they were.
-    Returns (skipped per slot, (sketch, sum g^2) of the raw gradient and the number of tensors that stepped, for
-    C-Optim; or None).
+    A tensor steps when it has a gradient and that gradient (and its sum of squares) is finite; the others are
+    skipped like tensors without a gradient (their states and weights stay exactly as they were). Writes G
+    (zero for skipped tensors; ``transformed``, when given, is the gradient after the per-tensor transforms;
+    then ⊥Grad and AGR) into ``grad`` in place and CAME's V = G^2 + eps1 into ``square_out``, and decodes the 8-bit states ``codes`` ((codes, absmax) each) into
+    the fp32 buffers ``decoded``. Returns (live, skipped as non-finite, each (slots,) bool; and
+    for C-Optim (sketch, sum g^2) of the raw gradient and the number of tensors that step, or None).
     """
     block = segments.block
-    expand = segments.expand
-    lr, decay, correction, active, first, adapt, bump, min_ratio, max_ratio, start = step_vectors.unbind(0)
+    active = step_vectors[3]
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
-    live_blocks = expand(live)
-    keep = ~live_blocks
+    keep = ~segments.expand(live)
     raw = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
     g = raw if transformed is None else torch.where(keep, 0.0, transformed.view(-1, block)).view(-1)
     if orthogonal:
         g = techniques.orthogonalize(g, weight, segments)
     if agr:
         g = techniques.agr(g, segments)
+    observed = None
+    if signs is not None:
+        observed = (sketch(raw, signs), (raw * raw).sum(), live.sum())
+    grad.copy_(g)
+    square_out.copy_(g * g + eps1)
+    for stored, out in zip(codes, decoded):
+        out.copy_(load_state(stored, qmap, block))
+    return live, (active > 0) & ~finite, observed
 
-    # CAME: U = G / sqrt(V_hat), clipped to RMS <= d per tensor
-    ids = came.element_ids(segments, slot_ints, factored, side.numel() - 1)
-    u, side_new = came.normalize(g, side, ids, live_blocks, segments, beta2, eps1)
+
+def _valid(block_valid: torch.Tensor, block: int) -> torch.Tensor:
+    """(blocks, block) bool: real elements, not the padding after a tensor's last element."""
+    return torch.arange(block, dtype=torch.int32, device=block_valid.device) < block_valid.unsqueeze(1)
+
+
+def moments_chunk(g, factor, block_valid, live, moments, mask, tam_smoothed, step_vectors, segments, res_out, *, beta1: float, eps2: float, clip_threshold: float, tam_beta: float,
+                  scales: tuple, tam: bool):
+    """Stage 2: U = G / sqrt(V_hat) clipped to RMS <= d per tensor (``factor``: V_hat from
+    ``came.second_moment_factor``), TAM, the momentum (multi-scale for C-Optim), the lr mask's ratio from U's
+    polarity. Mutates in place: the fp32 momentum buffers ``moments`` and signed lr ``mask`` (a tensor that does
+    not step keeps its values), ``tam_smoothed``; writes CAME's residual (U - m)^2 + eps2 into ``res_out``."""
+    block = segments.block
+    expand = segments.expand
+    lr, decay, correction, active, first, adapt, bump, min_ratio, max_ratio, start = step_vectors.unbind(0)
+    live_blocks = expand(live)
+    keep = ~live_blocks
+    u = torch.where(_valid(block_valid, block) & live_blocks, g.view(-1, block) * factor.view(-1, block).rsqrt(),
+                    0.0).view(-1)
     rms = (segments.sum(u * u) / segments.numel_tensor).sqrt()
     u = (u.view(-1, block) * expand((rms / clip_threshold).clamp_min(1.0).reciprocal())).view(-1)
 
-    old = [load_state(m, qmap, block) for m in moments]
+    old = list(moments)
     x = u
     smoothed = None
     if tam:
@@ -339,46 +373,66 @@ def automagic_chunk(grad, transformed, weight, row_coef, moments, mask, tam_smoo
         x = (u.view(-1, block) * expand(damping)).view(-1)
     if len(old) == 1:
         new = [old[0] * beta1 + x * (1.0 - beta1)]
-        momentum = new[0]
     else:  # C-Optim's multi-scale momentum
         new = [torch.lerp(m, x, 1.0 - b) for m, b in zip(old, msm.scale_betas(beta1, scales))]
-        weights = msm.scale_weights(scales)
-        momentum = new[0] * weights[0]
-        for m, w in zip(new[1:], weights[1:]):
-            momentum = momentum + m * w
+    res_out.copy_((u - _momentum(new, scales)).square() + eps2)
+    if mask is not None:
+        _, mask_new = lr_mask.mask_step(mask.view(-1, block), u.view(-1, block), expand(first), expand(adapt),
+                                        expand(bump), expand(min_ratio), expand(max_ratio), expand(start))
+        store_state(mask, mask_new.view(-1), keep, None, block)
+    for stored, value in zip(moments, new):
+        store_state(stored, value, keep, None, block)
+    if tam:
+        tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
 
-    update, side_new = came.confidence(momentum, u, side_new, ids, live_blocks, segments, correction, beta3, eps2,
-                                       eps3)
+
+def _momentum(moments, scales: tuple):
+    """The momentum m: the one EMA, or C-Optim's weighted sum of its scales."""
+    if len(moments) == 1:
+        return moments[0]
+    weights = msm.scale_weights(scales)
+    momentum = moments[0] * weights[0]
+    for m, w in zip(moments[1:], weights[1:]):
+        momentum = momentum + m * w
+    return momentum
+
+
+def apply_chunk(g, factor, moments, mask, row_coef, weight, block_valid, live, factored, step_vectors, segments,
+                multiplier, codes, qmap, decoded, *, scales: tuple, eps3: float, grams: bool, cautious: bool):
+    """Stage 3: CAME's confidence-scaled update m / sqrt(max(S, eps3)) (``moments``: this step's, ``factor``: S
+    from ``came.confidence_factor``; m for 1-D tensors), Grams, Cautious, the lr mask's ratio (|mask|), ALLoRA's
+    row coefficient ``row_coef``, the C-Optim multiplier, decoupled weight decay at the group lr (the ratio and
+    the coefficient are positive, so applied to m they commute with Grams' and Cautious' sign rules); ``weight`` becomes the new weights where a tensor steps. Encodes the fp32 states
+    ``decoded`` back into their 8-bit ``codes`` (a tensor that did not step keeps its codes exactly)."""
+    block = segments.block
+    expand = segments.expand
+    lr, decay = step_vectors[0], step_vectors[1]
+    live_blocks = expand(live)
+    m = _momentum(moments, scales).view(-1, block)
+    if mask is not None:
+        m = m * mask.view(-1, block).abs()
+    if row_coef is not None:
+        m = m * row_coef.view(-1, block)
+    approx = factor.view(-1, block)
+    if eps3 > 0.0:
+        approx = approx.clamp_min(eps3)
+    update = torch.where(expand(factored) > 0, m * approx.rsqrt(), m)
+    update = torch.where(_valid(block_valid, block) & live_blocks, update, 0.0).view(-1)
     if grams:
         update = techniques.grams(update, g)
     if cautious:
         update = techniques.cautious(update, g, segments)
-    if mask is not None:
-        ratio, mask_new = lr_mask.mask_step(load_state(mask, qmap, block).view(-1, block), u.view(-1, block),
-                                            expand(first), expand(adapt), expand(bump), expand(min_ratio),
-                                            expand(max_ratio), expand(start))
-        update = (update.view(-1, block) * ratio).view(-1)
     if multiplier is not None:
         update = update * multiplier
-    if row_coef is not None:
-        update = update * row_coef
     new_weight = decoupled_update(weight, update, g, None, segments, lr, decay, 0.0, spd=False)
-
-    for stored, value in zip(moments, new):
-        store_state(stored, value, keep, qmap, block)
-    if mask is not None:
-        store_state(mask, mask_new.view(-1), keep, qmap, block)
-    if tam:
-        tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
-    side.copy_(side_new)
-    weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
-    observed = None
-    if signs is not None:
-        observed = (sketch(raw, signs), (raw * raw).sum(), live.sum())
-    return (active > 0) & ~finite, observed
+    weight.copy_(torch.where(live_blocks, new_weight.view(-1, block), weight.view(-1, block)).view(-1))
+    for stored, value in zip(codes, decoded):
+        store_state(stored, value, ~live_blocks, qmap, block)
 
 
-_fused = MaybeCompiled(automagic_chunk)
+_prepare = MaybeCompiled(prepare_chunk)
+_moments = MaybeCompiled(moments_chunk)
+_apply = MaybeCompiled(apply_chunk)
 
 
 _COMMON_DOC = """

@@ -40,11 +40,15 @@ The factored states are O(n + m) per tensor; m is a flat state kept by the optim
 
 Over a chunk (many tensors in one flat buffer, base.py) the statistics of all tensors are one flat "side"
 vector, ``SideLayout``: [r of every tensor | R of the factored ones | c of the factored ones | C of the
-factored ones | one spare]. A 1-D tensor of n elements is a column (n rows of one element), so its r is its
-full v. Each element finds its row and column entries by arithmetic on its position (``element_ids``), the
-row and column means are two scatter-adds over the chunk, and ``normalize`` / ``confidence`` are pure
-functions of flat buffers: no per-tensor Python loop, and the whole step compiles (``automagic.py``).
-The per-tensor functions ``normalize_`` / ``confidence_`` below are the plain form of the same equations.
+factored ones]. A 1-D tensor of n elements is a column (n rows of one element), so its r is its full v.
+The chunk orders tensors by shape (base.py), so a chunk is a few *runs* of adjacent tensors of one shape
+(``ShapeRun``; a LoRA chunk has a handful): a run's data is a batched (k, rows, cols) view of the flat buffer
+and its r, c, R, C are (k, rows) and (k, cols) views of the side vector, so the row and column means are
+plain reductions over a dimension (no scatter, no per-element index) and the second-moment factor
+r c^T / mean(r) is one batched outer product per run. ``second_moment_factor`` and ``confidence_factor``
+write that factor into a flat buffer; the elementwise rest of the step (U = G / sqrt(factor), momentum,
+update = m / sqrt(max(factor, eps3))) runs over the flat buffers in the optimizer's compiled chunk
+functions (``automagic.py``).
 """
 
 from __future__ import annotations
@@ -54,63 +58,8 @@ from dataclasses import dataclass
 import torch
 
 
-def matrix_view(t: torch.Tensor) -> torch.Tensor:
-    # explicit column count: reshape(rows, -1) is ambiguous for a zero-size tensor (e.g. shape (0, 4))
-    cols = 1
-    for n in t.shape[1:]:
-        cols *= n
-    return t.reshape(t.shape[0], cols)
-
-
 def is_factored(shape) -> bool:
     return len(shape) >= 2
-
-
-def factored_states(shape, device) -> dict[str, torch.Tensor]:
-    rows, cols = shape[0], 1
-    for d in shape[1:]:
-        cols *= d
-    z = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
-    return {"exp_avg_sq_row": z(rows), "exp_avg_sq_col": z(cols),
-            "exp_avg_res_row": z(rows), "exp_avg_res_col": z(cols)}
-
-
-def _factored_rsqrt(row: torch.Tensor, col: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
-    """1 / sqrt(row col^T / mean(row)) as an (n, m) tensor, optionally floored before the root."""
-    approx = torch.outer(row / row.mean(), col)
-    if floor > 0.0:
-        approx.clamp_min_(floor)
-    return approx.rsqrt_()
-
-
-def normalize_(grad: torch.Tensor, out: torch.Tensor, state: dict, beta2: float, eps1: float) -> None:
-    """U = G / sqrt(V_hat) for one tensor (views shaped like the parameter); updates r, c or v."""
-    if is_factored(grad.shape):
-        g = matrix_view(grad)
-        sq = g.square().add_(eps1)
-        state["exp_avg_sq_row"].mul_(beta2).add_(sq.mean(dim=1), alpha=1.0 - beta2)
-        state["exp_avg_sq_col"].mul_(beta2).add_(sq.mean(dim=0), alpha=1.0 - beta2)
-        torch.mul(g, _factored_rsqrt(state["exp_avg_sq_row"], state["exp_avg_sq_col"]), out=matrix_view(out))
-    else:
-        v = state["exp_avg_sq"]
-        v.mul_(beta2).add_(grad.square().add_(eps1), alpha=1.0 - beta2)
-        torch.mul(grad, v.rsqrt(), out=out)
-
-
-def confidence_(exp_avg: torch.Tensor, normalized: torch.Tensor, out: torch.Tensor, state: dict, beta3: float,
-                eps2: float, eps3: float, correction: float = 1.0) -> None:
-    """update = m / sqrt(S * correction) for a factored tensor (``correction``: 1 / (1 - b3^t) with the bias
-    correction, 1 without); m for a 1-D one (views shaped like the parameter)."""
-    if not is_factored(exp_avg.shape):
-        out.copy_(exp_avg)
-        return
-    m, u = matrix_view(exp_avg), matrix_view(normalized)
-    res = (u - m).square_().add_(eps2)
-    state["exp_avg_res_row"].mul_(beta3).add_(res.mean(dim=1), alpha=1.0 - beta3)
-    state["exp_avg_res_col"].mul_(beta3).add_(res.mean(dim=0), alpha=1.0 - beta3)
-    # the correction scales the column factor: row / mean(row) would cancel it on the row factor
-    torch.mul(m, _factored_rsqrt(state["exp_avg_res_row"], state["exp_avg_res_col"] * correction, eps3),
-              out=matrix_view(out))
 
 
 def confidence_correction(beta3: float, step: int, enabled: bool) -> float:
@@ -118,25 +67,49 @@ def confidence_correction(beta3: float, step: int, enabled: bool) -> float:
     return 1.0 / (1.0 - beta3 ** step) if enabled else 1.0
 
 
-def clip_factor(normalized: torch.Tensor, pack, clip_threshold: float) -> torch.Tensor:
-    """Per tensor 1 / max(1, RMS(U) / clip_threshold)."""
-    rms = (pack.dot(normalized, normalized) / pack.numel_tensor).sqrt_()
-    return (rms / clip_threshold).clamp_min_(1.0).reciprocal_()
-
-
 # --- the chunk form ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeRun:
+    """``count`` adjacent tensors of one shape in a chunk, from slot ``slot`` on: their flat data and their
+    side entries as batched views. A tensor is the matrix (rows, cols) = (dim0, rest), a 1-D one (n, 1)."""
+
+    slot: int
+    count: int
+    offset: int        # flat offset of the first tensor
+    stride: int        # padded size of each tensor (all equal: one shape, one alignment)
+    rows: int
+    cols: int
+    factored: bool
+    row_base: int      # side offsets of the first tensor's r (v), R, c, C; a run's entries are contiguous
+    res_base: int
+    col_base: int
+    res_col_base: int
+
+    def data(self, flat: torch.Tensor) -> torch.Tensor:
+        """(count, rows, cols) view of the run's tensors in a flat chunk buffer (padding excluded)."""
+        per_tensor = flat.narrow(0, self.offset, self.count * self.stride).view(self.count, self.stride)
+        return per_tensor.narrow(1, 0, self.rows * self.cols).view(self.count, self.rows, self.cols)
+
+    def side(self, side: torch.Tensor, base: int, length: int) -> torch.Tensor:
+        """(count, length) view of the run's entries starting at ``base`` of a side-shaped vector."""
+        return side.narrow(0, base, self.count * length).view(self.count, length)
+
+
 @dataclass
 class SideLayout:
-    """Where each tensor of a chunk keeps its statistics in the chunk's flat side vector.
+    """Where each tensor of a chunk keeps its statistics in the chunk's flat side vector, and its runs.
 
-    ``slot_ints``: (7, slots) int64 per tensor: offset in the flat buffer, numel, row length (cols), and the
-    bases of its r, R, c and C entries; ``factored``: (slots,) float 1/0. ``used``: side entries, the
-    spare (where padding and 1-D tensors' missing entries point) last.
+    ``used``: side entries. ``sq_slots`` / ``res_slots`` (used,) int64: the slot whose r, c (resp. R, C) an
+    entry is, the spare slot ``slots`` for entries of the other kind; ``factored`` (slots,) float 1/0;
+    ``block_valid`` (blocks,) int32: real (unpadded) elements in each block of the chunk.
     """
 
-    slot_ints: torch.Tensor
-    factored: torch.Tensor
     used: int
+    runs: list[ShapeRun]
+    sq_slots: torch.Tensor
+    res_slots: torch.Tensor
+    factored: torch.Tensor
+    block_valid: torch.Tensor
     rows: list[int]
     cols: list[int]
     row_base: list[int]
@@ -145,8 +118,9 @@ class SideLayout:
     cols_total: int
 
 
-def side_layout(shapes, numels, offsets, slots: int, device) -> SideLayout:
-    """The side layout of a chunk whose tensors have ``shapes`` (see ``SideLayout``)."""
+def side_layout(pack) -> SideLayout:
+    """The side layout and shape runs of a chunk (a ``FlatPack`` whose equal shapes are adjacent)."""
+    shapes, numels, slots = pack.shapes, pack.numels, pack.slots
     rows, cols, factored = [], [], []
     for shape, n in zip(shapes, numels):
         if n == 0:
@@ -155,88 +129,96 @@ def side_layout(shapes, numels, offsets, slots: int, device) -> SideLayout:
             rows.append(shape[0]), cols.append(n // shape[0]), factored.append(True)
         else:
             rows.append(n), cols.append(1), factored.append(False)
-    row_base, res_base, col_base = [], [], []
     rows_total = sum(rows)
     res_total = sum(r for r, f in zip(rows, factored) if f)
     cols_total = sum(c for c, f in zip(cols, factored) if f)
+    row_base, res_base, col_base = [], [], []
     at_row, at_res, at_col = 0, rows_total, rows_total + res_total
-    for r, c, f in zip(rows, cols, factored):
+    sq_slots = [slots] * (rows_total + res_total + 2 * cols_total)
+    res_slots = list(sq_slots)
+    for i, (r, c, f) in enumerate(zip(rows, cols, factored)):
         row_base.append(at_row)
         res_base.append(at_res if f else 0)
         col_base.append(at_col if f else 0)
+        sq_slots[at_row:at_row + r] = [i] * r
+        if f:
+            sq_slots[at_col:at_col + c] = [i] * c
+            res_slots[at_res:at_res + r] = [i] * r
+            res_slots[at_col + cols_total:at_col + cols_total + c] = [i] * c
         at_row += r
         at_res += r if f else 0
         at_col += c if f else 0
-    used = rows_total + res_total + 2 * cols_total + 1
-    spare = slots - len(shapes)
-    res_col_base = [b + cols_total if f else 0 for b, f in zip(col_base, factored)]
-    ints = torch.tensor([list(offsets) + [0] * spare, list(numels) + [0] * spare, cols + [1] * spare,
-                         row_base + [0] * spare, res_base + [0] * spare, col_base + [0] * spare,
-                         res_col_base + [0] * spare], dtype=torch.int64, device=device)
-    fact = torch.tensor([float(f) for f in factored] + [0.0] * spare, device=device)
-    return SideLayout(ints, fact, used, rows, cols, row_base, res_base, col_base, cols_total)
+    runs: list[ShapeRun] = []
+    for i, shape in enumerate(shapes):
+        if numels[i] == 0:
+            continue
+        last = runs[-1] if runs else None
+        if (last is not None and last.slot + last.count == i and tuple(shapes[last.slot]) == tuple(shape)
+                and pack.padded[i] == last.stride and pack.offsets[i] == last.offset + last.count * last.stride):
+            runs[-1] = ShapeRun(last.slot, last.count + 1, *_run_tail(last))
+        else:
+            runs.append(ShapeRun(i, 1, pack.offsets[i], pack.padded[i], rows[i], cols[i], factored[i], row_base[i],
+                                 res_base[i], col_base[i], col_base[i] + cols_total))
+    device = pack.device
+    blocks = pack.total // pack.align
+    valid = [0] * blocks
+    for off, n in zip(pack.offsets, numels):
+        for b in range(off // pack.align, off // pack.align + -(-n // pack.align)):
+            valid[b] = min(pack.align, off + n - b * pack.align)
+    return SideLayout(len(sq_slots), runs, torch.tensor(sq_slots, dtype=torch.int64, device=device),
+                      torch.tensor(res_slots, dtype=torch.int64, device=device),
+                      torch.tensor([float(f) for f in factored] + [0.0] * (slots - len(shapes)), device=device),
+                      torch.tensor(valid, dtype=torch.int32, device=device),
+                      rows, cols, row_base, res_base, col_base, cols_total)
 
 
-def element_ids(segments, slot_ints: torch.Tensor, factored: torch.Tensor, spare: int):
-    """Per element of the chunk (as (blocks, block)): valid (a real element, not padding), factored, and the
-    side indices of its r, R, c and C entries (``spare`` where it has none)."""
-    offset, numel, cols, row_base, res_base, col_base, res_col_base = slot_ints.unbind(0)
-    expand = segments.expand
-    total = segments.block_ids.numel() * segments.block
-    pos = torch.arange(total, device=slot_ints.device).view(-1, segments.block)
-    local = pos - expand(offset)
-    valid = local < expand(numel)                      # padding blocks: numel 0
-    fact = valid & (expand(factored) > 0)
-    row = torch.div(local, expand(cols, 1), rounding_mode="floor")
-    col = local - row * expand(cols, 1)
-    row_id = torch.where(valid, expand(row_base) + row, spare)
-    res_row_id = torch.where(fact, expand(res_base) + row, spare)
-    col_id = torch.where(fact, expand(col_base) + col, spare)
-    res_col_id = torch.where(fact, expand(res_col_base) + col, spare)
-    return valid, fact, row_id, res_row_id, col_id, res_col_id
+def _run_tail(run: ShapeRun) -> tuple:
+    return (run.offset, run.stride, run.rows, run.cols, run.factored, run.row_base, run.res_base, run.col_base,
+            run.res_col_base)
 
 
-def _ema_means(side, ids, values, weights, beta: float):
-    """side[k] <- beta side[k] + (1 - beta) mean of ``values`` scattered to k (k with a weight only)."""
-    sums = torch.zeros_like(side)
-    counts = torch.zeros_like(side)
-    for index in ids:
-        sums = sums.index_add(0, index.reshape(-1), values.reshape(-1))
-        counts = counts.index_add(0, index.reshape(-1), weights.reshape(-1))
-    mean = sums / counts.clamp_min(1.0)
-    return torch.where(counts > 0, side * beta + mean * (1.0 - beta), side)
+def _ema_(side: torch.Tensor, means: torch.Tensor, entry_slots: torch.Tensor, live: torch.Tensor,
+          beta: float) -> None:
+    """side <- beta side + (1 - beta) means, on the entries whose tensor is ``live`` ((slots,) bool)."""
+    live_entries = torch.cat([live, live.new_zeros(1)]).index_select(0, entry_slots)
+    side.copy_(torch.where(live_entries, side * beta + means * (1.0 - beta), side))
 
 
-def normalize(g, side, ids, live, segments, beta2: float, eps1: float):
-    """U = G / sqrt(V_hat) over a chunk: r, c (v for 1-D) updated from G^2 + eps1 for ``live`` elements
-    ((blocks, 1) bool per tensor). Returns (U flat, new side)."""
-    valid, fact, row_id, _, col_id, _ = ids
-    block = segments.block
-    g = g.view(-1, block)
-    stepping = (valid & live).to(g.dtype)
-    v = (g * g + eps1) * stepping
-    side = _ema_means(side, (row_id, col_id), v, stepping, beta2)
-    r = side[row_id]
-    mean_r = segments.sum((r * valid).view(-1)) / segments.numel_tensor
-    vhat = torch.where(fact, r / segments.expand(mean_r, 1.0) * side[col_id], r)
-    u = torch.where(valid, g * vhat.rsqrt(), 0.0)
-    return u.view(-1), side
+def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
+                         layout: SideLayout, live: torch.Tensor, beta2: float) -> None:
+    """CAME's factored second moment over a chunk: r, c (v for a 1-D tensor) <- EMA of the row and column
+    means of ``square`` = V = G^2 + eps1 for ``live`` tensors; writes V_hat = r c^T / mean(r) (v) into ``out``,
+    so that U = G / sqrt(out). ``means`` (side-sized) is scratch for the means."""
+    for run in layout.runs:
+        v = run.data(square)
+        if run.factored:
+            torch.mean(v, 2, out=run.side(means, run.row_base, run.rows))
+            torch.mean(v, 1, out=run.side(means, run.col_base, run.cols))
+        else:
+            run.side(means, run.row_base, run.rows).copy_(v.view(run.count, run.rows))
+    _ema_(side, means, layout.sq_slots, live, beta2)
+    for run in layout.runs:
+        r = run.side(side, run.row_base, run.rows)
+        if run.factored:
+            c = run.side(side, run.col_base, run.cols)
+            torch.mul((r / r.mean(1, keepdim=True)).unsqueeze(2), c.unsqueeze(1), out=run.data(out))
+        else:
+            run.data(out).copy_(r.unsqueeze(2))
 
 
-def confidence(m, u, side, ids, live, segments, correction, beta3: float, eps2: float, eps3: float):
-    """update = m / sqrt(max(S * correction, eps3)) for factored tensors, m for 1-D ones, over a chunk; R, C
-    updated from (U - m)^2 + eps2 for ``live`` factored elements. ``correction`` (slots,): 1 / (1 - b3^t) or 1.
-    Returns (update flat, new side)."""
-    valid, fact, _, res_row_id, _, res_col_id = ids
-    block = segments.block
-    m, u = m.view(-1, block), u.view(-1, block)
-    stepping = (fact & live).to(m.dtype)
-    res = ((u - m).square() + eps2) * stepping
-    side = _ema_means(side, (res_row_id, res_col_id), res, stepping, beta3)
-    big_r = side[res_row_id]
-    mean_big_r = segments.sum((big_r * fact).view(-1)) / segments.numel_tensor
-    approx = big_r / segments.expand(mean_big_r, 1.0) * (side[res_col_id] * segments.expand(correction, 1.0))
-    if eps3 > 0.0:
-        approx = approx.clamp_min(eps3)
-    update = torch.where(fact, m * approx.rsqrt(), torch.where(valid, m, 0.0))
-    return update.view(-1), side
+def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
+                      layout: SideLayout, live: torch.Tensor, correction: torch.Tensor, beta3: float) -> None:
+    """CAME's confidence over a chunk: R, C <- EMA of the row and column means of ``res`` = (U - m)^2 + eps2
+    for ``live`` factored tensors; writes S = R C^T / mean(R) times ``correction`` ((slots,): 1 / (1 - b3^t),
+    or 1) into ``out`` for factored tensors, so that update = m / sqrt(max(out, eps3)). 1-D tensors: untouched
+    (their update is m)."""
+    factored = [run for run in layout.runs if run.factored]
+    for run in factored:
+        rv = run.data(res)
+        torch.mean(rv, 2, out=run.side(means, run.res_base, run.rows))
+        torch.mean(rv, 1, out=run.side(means, run.res_col_base, run.cols))
+    _ema_(side, means, layout.res_slots, live, beta3)
+    for run in factored:
+        big_r = run.side(side, run.res_base, run.rows)
+        big_c = run.side(side, run.res_col_base, run.cols) * correction.narrow(0, run.slot, run.count).unsqueeze(1)
+        torch.mul((big_r / big_r.mean(1, keepdim=True)).unsqueeze(2), big_c.unsqueeze(1), out=run.data(out))
