@@ -243,17 +243,19 @@ def _roundtrip_8bit(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def automagic_reference(init, grads_per_step, multipliers, *, lr, lr_bump, min_lr, max_lr, warmup_steps,
-                        weight_decay, betas, eps, clip_threshold, scales=(1,), block=None, **_):
+                        weight_decay, betas, eps, clip_threshold, scales=(1,), block=None, row_scaled=None, **_):
     """Automagic_CameAMP's recipe written out per tensor: CAME (arXiv 2307.02047) with the confidence EMA
     bias-corrected, momentum (multi-scale for C-Optim), the Automagic lr mask relative to lr, the context
-    multiplier of each step, decoupled weight decay; ``block``: momentum and mask through bitsandbytes' 8-bit."""
+    multiplier of each step, ALLoRA's row coefficient 1 / sqrt(1 + ||w_row||^2) (arXiv 2410.09692) on the tensors
+    ``row_scaled`` names, decoupled weight decay; ``block``: momentum and mask through bitsandbytes' 8-bit."""
     b1, b2, b3 = betas
     eps1, eps2, eps3 = eps
     params = [p.clone() for p in init]
     state = [dict() for _ in params]
     lo, hi = min_lr / lr, max_lr / lr
+    row_scaled = row_scaled or [False] * len(params)
     for t, (grads, mult) in enumerate(zip(grads_per_step, multipliers), start=1):
-        for p, g, s in zip(params, grads, state):
+        for p, g, s, scaled in zip(params, grads, state, row_scaled):
             factored = p.dim() >= 2
             g2 = g.reshape(p.shape[0], -1) if factored else g
             v = g2 * g2 + eps1
@@ -289,6 +291,9 @@ def automagic_reference(init, grads_per_step, multipliers, *, lr, lr_bump, min_l
                 ms = [_roundtrip_8bit(m, block) for m in ms]
                 s["mask"] = _roundtrip_8bit(s["mask"], block)
             s["m"] = ms
+            if scaled:
+                rows = p.reshape(p.shape[0], -1)
+                update = update / (1.0 + (rows * rows).sum(1, keepdim=True)).sqrt()
             p.mul_(1 - lr * weight_decay).sub_(lr * mult * (ratio * update).reshape(p.shape))
     return params
 
@@ -323,6 +328,29 @@ def test_fused_chunk_step_matches_the_plain_reference(cls):
             assert float((p.detach() - e).abs().max()) < 0.05 * MASKED["lr"]
         else:
             torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_alora_row_coefficient_matches_the_reference():
+    """ALLoRA (on by default) in the fused step: the update rows of LoRA matrices (roles from names) scaled by
+    1 / sqrt(1 + ||w_row||^2) of the weights before the step; other tensors unscaled."""
+    names = ["unet.a.lora_down.weight", "unet.a.lora_up.weight", "unet.a.alpha_like", "unet.b.lora_down.weight",
+             "unet.b.lora_up.weight"]
+    shapes = ((4, 24), (24, 4), (40,), (4, 24), (24, 4))
+    init = [p * 20 for p in make(seed=7, shapes=shapes)]  # row norms well above 1: the coefficient matters
+    grads = grad_steps(shapes, 4, seed=8)
+    params = [torch.nn.Parameter(p.clone()) for p in init]
+    kwargs = dict(MASKED, use_alora=True, compile_step=False)
+    opt = Automagic_CameAMP(list(zip(names, params)), **kwargs)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    expected = automagic_reference(init, grads, [1.0] * len(grads), **kwargs,
+                                   row_scaled=[True, True, False, True, True])
+    plain = automagic_reference(init, grads, [1.0] * len(grads), **kwargs)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(params[0].detach(), plain[0])
 
 
 def test_compiled_chunk_step_matches_eager():

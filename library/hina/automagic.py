@@ -49,9 +49,8 @@ from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, decoupled_
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
 from .state_io import load_state, store_state
-from .techniques import came, lr_mask
+from .techniques import alora, came, lr_mask
 from .techniques import multiscale_momentum as msm
-from .techniques.alora import row_coefficients
 from .techniques.contextual import ContextualModule, sketch, sketch_length, sketch_signs
 from .techniques.frequency import suppress_high_frequency_
 from .techniques.lowrank import add_lowrank_penalty_
@@ -222,7 +221,7 @@ class _AutomagicCame(HinaOptimizer):
         states = [pack.buffer(f"decoded_{name}") for name in names] if eight_bit else stored
         codes = stored if eight_bit else []
         scaled = self.row_scaled(group, pack.roles)
-        row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef")) if any(scaled) else None
+        row_coef = row_coefficients(pack, weight, scaled) if any(scaled) else None
         transformed = None
         if group["use_fft_suppression"] or group["use_lowrank_reg"]:
             transformed = self._transform_per_tensor(group, pack, grad, weight, active)
@@ -310,6 +309,23 @@ class _AutomagicCame(HinaOptimizer):
         if self.contextual:
             info["c_optim"] = self.c_optim.summary()
         return info
+
+
+def row_coefficients(pack, weight, scaled: list[bool]) -> torch.Tensor:
+    """ALLoRA's row coefficient per element (1 for tensors it does not scale; the padding is left as it is:
+    the apply stage masks it), in the work pool; batched per run of one shape."""
+    out = pack.buffer("row_coef")
+    geometry = pack.came
+    for run, rows, target in zip(geometry.runs, geometry.data_views(weight), geometry.data_views(out)):
+        chosen = scaled[run.slot:run.slot + run.count]
+        if run.factored and all(chosen):
+            target.copy_(alora.coefficient(rows).expand_as(target))
+        elif not any(chosen) or not run.factored:
+            target.fill_(1.0)
+        else:
+            for tensor_rows, tensor_target, scale in zip(rows, target, chosen):
+                tensor_target.copy_(alora.coefficient(tensor_rows).expand_as(tensor_target) if scale else 1.0)
+    return out
 
 
 def prepare_chunk(grad, transformed, weight, step_vectors, segments, signs, codes, qmap, decoded, square_out, *,

@@ -21,6 +21,11 @@ def row_scale_(update_view: torch.Tensor, weight: torch.Tensor) -> None:
     update_view.view(rows.shape).mul_(coefficient.unsqueeze(1))
 
 
+def coefficient(rows: torch.Tensor) -> torch.Tensor:
+    """ALLoRA's coefficient 1 / sqrt(1 + ||w_row||^2) of each row of ``rows`` (..., rows, cols), as (..., rows, 1)."""
+    return torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().add_(1.0).rsqrt_()
+
+
 def row_scale_flat_(update: torch.Tensor, weight: torch.Tensor, pack, selected: list[bool]) -> None:
     """``row_scale_`` for every selected tensor (2-D or more) of a pack, on its flat buffers.
 
@@ -30,8 +35,7 @@ def row_scale_flat_(update: torch.Tensor, weight: torch.Tensor, pack, selected: 
     """
     for start, length, cols in _row_runs(pack, selected):
         rows = weight.narrow(0, start, length).view(-1, cols)
-        coefficient = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square_().add_(1.0).rsqrt_()
-        update.narrow(0, start, length).view(-1, cols).mul_(coefficient)
+        update.narrow(0, start, length).view(-1, cols).mul_(coefficient(rows))
 
 
 def row_coefficients(weight: torch.Tensor, pack, selected: list[bool], out: torch.Tensor) -> torch.Tensor:
@@ -40,8 +44,7 @@ def row_coefficients(weight: torch.Tensor, pack, selected: list[bool], out: torc
     out.fill_(1.0)
     for start, length, cols in _row_runs(pack, selected):
         rows = weight.narrow(0, start, length).view(-1, cols)
-        coefficient = torch.linalg.vector_norm(rows, dim=1, keepdim=True).square_().add_(1.0).rsqrt_()
-        out.narrow(0, start, length).view(-1, cols).copy_(coefficient.expand(-1, cols))
+        out.narrow(0, start, length).view(-1, cols).copy_(coefficient(rows).expand(-1, cols))
     return out
 
 

@@ -53,7 +53,7 @@ functions (``automagic.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -116,6 +116,30 @@ class SideLayout:
     res_base: list[int]
     col_base: list[int]
     cols_total: int
+    _cache: dict = field(default_factory=dict)
+
+    def data_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``ShapeRun.data`` of every run, cached per buffer (the pool hands out the same buffer objects)."""
+        return self._cached(flat, "data", lambda: [run.data(flat) for run in self.runs])
+
+    def side_views(self, side: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per run, its (r, c, R, C) views of a side-shaped vector (c, R, C are None for a 1-D run), cached."""
+        return self._cached(side, "side", lambda: [
+            (run.side(side, run.row_base, run.rows),) + ((run.side(side, run.col_base, run.cols),
+                                                          run.side(side, run.res_base, run.rows),
+                                                          run.side(side, run.res_col_base, run.cols))
+                                                         if run.factored else (None, None, None))
+            for run in self.runs])
+
+    def _cached(self, tensor: torch.Tensor, kind: str, build):
+        hit = self._cache.get((id(tensor), kind))
+        if hit is not None and hit[0] is tensor:
+            return hit[1]
+        if len(self._cache) >= 16:  # bounded: a chunk sees a handful of long-lived buffers
+            self._cache.clear()
+        views = build()
+        self._cache[(id(tensor), kind)] = (tensor, views)
+        return views
 
 
 def side_layout(pack) -> SideLayout:
@@ -189,21 +213,18 @@ def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Te
     """CAME's factored second moment over a chunk: r, c (v for a 1-D tensor) <- EMA of the row and column
     means of ``square`` = V = G^2 + eps1 for ``live`` tensors; writes V_hat = r c^T / mean(r) (v) into ``out``,
     so that U = G / sqrt(out). ``means`` (side-sized) is scratch for the means."""
-    for run in layout.runs:
-        v = run.data(square)
+    for run, v, (r, c, _, _) in zip(layout.runs, layout.data_views(square), layout.side_views(means)):
         if run.factored:
-            torch.mean(v, 2, out=run.side(means, run.row_base, run.rows))
-            torch.mean(v, 1, out=run.side(means, run.col_base, run.cols))
+            torch.mean(v, 2, out=r)
+            torch.mean(v, 1, out=c)
         else:
-            run.side(means, run.row_base, run.rows).copy_(v.view(run.count, run.rows))
+            r.copy_(v.view(run.count, run.rows))
     _ema_(side, means, layout.sq_slots, live, beta2)
-    for run in layout.runs:
-        r = run.side(side, run.row_base, run.rows)
+    for run, target, (r, c, _, _) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
         if run.factored:
-            c = run.side(side, run.col_base, run.cols)
-            torch.mul((r / r.mean(1, keepdim=True)).unsqueeze(2), c.unsqueeze(1), out=run.data(out))
+            torch.mul((r / r.mean(1, keepdim=True)).unsqueeze(2), c.unsqueeze(1), out=target)
         else:
-            run.data(out).copy_(r.unsqueeze(2))
+            target.copy_(r.unsqueeze(2))
 
 
 def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
@@ -212,13 +233,12 @@ def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, 
     for ``live`` factored tensors; writes S = R C^T / mean(R) times ``correction`` ((slots,): 1 / (1 - b3^t),
     or 1) into ``out`` for factored tensors, so that update = m / sqrt(max(out, eps3)). 1-D tensors: untouched
     (their update is m)."""
-    factored = [run for run in layout.runs if run.factored]
-    for run in factored:
-        rv = run.data(res)
-        torch.mean(rv, 2, out=run.side(means, run.res_base, run.rows))
-        torch.mean(rv, 1, out=run.side(means, run.res_col_base, run.cols))
+    for run, rv, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(res), layout.side_views(means)):
+        if run.factored:
+            torch.mean(rv, 2, out=big_r)
+            torch.mean(rv, 1, out=big_c)
     _ema_(side, means, layout.res_slots, live, beta3)
-    for run in factored:
-        big_r = run.side(side, run.res_base, run.rows)
-        big_c = run.side(side, run.res_col_base, run.cols) * correction.narrow(0, run.slot, run.count).unsqueeze(1)
-        torch.mul((big_r / big_r.mean(1, keepdim=True)).unsqueeze(2), big_c.unsqueeze(1), out=run.data(out))
+    for run, target, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
+        if run.factored:
+            big_c = big_c * correction.narrow(0, run.slot, run.count).unsqueeze(1)
+            torch.mul((big_r / big_r.mean(1, keepdim=True)).unsqueeze(2), big_c.unsqueeze(1), out=target)
