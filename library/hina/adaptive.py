@@ -11,8 +11,9 @@ The recipe (DESIGN.md's pipeline), on top of HinaAdamW's (``hina_adamw.py``):
                        importance sqrt(I_a I_b), so both factors move at one rate
     apply              decoupled weight decay (dynamic schedule), SPD, as HinaAdamW
 
-Per chunk of the param group (base.py), ``fused_step`` runs all of it (decode, the stages above, apply, encode)
-in one function, ``adaptive_chunk``, compiled with torch.compile when ``compile_step`` asks for it;
+Per chunk of the param group (base.py), ``fused_step`` runs the stages above and apply in one function,
+``adaptive_chunk``, compiled with torch.compile when ``compile_step`` asks for it; 8-bit states are decoded into
+fp32 pool buffers before it and encoded after it (HinaAdamW's ``decode_states``/``encode_states``);
 ``compute_update`` is the same recipe stage by stage on decoded buffers (the bf16 subclass runs that path).
 
 HinaAdamW's LoRA+ ratio and ALLoRA row scaling (``use_alora``, roles from names or shapes) apply here too, on
@@ -32,7 +33,7 @@ import torch
 from .base import MIN_8BIT_SIZE, StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
-from .hina_adamw import HinaAdamW, adamw_math
+from .hina_adamw import HinaAdamW, adamw_math, decode_states, encode_states
 from .state_io import load_state, store_state
 from .techniques import importance as imp
 from .techniques import lr_mask
@@ -137,9 +138,10 @@ class AdamW_HinaAdaptive(HinaAdamW):
 
     # --- the update ------------------------------------------------------------------------------------------
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
-        """One chunk: decode -> the recipe (module docstring) -> apply -> encode, in one (optionally compiled)
-        function, ``adaptive_chunk``. ``compute_update`` below is the same recipe step by step on decoded
-        buffers (the bf16 subclass runs it)."""
+        """One chunk: the recipe (module docstring) and apply in one (optionally compiled) function,
+        ``adaptive_chunk``, on fp32 states (8-bit ones decoded into pool buffers before it and encoded after, each
+        one compiled function). ``compute_update`` below is the same recipe step by step on decoded buffers (the
+        bf16 subclass runs it)."""
         codec = pack.codec
         names = [name for name, _ in self.state_specs(group, pack.roles)]
         stored = {name: codec.storage(name) for name in names}
@@ -155,15 +157,28 @@ class AdamW_HinaAdaptive(HinaAdamW):
         step_vectors = self._step_vectors(group, pack, steps, active)
         mask_vector = torch.tensor(lr_mask.step_constants(group) if group["use_lr_mask"] else (0.0,) * 5,
                                    dtype=torch.float32, device=pack.device)
-        return _fused(self.use_compile(), grad, weight, row_coef, stored["exp_avg"], stored["exp_avg_sq"],
+        use_compile = self.use_compile()
+        if qmaps is not None:
+            # 8-bit: decode into fp32 pool buffers, run the recipe on them, encode after. Decoded inside the recipe's
+            # graph, every per-tensor reduction (cosines, importance, norms) would recompute the decode.
+            signs = tuple(signed for _, signed in self.state_specs(group, pack.roles))
+            state_qmaps = [dynamic_map(signed, pack.device) for signed in signs]
+            codes = [stored[name] for name in names]
+            stored = {name: pack.buffer(f"decoded_{name}") for name in names}
+            _decode_states(use_compile, codes, state_qmaps, list(stored.values()), block=codec.block_size)
+        nonfinite = _fused(use_compile, grad, weight, row_coef, stored["exp_avg"], stored["exp_avg_sq"],
                       stored.get("spd_anchor"), stored.get("prev_grad"), stored.get("lr_mask"),
                       vectors.get("tam_smoothed"), vectors.get("importance"), balance, partner_index, partner_value,
-                      step_vectors, mask_vector, pack.segments, qmaps, beta1=group["betas"][0],
+                      step_vectors, mask_vector, pack.segments, None, beta1=group["betas"][0],
                       beta2=group["betas"][1], eps=group["eps"], tam_beta=group["tam_beta"],
                       spd_lambda=float(group["spd_lambda"]), importance_decay=group["importance_decay"],
                       strength=group["adaptation_strength"], orthogonal=group["use_orthogonal_grad"],
                       agr=group["use_agr"], adopt=group["use_adopt_stability"], tam=group["use_tam"],
                       grams=group["use_grams"], cautious=group["use_cautious"], spd=group["use_spd"])
+        if qmaps is not None:
+            _encode_states(use_compile, list(stored.values()), codes, state_qmaps, step_vectors, nonfinite,
+                           pack.segments, signs=signs)
+        return nonfinite
 
     def _partner_vectors(self, pack) -> tuple[torch.Tensor, torch.Tensor]:
         """Each tensor's discovered partner (``techniques/relationships.py``): its slot in this chunk (-1: none
@@ -432,3 +447,5 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
 
 
 _fused = MaybeCompiled(adaptive_chunk)
+_decode_states = MaybeCompiled(decode_states)
+_encode_states = MaybeCompiled(encode_states)
