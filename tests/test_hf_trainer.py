@@ -253,4 +253,4 @@ def test_recipe_path_relative_to_the_project_root_works_from_any_folder(tmp_path
     monkeypatch.chdir(tmp_path)
     by_path = hf.optimizer_cls_and_kwargs(recipe="configs/llm_lora.toml")
     by_name = hf.optimizer_cls_and_kwargs(recipe="llm_lora")
-    assert by_path[1] == by_name[1] and by_path[0].lr == by_name[0].lr == 5e-4
+    assert by_path[1] == by_name[1] and by_path[0].lr == by_name[0].lr == 6e-4  # configs/llm_lora.toml

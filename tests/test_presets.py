@@ -7,10 +7,11 @@ from library.hina import presets
 from library.hina.base import HinaOptimizer
 from library.hina.presets import RecipeError, load_recipe
 
-# the recipes' values: the seed's weight-decay schedules; every technique at HinaAdamW's defaults (issue 16)
+# the recipes' values: the seed's weight-decay schedules; every technique at HinaAdamW's defaults (issue 16); the
+# LoRA recipes' lrs at 3x the usual AdamW8bit lr, as Grams alone wants (issue 16, docs/BENCHMARKS.md)
 SEED = {
-    "sd_lora": (8e-4, {"dynamic_weight_decay": True, "wd_transition_steps": 800, "wd_decay_factor": 0.75}),
-    "llm_lora": (5e-4, {"dynamic_weight_decay": True, "wd_transition_steps": 1200, "wd_decay_factor": 0.8}),
+    "sd_lora": (3e-4, {"dynamic_weight_decay": True, "wd_transition_steps": 800, "wd_decay_factor": 0.75}),
+    "llm_lora": (6e-4, {"dynamic_weight_decay": True, "wd_transition_steps": 1200, "wd_decay_factor": 0.8}),
     "lokr": (1e-3, {"dynamic_weight_decay": True, "wd_transition_steps": 600, "wd_decay_factor": 0.8,
                     "wd_min_ratio": 0.18}),
 }
