@@ -124,3 +124,73 @@ def test_buffer_pool_is_bounded_and_clearable():
     assert opt.get_buffer_pool_stats()["estimated_memory_mb"] > 0
     opt.clear_buffer_pool()
     assert opt.get_buffer_pool_stats()["total_buffers"] == 0
+
+
+NAMES = ("a.lora_down.weight", "a.lora_up.weight", "b.alpha", "c.lora_down.weight", "c.lora_up.weight")
+SHAPES = ((8, 40), (40, 8), (7,), (8, 24), (24, 8))
+
+
+def test_fused_chunk_step_tracks_the_fp32_recipe():
+    """The bf16 chunk step (every default technique on, several chunks) runs AdamW_HinaAdaptive's recipe: after
+    30 steps p + shift is within 5 % (relative, in norm, over the displacement) of AdamW_HinaAdaptive with fp32
+    states on the same bf16-valued start; bf16 states and stochastic rounding are the only difference (weight
+    decay 0: the bf16 class delays it)."""
+    from library.hina import AdamW_HinaAdaptive
+
+    gen = torch.Generator().manual_seed(3)
+    init = [(torch.randn(s, generator=gen) * 0.5).bfloat16().float() for s in SHAPES]
+    ours = [torch.nn.Parameter(t.bfloat16()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    kwargs = dict(lr=1e-3, weight_decay=0.0, warmup_steps=5, relationship_discovery_interval=10, compile_step=False)
+    opt = AdamWBF16_HinaAdaptive(list(zip(NAMES, ours)), **kwargs)
+    ref_opt = AdamW_HinaAdaptive(list(zip(NAMES, ref)), optim_bits=32, **kwargs)
+    opt.chunk_elements = ref_opt.chunk_elements = 512
+    for step in range(30):
+        g = torch.Generator().manual_seed(100 + step)
+        for p, q in zip(ours, ref):
+            grad = (torch.randn(p.shape, generator=g) + 0.3).bfloat16()
+            p.grad, q.grad = grad, grad.float()
+        opt.step()
+        ref_opt.step()
+    assert len(opt._layouts[0].chunks) >= 2
+    for p, q, p0 in zip(ours, ref, init):
+        held = p.float() + opt.state[p]["shift"].float()
+        moved = (q.detach() - p0).norm()
+        assert moved > 0
+        assert (held - q.detach()).norm() <= 0.05 * moved, float((held - q.detach()).norm() / moved)
+
+
+def test_compensated_write_compiled_matches_eager_and_keeps_skipped_tensors():
+    """compensated_write: p + shift + delta rounded to nearest into the weights, the rest into shift, for the
+    tensors that step; compiled and eager give the same bits."""
+    from library.hina.pack import FlatPack
+    from library.hina.techniques.stochastic_rounding import compensated_write
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).bfloat16() for s in ((64,), (128,))]
+    pack = FlatPack(params, [0, 1], align=64)
+    before = pack.gather([p.float() for p in params], torch.empty(pack.total))
+    shift = (torch.randn(pack.total, generator=gen) * 1e-4).bfloat16().float()
+    delta = torch.randn(pack.total, generator=gen) * 1e-3
+    live = torch.tensor([True, False])
+    decay = torch.tensor([1e-2, 1e-2])
+    results = []
+    for fn in (compensated_write, torch.compile(compensated_write, dynamic=False)):
+        w, s = before + delta, shift.clone()
+        fn(w, before, s, decay, live, pack.segments)
+        results.append((w, s))
+    (w, s), (wc, sc) = results
+    assert torch.equal(w, wc) and torch.equal(s, sc)
+    target = before[:64] + shift[:64] + delta[:64] - 1e-2 * before[:64]
+    assert torch.equal(w[:64], target.bfloat16().float())
+    torch.testing.assert_close(w[:64] + s[:64], target, rtol=0, atol=1e-7)
+    assert torch.equal(w[64:], before[64:]) and torch.equal(s[64:], shift[64:])  # skipped: unchanged
+
+
+def test_round_to_bf16_is_torchs_cast():
+    from library.hina.techniques.stochastic_rounding import round_to_bf16
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10000, generator=gen) * 10.0 ** torch.randint(-30, 30, (10000,), generator=gen),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])])
+    assert torch.equal(round_to_bf16(x), x.bfloat16().float())

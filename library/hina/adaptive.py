@@ -34,7 +34,7 @@ from .base import MIN_8BIT_SIZE, StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
 from .hina_adamw import HinaAdamW, adamw_math, decode_states, encode_states
-from .state_io import load_state, store_state
+from .state_io import store_state
 from .techniques import importance as imp
 from .techniques import lr_mask
 from .techniques.alora import row_coefficients
@@ -141,11 +141,28 @@ class AdamW_HinaAdaptive(HinaAdamW):
         """One chunk: the recipe (module docstring) and apply in one (optionally compiled) function,
         ``adaptive_chunk``, on fp32 states (8-bit ones decoded into pool buffers before it and encoded after, each
         one compiled function). ``compute_update`` below is the same recipe step by step on decoded buffers (the
-        bf16 subclass runs it)."""
+        tests' reference)."""
         codec = pack.codec
         names = [name for name, _ in self.state_specs(group, pack.roles)]
-        stored = {name: codec.storage(name) for name in names}
-        qmaps = (dynamic_map(True, pack.device), dynamic_map(False, pack.device)) if codec.bits == 8 else None
+        states = {name: codec.storage(name) for name in names}
+        use_compile = self.use_compile()
+        if codec.bits == 8:
+            # 8-bit: decode into fp32 pool buffers, run the recipe on them, encode after. Decoded inside the recipe's
+            # graph, every per-tensor reduction (cosines, importance, norms) would recompute the decode.
+            signs = tuple(signed for _, signed in self.state_specs(group, pack.roles))
+            qmaps = [dynamic_map(signed, pack.device) for signed in signs]
+            codes = [states[name] for name in names]
+            states = {name: pack.buffer(f"decoded_{name}") for name in names}
+            _decode_states(use_compile, codes, qmaps, list(states.values()), block=codec.block_size)
+        step_vectors = self._step_vectors(group, pack, steps, active)
+        nonfinite = self._adaptive_chunk(group, pack, grad, weight, step_vectors, states)
+        if codec.bits == 8:
+            _encode_states(use_compile, list(states.values()), codes, qmaps, step_vectors, nonfinite, pack.segments,
+                           signs=signs)
+        return nonfinite
+
+    def _adaptive_chunk(self, group, pack, grad, weight, step_vectors, states: dict) -> torch.Tensor:
+        """``adaptive_chunk`` on one chunk whose states are the fp32 buffers ``states`` (by name)."""
         scaled = self.row_scaled(group, pack.roles)
         row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef")) if any(scaled) else None
         adaptive = group["use_dynamic_adaptation"]
@@ -154,31 +171,17 @@ class AdamW_HinaAdaptive(HinaAdamW):
         partner_index = partner_value = None
         if adaptive and group["adaptation_strength"] > 0.0:
             partner_index, partner_value = self._partner_vectors(pack)
-        step_vectors = self._step_vectors(group, pack, steps, active)
         mask_vector = torch.tensor(lr_mask.step_constants(group) if group["use_lr_mask"] else (0.0,) * 5,
                                    dtype=torch.float32, device=pack.device)
-        use_compile = self.use_compile()
-        if qmaps is not None:
-            # 8-bit: decode into fp32 pool buffers, run the recipe on them, encode after. Decoded inside the recipe's
-            # graph, every per-tensor reduction (cosines, importance, norms) would recompute the decode.
-            signs = tuple(signed for _, signed in self.state_specs(group, pack.roles))
-            state_qmaps = [dynamic_map(signed, pack.device) for signed in signs]
-            codes = [stored[name] for name in names]
-            stored = {name: pack.buffer(f"decoded_{name}") for name in names}
-            _decode_states(use_compile, codes, state_qmaps, list(stored.values()), block=codec.block_size)
-        nonfinite = _fused(use_compile, grad, weight, row_coef, stored["exp_avg"], stored["exp_avg_sq"],
-                      stored.get("spd_anchor"), stored.get("prev_grad"), stored.get("lr_mask"),
+        return _fused(self.use_compile(), grad, weight, row_coef, states["exp_avg"], states["exp_avg_sq"],
+                      states.get("spd_anchor"), states.get("prev_grad"), states.get("lr_mask"),
                       vectors.get("tam_smoothed"), vectors.get("importance"), balance, partner_index, partner_value,
-                      step_vectors, mask_vector, pack.segments, None, beta1=group["betas"][0],
+                      step_vectors, mask_vector, pack.segments, beta1=group["betas"][0],
                       beta2=group["betas"][1], eps=group["eps"], tam_beta=group["tam_beta"],
                       spd_lambda=float(group["spd_lambda"]), importance_decay=group["importance_decay"],
                       strength=group["adaptation_strength"], orthogonal=group["use_orthogonal_grad"],
                       agr=group["use_agr"], adopt=group["use_adopt_stability"], tam=group["use_tam"],
                       grams=group["use_grams"], cautious=group["use_cautious"], spd=group["use_spd"])
-        if qmaps is not None:
-            _encode_states(use_compile, list(stored.values()), codes, state_qmaps, step_vectors, nonfinite,
-                           pack.segments, signs=signs)
-        return nonfinite
 
     def _partner_vectors(self, pack) -> tuple[torch.Tensor, torch.Tensor]:
         """Each tensor's discovered partner (``techniques/relationships.py``): its slot in this chunk (-1: none
@@ -227,10 +230,6 @@ class AdamW_HinaAdaptive(HinaAdamW):
             update.mul_(ratio)
         if adaptive and group["adaptation_strength"] > 0.0:
             pack.scale_(update, imp.importance_multiplier(self._joint_importance(pack, vectors), group["adaptation_strength"]))
-        return self.finish_update(ctx, update)
-
-    def finish_update(self, ctx: StepContext, update: torch.Tensor) -> torch.Tensor:
-        """Last hook before the core applies the update (the bf16 subclass schedules its weight decay here)."""
         return update
 
     # --- relationships -------------------------------------------------------------------------------------
@@ -363,14 +362,14 @@ class AdamW_HinaAdaptive(HinaAdamW):
 
 
 def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_grad, mask, tam_smoothed, importance,
-                   balance, partner_index, partner_value, step_vectors, mask_vector, segments, qmaps, *,
+                   balance, partner_index, partner_value, step_vectors, mask_vector, segments, *,
                    beta1: float, beta2: float, eps: float, tam_beta: float, spd_lambda: float, importance_decay: float,
                    strength: float, spd: bool, **flags):
     """AdamW_HinaAdaptive's whole step for one chunk: decode; observe (<p, g> into the balance ring, the
     successive-gradient cosine); the lr mask from the raw gradient's signs; HinaAdamW's direction
     (``adamw_math``: ⊥Grad, AGR, Adam or ADOPT, TAM, Grams, Cautious); the importance score and its EMA; the
-    update times the mask ratio and the (joint) importance multiplier; ALLoRA, decoupled weight decay, SPD;
-    encode. States (fp32 or 8-bit (codes, absmax)), the per-tensor vectors and ``weight`` (which becomes the
+    update times the mask ratio and the (joint) importance multiplier; ALLoRA, decoupled weight decay, SPD.
+    States (fp32 buffers; a tensor that does not step keeps its values), the per-tensor vectors and ``weight`` (which becomes the
     new weights) change in place; ``grad`` is read only. ``importance``/``balance``/``prev_grad`` are None
     without dynamic adaptation, ``mask`` without the lr mask, ``partner_index`` with adaptation_strength 0.
 
@@ -384,24 +383,21 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
     keep = ~expand(live)
-    qs, qu = (None, None) if qmaps is None else qmaps
     g = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
     adaptive = importance is not None
     if adaptive:
         balance_new = segments.sum(weight * g)
-        prev = load_state(prev_grad, qs, block)
-        cosine = imp.successive_cosine(g, prev, segments)
+        cosine = imp.successive_cosine(g, prev_grad, segments)
         importance_new = torch.where((first > 0) & live, 1.0, importance)
     if mask is not None:
-        ratio, mask_new = lr_mask.mask_step(load_state(mask, qs, block).view(-1, block), g.view(-1, block),
+        ratio, mask_new = lr_mask.mask_step(mask.view(-1, block), g.view(-1, block),
                                             expand(first), adapt, bump, min_ratio, max_ratio, start)
 
-    m = load_state(exp_avg, qs, block)
-    v = load_state(exp_avg_sq, qu, block)
+    m, v = exp_avg, exp_avg_sq
     anchor_value = None
     if anchor is not None:
         anchor_value = torch.where(expand(first > 0), weight.view(-1, block),
-                                   load_state(anchor, qs, block).view(-1, block)).view(-1)
+                                   anchor.view(-1, block)).view(-1)
     g_t, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1, 1.0),
                                                 expand(bias2_sqrt, 1.0), expand(clip), beta1=beta1, beta2=beta2,
                                                 eps=eps, tam_beta=tam_beta, **flags)
@@ -430,14 +426,14 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
         u = u * row_coef
     new_weight = decoupled_update(weight, u, g_t, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
 
-    store_state(exp_avg, m_new, keep, qs, block)
-    store_state(exp_avg_sq, v_new, keep, qu, block, signed=False)
+    store_state(exp_avg, m_new, keep, None, block)
+    store_state(exp_avg_sq, v_new, keep, None, block)
     if anchor is not None:
-        store_state(anchor, anchor_value, keep, qs, block)
+        store_state(anchor, anchor_value, keep, None, block)
     if mask is not None:
-        store_state(mask, mask_new.view(-1), keep, qs, block)
+        store_state(mask, mask_new.view(-1), keep, None, block)
     if adaptive:
-        store_state(prev_grad, g, keep, qs, block)
+        store_state(prev_grad, g, keep, None, block)
         balance.copy_(torch.where(live, balance_new, balance))
         importance.copy_(importance_new)
     if tam_smoothed is not None:

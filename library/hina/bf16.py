@@ -4,15 +4,18 @@ Seed document 002. On top of AdamW_HinaAdaptive (``adaptive.py``):
 
 - bf16 states: every flat state (moments, previous gradient, lr mask, SPD anchor) is stored in bfloat16
   (``Bf16Codec``), decoded to float32 for the step's math and written back with stochastic rounding.
-- every write to a bf16 tensor is stochastically rounded (``techniques/stochastic_rounding.py``), and the
+- every write to a bf16 state is stochastically rounded (``techniques/stochastic_rounding.py``), and the
   parameter update goes through a bf16 compensation ("shift") buffer, so updates far below a bf16 ulp
-  still add up (Kahan summation; arogozhnikov/adamw_bfloat16).
+  still add up (Kahan summation; arogozhnikov/adamw_bfloat16, optimi): the params take p + shift + delta
+  rounded to nearest, the shift buffer what that rounding lost.
 - delayed weight decay: lr * wd is accumulated per tensor and applied as p <- p (1 - acc) once acc reaches
   ``delayed_wd_threshold`` (then acc restarts at 0). The seed names the idea, not the threshold.
 - a scratch buffer pool keyed by (shape, dtype, device), at most ``BufferPool.MAX_BUFFERS`` buffers
   (least recently used dropped first); ``get_buffer_pool_stats()`` and ``clear_buffer_pool()``.
 
-Random numbers for stochastic rounding come from generators seeded by (``sr_seed``, global step, call
+The step runs per chunk (``fused_step``): the bf16 states decoded to fp32 pool buffers, AdamW_HinaAdaptive's
+compiled chunk step on them, the delayed decay and the compensated write-back (``compensated_write``, compiled),
+the states stochastically rounded back. Random numbers for stochastic rounding come from generators seeded by (``sr_seed``, global step, call
 order within the step): reproducible, equal on every rank, and a resumed run continues to the bit.
 Parameters must be bfloat16 when the step runs (they may still be float32 when the optimizer is built,
 as in kohya sd-scripts with ``--full_bf16``).
@@ -28,7 +31,8 @@ import torch
 from .adaptive import AdamW_HinaAdaptive
 from .base import HinaOptimizer
 from .pack import FlatPack
-from .techniques.stochastic_rounding import compensated_add_, generator_for, to_bf16_stochastic
+from .compiled import MaybeCompiled
+from .techniques.stochastic_rounding import compensated_write, generator_for, to_bf16_stochastic
 
 
 class BufferPool:
@@ -101,10 +105,6 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     """
 
     optimizer_type = "AdamWBF16_HinaAdaptive"
-    # Steps through the core's decoded path (AdamW_HinaAdaptive.compute_update, then write_back below), not
-    # AdamW_HinaAdaptive's fused chunk step: the bf16 codec and the compensated write-back are outside it.
-    fused_step = None
-    write_back_policy = "compensated"  # p += delta through the shift buffer (write_back below)
     feature_flags = AdamW_HinaAdaptive.feature_flags + ("delayed_wd_threshold",)
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -124,8 +124,6 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         self._sr_seed = int(sr_seed)
         self._sr_calls = 0
         self._sr_step = 0
-        self._pending_decay: dict[int, torch.Tensor] = {}
-        self._pending_shift: dict[int, torch.Tensor] = {}
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_spd=use_spd,
                          spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
                          use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,
@@ -184,39 +182,41 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         self._sr_calls = 0
         return super().step(closure)
 
-    # --- delayed weight decay and the compensated write -----------------------------------------------------
+    # --- the step: AdamW_HinaAdaptive's chunk step on decoded states, delayed weight decay, compensated write ---
     def current_weight_decay(self, group: dict) -> float:
-        return 0.0  # applied by write_back, delayed (see finish_update)
+        return 0.0  # applied by the compensated write-back, delayed (``_delayed_decay``)
 
-    def finish_update(self, ctx, update):
-        # The core encodes the states after the write-back: the compensation goes into the decoded (fp32)
-        # shift buffer, which is then stochastically rounded into its bf16 storage with the other states.
-        shifts = ctx.pack.views(ctx.pack.buffer("bf16_decoded_shift"))
-        self._pending_shift = {id(p): view for p, view in zip(ctx.pack.params, shifts)}
-        group = ctx.group
+    def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
+        """One chunk: the bf16 states decoded to fp32, AdamW_HinaAdaptive's chunk step on them (without weight
+        decay), the delayed weight decay and the compensated write-back (``compensated_write``), the states
+        stochastically rounded back to bf16. ``weight`` holds the new weights, which the core rounds into the
+        bf16 params (round to nearest: ``compensated_write`` has kept what that loses in the shift buffer)."""
+        codec = pack.codec
+        names = [name for name, _ in self.state_specs(group, pack.roles)]
+        states = {name: codec.decode(name) for name in names}
+        before = pack.buffer("bf16_weight_before")
+        before.copy_(weight)
+        step_vectors = self._step_vectors(group, pack, steps, active)
+        nonfinite = self._adaptive_chunk(group, pack, grad, weight, step_vectors, states)
+        live = (step_vectors[5] > 0) & ~nonfinite
+        _compensated_write(self.use_compile(), weight, before, states["shift"], self._delayed_decay(group, pack, live),
+                           live, pack.segments)
+        for name in names:
+            codec.encode(name, states[name])
+        return nonfinite
+
+    def _delayed_decay(self, group, pack, live: torch.Tensor) -> torch.Tensor:
+        """Delayed weight decay: per tensor, lr * wd accumulates (``wd_accum``) while it steps; once it reaches
+        ``delayed_wd_threshold`` it is returned (and restarts at 0), to be applied as p <- p (1 - acc). (slots,)"""
+        acc = pack.vectors["wd_accum"]
         wd = HinaOptimizer.current_weight_decay(self, group)
-        if wd:
-            lrs = self._lr_vector(group, ctx.pack, ctx.roles)
-            active = ctx.active_vector
-            acc = ctx.pack.vectors["wd_accum"]
-            acc.add_(lrs * wd * active)
-            due = acc >= group["delayed_wd_threshold"]
-            decay = torch.where(due, acc, torch.zeros_like(acc))
-            acc.masked_fill_(due, 0.0)
-            for p, d in zip(ctx.pack.params, decay.unbind()):
-                self._pending_decay[id(p)] = d
-        return update
-
-    def write_back(self, params, updates, scales) -> None:
-        for p, u, s in zip(params, updates, scales):
-            delta = torch.mul(u, s)
-            decay = self._pending_decay.pop(id(p), None)
-            if decay is not None:
-                delta.sub_(p.float().mul_(decay))
-            noise = self._pool.get(p.shape, torch.int32, p.device)
-            compensated_add_(p, self._pending_shift[id(p)], delta, self._generator(p.device, "param"), noise)
-        self._pending_decay.clear()
-        self._pending_shift = {}
+        if not wd:
+            return torch.zeros_like(acc)
+        acc.add_(self._lr_vector(group, pack, pack.roles) * wd * live)
+        due = acc >= group["delayed_wd_threshold"]
+        decay = torch.where(due, acc, torch.zeros_like(acc))
+        acc.masked_fill_(due, 0.0)
+        return decay
 
     # --- monitoring --------------------------------------------------------------------------------------------
     def get_buffer_pool_stats(self) -> dict:
@@ -224,3 +224,6 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
 
     def clear_buffer_pool(self) -> None:
         self._pool.clear()
+
+
+_compensated_write = MaybeCompiled(compensated_write)

@@ -71,3 +71,32 @@ def compensated_add_(param: torch.Tensor, shift: torch.Tensor, delta: torch.Tens
     target = param.float().add_(shift.float()).add_(delta)
     param.copy_(target)  # round to nearest
     to_bf16_stochastic(target.sub_(param.float()), shift, generator, noise)
+
+
+def compensated_write(weight: torch.Tensor, before: torch.Tensor, shift: torch.Tensor, decay: torch.Tensor,
+                      live: torch.Tensor, segments) -> None:
+    """``compensated_add_`` over a chunk's flat fp32 buffers, functionally (it compiles): ``before`` holds the
+    bf16 params as they are, ``weight`` the new weights without weight decay, ``shift`` the decoded compensation
+    buffer, ``decay`` (slots,) the weight decay due per tensor. With delta = (weight - before) - decay * before:
+
+        target = before + shift + delta          weight <- round_to_nearest_bf16(target)
+        shift  <- target - weight                (stochastically rounded to bf16 when the caller stores it)
+
+    in place, for the tensors that step (``live``, (slots,) bool); the others keep weight and shift. With
+    lr = 0 and no decay, target = before + shift rounds back to before: the weights stay bit-identical."""
+    block = segments.block
+    live_blocks = segments.expand(live)
+    old = before.view(-1, block)
+    target = weight.view(-1, block) + shift.view(-1, block) - old * segments.expand(decay)
+    rounded = round_to_bf16(target)
+    shift.copy_(torch.where(live_blocks, target - rounded, shift.view(-1, block)).view(-1))
+    weight.copy_(torch.where(live_blocks, rounded, old).view(-1))
+
+
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to the nearest bf16 value (ties to even, as torch's float32 -> bfloat16 cast), as
+    float32. On the bit pattern, so that a compiled graph cannot drop the rounding (inductor treats a
+    float32 -> bfloat16 -> float32 round trip inside a graph as exact unless it emulates precision casts)."""
+    bits = x.view(torch.int32)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))).bitwise_and(_LOW_MASK).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
