@@ -191,6 +191,7 @@ def test_round_to_bf16_is_torchs_cast():
     from library.hina.techniques.stochastic_rounding import round_to_bf16
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(10000, generator=gen) * 10.0 ** torch.randint(-30, 30, (10000,), generator=gen),
-                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])])
+    scales = 10.0 ** torch.randint(-30, 30, (10000,), generator=gen)
+    edges = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.3895e38, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8])
+    x = torch.cat([torch.randn(10000, generator=gen) * scales, edges])  # ties at 1 + 2^-8 and 1 + 3 2^-8 too
     assert torch.equal(round_to_bf16(x), x.bfloat16().float())

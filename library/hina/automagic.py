@@ -234,14 +234,16 @@ class _AutomagicCame(HinaOptimizer):
         factor, scratch = pack.buffer("came_factor"), pack.buffer("came_scratch")
         live, nonfinite, observed = _prepare(
             compile_step, grad, transformed, weight, vectors, segments, signs, codes, qmap,
-            states if eight_bit else [], scratch, eps1=eps1, orthogonal=group["use_orthogonal_grad"] and transformed is None,
+            states if eight_bit else [], scratch, eps1=eps1,
+            orthogonal=group["use_orthogonal_grad"] and transformed is None,
             agr=group["use_agr"] and transformed is None)
         means = pack.pool.get("came_means", geometry.used, torch.float32, pack.device)
         came.second_moment_factor(scratch, factor, pack.came_side, means, geometry, live, beta2)
         moments, mask = (states[:-1], states[-1]) if group["use_lr_mask"] else (states, None)
         _moments(compile_step, grad, factor, geometry.block_valid, live, moments, mask,
-                 pack.vectors.get("tam_smoothed"), vectors, segments, scratch, beta1=beta1, eps2=eps2, clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"],
-                 scales=scales, tam=group["use_tam"])
+                 pack.vectors.get("tam_smoothed"), vectors, segments, scratch, beta1=beta1, eps2=eps2,
+                 clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"], scales=scales,
+                 tam=group["use_tam"])
         came.confidence_factor(scratch, factor, pack.came_side, means, geometry, live, vectors[2], beta3)
         multiplier = self.c_optim.multiplier_tensor() if self.contextual else None
         _apply(compile_step, grad, factor, moments, mask, row_coef, weight, geometry.block_valid, live,
@@ -335,9 +337,10 @@ def prepare_chunk(grad, transformed, weight, step_vectors, segments, signs, code
     A tensor steps when it has a gradient and that gradient (and its sum of squares) is finite; the others are
     skipped like tensors without a gradient (their states and weights stay exactly as they were). Writes G
     (zero for skipped tensors; ``transformed``, when given, is the gradient after the per-tensor transforms;
-    then ⊥Grad and AGR) into ``grad`` in place and CAME's V = G^2 + eps1 into ``square_out``, and decodes the 8-bit states ``codes`` ((codes, absmax) each) into
-    the fp32 buffers ``decoded``. Returns (live, skipped as non-finite, each (slots,) bool; and
-    for C-Optim (sketch, sum g^2) of the raw gradient and the number of tensors that step, or None).
+    then ⊥Grad and AGR) into ``grad`` in place and CAME's V = G^2 + eps1 into ``square_out``; decodes the 8-bit
+    states ``codes`` ((codes, absmax) each) into the fp32 buffers ``decoded``. Returns (live, skipped as
+    non-finite, each (slots,) bool; and for C-Optim (sketch, sum g^2) of the raw gradient and the number of
+    tensors that step, or None).
     """
     block = segments.block
     active = step_vectors[3]
@@ -365,8 +368,8 @@ def _valid(block_valid: torch.Tensor, block: int) -> torch.Tensor:
     return torch.arange(block, dtype=torch.int32, device=block_valid.device) < block_valid.unsqueeze(1)
 
 
-def moments_chunk(g, factor, block_valid, live, moments, mask, tam_smoothed, step_vectors, segments, res_out, *, beta1: float, eps2: float, clip_threshold: float, tam_beta: float,
-                  scales: tuple, tam: bool):
+def moments_chunk(g, factor, block_valid, live, moments, mask, tam_smoothed, step_vectors, segments, res_out, *,
+                  beta1: float, eps2: float, clip_threshold: float, tam_beta: float, scales: tuple, tam: bool):
     """Stage 2: U = G / sqrt(V_hat) clipped to RMS <= d per tensor (``factor``: V_hat from
     ``came.second_moment_factor``), TAM, the momentum (multi-scale for C-Optim), the lr mask's ratio from U's
     polarity. Mutates in place: the fp32 momentum buffers ``moments`` and signed lr ``mask`` (a tensor that does
@@ -418,8 +421,9 @@ def apply_chunk(g, factor, moments, mask, row_coef, weight, block_valid, live, f
     """Stage 3: CAME's confidence-scaled update m / sqrt(max(S, eps3)) (``moments``: this step's, ``factor``: S
     from ``came.confidence_factor``; m for 1-D tensors), Grams, Cautious, the lr mask's ratio (|mask|), ALLoRA's
     row coefficient ``row_coef``, the C-Optim multiplier, decoupled weight decay at the group lr (the ratio and
-    the coefficient are positive, so applied to m they commute with Grams' and Cautious' sign rules); ``weight`` becomes the new weights where a tensor steps. Encodes the fp32 states
-    ``decoded`` back into their 8-bit ``codes`` (a tensor that did not step keeps its codes exactly)."""
+    the coefficient are positive, so applied to m they commute with Grams' and Cautious' sign rules); ``weight``
+    becomes the new weights where a tensor steps. Encodes the fp32 states ``decoded`` back into their 8-bit
+    ``codes`` (a tensor that did not step keeps its codes exactly)."""
     block = segments.block
     expand = segments.expand
     lr, decay = step_vectors[0], step_vectors[1]
@@ -464,8 +468,8 @@ _COMMON_DOC = """
         use_alora: ALLoRA row scaling of LoRA/LoKr matrices (arXiv 2410.09692).
         use_fft_suppression, fft_cutoff, fft_strength: ``techniques/frequency.py`` (off by default).
         use_lowrank_reg, lowrank_rank, lowrank_strength: ``techniques/lowrank.py`` (off by default).
-        compile_step: torch.compile the chunk step (decode, CAME, lr mask, apply, encode in one function):
-            True, False, or None (auto: models of 1M+ elements).
+        compile_step: torch.compile the chunk step's three stages (decode and G; CAME, momentum, lr mask; apply
+            and encode): True, False, or None (auto: models of 1M+ elements).
 """
 _CODEC_DOC = ("        block_size: 8-bit quantisation block (seed: 4096; ``blocksize``, the seed's spelling, is "
               "accepted too).\n        min_8bit_size: smaller tensors keep fp32 states (1024: every rank-4..64 "

@@ -14,9 +14,10 @@ Seed document 002. On top of AdamW_HinaAdaptive (``adaptive.py``):
   (least recently used dropped first); ``get_buffer_pool_stats()`` and ``clear_buffer_pool()``.
 
 The step runs per chunk (``fused_step``): the bf16 states decoded to fp32 pool buffers, AdamW_HinaAdaptive's
-compiled chunk step on them, the delayed decay and the compensated write-back (``compensated_write``, compiled),
-the states stochastically rounded back. Random numbers for stochastic rounding come from generators seeded by (``sr_seed``, global step, call
-order within the step): reproducible, equal on every rank, and a resumed run continues to the bit.
+compiled chunk step on them, the delayed decay and the compensated write-back (``compensated_write``,
+compiled), the states stochastically rounded back. Random numbers for stochastic rounding come from
+generators seeded by (``sr_seed``, global step, call order within the step): reproducible, equal on every
+rank, and a resumed run continues to the bit.
 Parameters must be bfloat16 when the step runs (they may still be float32 when the optimizer is built,
 as in kohya sd-scripts with ``--full_bf16``).
 """
