@@ -1,8 +1,8 @@
 """The chunked core (base.py): chunk size does not change results, work memory is bounded, step counting.
 
 Chunked == unchunked to the bit (eager, fp32 and 8-bit: a per-tensor reduction adds the same blocks in the
-same order whatever chunk holds the tensor); the work pool is sized by the chunk, not the model (counted
-and measured by RSS); global_step counts steps that had a gradient; a param listed twice steps once.
+same order whatever chunk holds the tensor); the work pool is sized by the chunk, at most a sixteenth of the
+model and never more than CHUNK_ELEMENTS (counted and measured by RSS); global_step counts steps that had a gradient; a param listed twice steps once.
 """
 
 import copy
@@ -12,7 +12,8 @@ import torch
 
 from library.hina import (AdamW_HinaAdaptive, AdamWBF16_HinaAdaptive, Automagic_CameAMP, Automagic_CameAMP8bit,
                           Automagic_CameAMP_COptim, Automagic_CameAMP_COptim8bit, HinaAdamW)
-from library.hina.base import CHUNK_ELEMENTS, MIN_SLOTS, chunk_shape, pack_chunks
+from library.hina.base import (CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS, MIN_SLOTS, chunk_shape,
+                               model_chunk_elements, pack_chunks)
 
 from _hina_cases import ACTIVE, dtype_of, lora_params
 
@@ -156,11 +157,12 @@ def _reset_peak() -> bool:
         return False
 
 
-def test_work_memory_is_bounded_by_the_chunk_not_the_model():
-    """2M vs 20M elements (a whole-model fp32 buffer of the larger is 80 MB): the pool is the same few
-    chunk-sized buffers for both, and a steady step's resident-set growth is the same for both (chunk-sized
-    temporaries of the eager step), below one model-sized buffer. 32-bit (the faster eager step; the
-    8-bit step draws the same buffers and its codes are state, not work memory)."""
+def test_work_memory_is_bounded_by_the_chunk_and_small_beside_the_model():
+    """2M vs 20M elements (a whole-model fp32 buffer of the larger is 80 MB): the pool is a few chunk-sized
+    buffers, the chunk is at most a sixteenth of the model (so the pool stays under 1 byte per parameter at
+    either size) and at most CHUNK_ELEMENTS; a steady step's resident-set growth stays below one model-sized
+    buffer. 32-bit (the faster eager step; the 8-bit step draws the same buffers and its codes are state, not
+    work memory)."""
     workspace, growth = {}, {}
     for total in (2_000_000, 20_000_000):
         g = torch.Generator().manual_seed(0)
@@ -172,17 +174,54 @@ def test_work_memory_is_bounded_by_the_chunk_not_the_model():
             p.grad = torch.randn(p.shape, generator=g)
         opt = HinaAdamW(list(zip(names, params)), lr=1e-4, optim_bits=32, compile_step=False)
         opt.step()  # allocates the state and the pool
+        assert opt.chunk_size() == model_chunk_elements(sum(p.numel() for p in params))
         if _reset_peak():
             before = _status_bytes("VmRSS")
             opt.step()
             growth[total] = _status_bytes("VmHWM") - before
         workspace[total] = opt.get_optimization_info()["training_stats"]["workspace_bytes"]
         del opt, params
-    assert workspace[2_000_000] == workspace[20_000_000]
-    assert 0 < workspace[20_000_000] <= 4 * 4 * CHUNK_ELEMENTS  # at most 4 fp32 chunk buffers
+    assert 0 < workspace[2_000_000] < workspace[20_000_000] <= 4 * 4 * CHUNK_ELEMENTS  # at most 4 fp32 buffers
+    for total, nbytes in workspace.items():
+        assert nbytes <= 1.0 * total, (total, nbytes)
     if growth:
         mib = {k: v / 2 ** 20 for k, v in growth.items()}
         # The resident-set figure is the second, coarser measurement (allocator reuse makes it vary by tens of
         # MiB from run to run on a loaded machine): a steady step of the 20M set grows it by less than one
         # model-sized fp32 buffer (80 MB), which a whole-model work buffer would exceed by itself.
         assert growth[20_000_000] < 80 * 10 ** 6, mib
+
+
+def test_chunk_size_follows_the_model():
+    """A sixteenth of the model, rounded down to a power of two, within [2^16, 2^20]: SD1.5 LoRA rank 16 (6.8M
+    elements) gets 256K-element chunks, SDXL rank 32 (85M) the largest, a small model the smallest; an explicit
+    ``chunk_elements`` wins."""
+    assert model_chunk_elements(6_782_976) == 1 << 18
+    assert model_chunk_elements(85_100_000) == CHUNK_ELEMENTS
+    assert model_chunk_elements(16 * (1 << 17) - 1) == 1 << 16
+    assert model_chunk_elements(16 * (1 << 17)) == 1 << 17
+    assert model_chunk_elements(0) == model_chunk_elements(100_000) == MIN_CHUNK_ELEMENTS
+    params = [torch.nn.Parameter(torch.zeros(64, 320)) for _ in range(200)]  # 4.1M elements: 256K / 16
+    opt = HinaAdamW(params, lr=1e-3, compile_step=False)
+    assert opt.chunk_size() == 1 << 17
+    opt.chunk_elements = 1 << 16
+    assert opt.chunk_size() == 1 << 16
+
+
+def test_8bit_state_and_work_memory_at_sd15_size_stay_below_fp32_adamw():
+    """The memory promise, in what the optimizer itself holds: HinaAdamW 8-bit (defaults) on 6.8M elements
+    (SD1.5 LoRA rank 16's size) keeps state + work pool under 2.5 bytes per parameter; fp32 AdamW's state alone
+    is 8. (The step's compiled temporaries are chunk-sized too; benchmarks/step_speed.py measures the steady
+    peak.)"""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 320), (320, 16), (16, 640), (640, 16), (16, 1280), (1280, 16)] * 95  # ~6.8M elements
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
+    names = [f"m{i // 2}.lora_{'down' if i % 2 == 0 else 'up'}.weight" for i in range(len(shapes))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt = HinaAdamW(list(zip(names, params)), lr=1e-4, compile_step=False)
+    opt.step()
+    total = sum(p.numel() for p in params)
+    stats = opt.get_optimization_info()["training_stats"]
+    assert stats["state_bytes"] / total < 2.1
+    assert stats["workspace_bytes"] / total < 0.4, stats  # two fp32 buffers of one 256K-element chunk

@@ -11,7 +11,9 @@
 7. write-back (fp32 by default; the bf16 optimizer overrides it), state codec fp32 or 8-bit blockwise.
 
 Bounded chunks. Each param group is cut into *chunks*: ``FlatPack``s of whole tensors holding at most
-``chunk_elements`` (``CHUNK_ELEMENTS`` = 2^20) elements; a larger tensor gets a chunk of its own. Tensors are
+``chunk_elements`` elements (``model_chunk_elements``: a sixteenth of the model's elements rounded down to a
+power of two, between 2^16 and ``CHUNK_ELEMENTS`` = 2^20, so that the work memory of a small model stays small
+beside its 8-bit state); a larger tensor gets a chunk of its own. Tensors are
 packed first-fit by decreasing size, so chunks are nearly full. A chunk's shape is padded to a small fixed
 set (``chunk_shape``): ``total`` to one of 4 sizes per octave (a full chunk to exactly ``chunk_elements``),
 ``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``. Full chunks all share one shape,
@@ -19,7 +21,7 @@ so a recipe compiles one graph per (state layout, slot count) for them plus one 
 state layout and param group) and one per distinct size of tensors above the chunk size: in practice 2-6
 graphs. That is bounded by the recompile limit (8 by default); past it, the extra shapes step eagerly, said
 once in a warning (compiled.py). Work buffers (gathered gradient, weight copy, decoded states, scratch) come from one
-``WorkPool`` per optimizer, sized by the largest chunk, never by the model: ``workspace_bytes`` in
+``WorkPool`` per optimizer, sized by the largest chunk, never more than the chunk cap: ``workspace_bytes`` in
 ``get_optimization_info()['training_stats']``. Per-tensor reductions stay exact because a chunk holds whole
 tensors, and the result does not depend on the chunk size (a per-tensor sum adds the same blocks in the
 same order).
@@ -59,7 +61,8 @@ ADAPTER_MATRIX_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES)
 # Block alignment of fp32 packs (8-bit packs align to the quantisation block): per-tensor reductions are
 # block sums, so blocks must not straddle tensors; 64 keeps padding small for tiny tensors.
 FP32_ALIGN = 64
-CHUNK_ELEMENTS = 1 << 20   # elements per chunk: 4 MiB per fp32 work buffer
+CHUNK_ELEMENTS = 1 << 20   # largest chunk: 4 MiB per fp32 work buffer
+MIN_CHUNK_ELEMENTS = 1 << 16
 MIN_SLOTS = 16             # smallest padded per-tensor vector
 #: ``min_8bit_size`` default of every 8-bit class: the smallest LoRA matrix of SD1.5/SDXL at rank 4 is
 #: 4 x 320 = 1280 elements, so every rank-4..64 LoRA/LoKr matrix gets 8-bit states; smaller tensors (norm
@@ -76,6 +79,21 @@ def _initial_lr(group: dict) -> float:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def model_chunk_elements(total: int) -> int:
+    """Chunk size for an optimizer over ``total`` elements: ``total / 16`` rounded down to a power of two, within
+    [``MIN_CHUNK_ELEMENTS``, ``CHUNK_ELEMENTS``].
+
+    A step holds a few chunk-sized fp32 buffers (the pool's gathered gradient and weights, and the compiled
+    step's temporaries: about six in all, 24 bytes per chunk element), so a chunk of at most a sixteenth of the
+    model keeps them at or under ~1.5 bytes per parameter, below the 8-bit state's 2 (SD1.5 LoRA rank 16, 6.8M
+    elements: 256K-element chunks). Large models get the largest chunk, where per-chunk overhead is smallest.
+    Step time did not change measurably between 256K and 1M chunks at 6.8M elements (benchmarks/step_speed.py).
+    """
+    sixteenth = int(total) // 16
+    chunk = 1 << (sixteenth.bit_length() - 1) if sixteenth else 1  # largest power of two <= total / 16
+    return min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, chunk))
 
 
 def chunk_shape(used: int, count: int, align: int, chunk_elements: int) -> tuple[int, int]:
@@ -199,8 +217,8 @@ class HinaOptimizer(torch.optim.Optimizer):
     optimizer_type = "HinaOptimizer"
     #: Feature flags reported by ``get_optimization_info()['features']``.
     feature_flags: tuple[str, ...] = ()
-    #: Elements per chunk (see the module docstring); tests set a tiny value on an instance.
-    chunk_elements = CHUNK_ELEMENTS
+    #: Elements per chunk; None: sized by the model (``model_chunk_elements``). Tests set a tiny value on an instance.
+    chunk_elements: int | None = None
 
     def __init__(self, params: Iterable, defaults: dict, *, optim_bits: int = 32, block_size: int = 256,
                  min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None):
@@ -325,7 +343,14 @@ class HinaOptimizer(torch.optim.Optimizer):
             layout = self._layouts[index] = self._build_layout(group, self._pairings()[index].roles())
         return layout
 
+    def chunk_size(self) -> int:
+        """Elements per chunk: ``chunk_elements`` if set, else ``model_chunk_elements`` of all param groups."""
+        if self.chunk_elements is not None:
+            return int(self.chunk_elements)
+        return model_chunk_elements(sum(p.numel() for g in self.param_groups for p in g["params"]))
+
     def _build_layout(self, group: dict, roles: list[str]) -> GroupLayout:
+        chunk_elements = self.chunk_size()
         buckets: dict[tuple, list[int]] = {}
         seen: set[int] = set()
         for index, p in enumerate(group["params"]):
@@ -340,13 +365,13 @@ class HinaOptimizer(torch.optim.Optimizer):
         for (_, eight_bit, specs), indices in buckets.items():
             align = self.block_size if eight_bit else FP32_ALIGN
             sizes = {i: -(-max(group["params"][i].numel(), 1) // align) * align for i in indices}
-            for members in pack_chunks(sizes, self.chunk_elements):
+            for members in pack_chunks(sizes, chunk_elements):
                 # Within a chunk, order by row length, so tensors whose rows are equally long sit side by side
                 # and ALLoRA's row scaling treats each run of them as one matrix (techniques/alora.py); then
                 # by shape, so equal shapes are adjacent (CAME's statistics batch them, techniques/came.py).
                 members = sorted(members, key=lambda i: (_row_length(group["params"][i]),
                                                          tuple(group["params"][i].shape), i))
-                total, slots = chunk_shape(sum(sizes[i] for i in members), len(members), align, self.chunk_elements)
+                total, slots = chunk_shape(sum(sizes[i] for i in members), len(members), align, chunk_elements)
                 chunk = FlatPack([group["params"][i] for i in members], members, align=align, total=total, slots=slots)
                 chunk.pool = self._work
                 chunk.roles = [roles[i] for i in members]

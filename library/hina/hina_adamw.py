@@ -10,9 +10,11 @@ The recipe, in the order it runs (DESIGN.md's pipeline):
     state codec           optim_bits=8: 8-bit blockwise (plain torch, bitsandbytes' dynamic map); 32: fp32
 
 Per chunk of the param group (base.py), ``fused_step`` runs all of it: the stages above and the apply in one
-function, ``hina_adamw_chunk``, on fp32 states; with 8-bit states, ``decode_states`` before it and
-``encode_states`` after it (into chunk-sized pool buffers: fused into the recipe, the decode was recomputed by
-each per-tensor reduction of the techniques). Each is compiled with torch.compile when ``compile_step`` asks.
+function, ``hina_adamw_chunk``, which decodes 8-bit states at its start and encodes them at its end (one compiled
+graph per chunk). When a technique takes per-tensor sums of values computed from the states (TAM, Cautious, SPD),
+the states are decoded into chunk-sized fp32 pool buffers before it (``decode_states``) and encoded after it
+(``encode_states``) instead: in one graph, each such sum recomputed the decode. Each is compiled with
+torch.compile when ``compile_step`` asks.
 
 With ``optim_bits=32`` and every technique off this is ``torch.optim.AdamW`` (tested to 1e-6 relative).
 """
@@ -25,7 +27,7 @@ from . import naming, quant, techniques
 from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, ZERO_ANCHOR_ROLES, HinaOptimizer, StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
-from .state_io import store_state
+from .state_io import load_state, store_state
 from .techniques.adopt import adopt_normalize
 from .techniques.alora import row_coefficients
 from .techniques.tam import tam_step
@@ -174,34 +176,41 @@ class HinaAdamW(HinaOptimizer):
         return torch.stack(rows).float().to(pack.device)
 
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
-        """One chunk: (8-bit: decode ->) the recipe and apply (-> encode), each an (optionally compiled) function."""
+        """One chunk: the recipe and apply, reading and writing the states where they are stored.
+
+        8-bit states are decoded and re-encoded inside ``hina_adamw_chunk`` (one compiled graph per chunk: two
+        chunk-sized pool buffers, the gathered gradient and weights), unless a technique reduces over values
+        computed from the states (``reduces_over_states``): then they are decoded into fp32 pool buffers first
+        and encoded after (three graphs), since inside one graph every such reduction recomputed the decode
+        (measured 1.4x slower with TAM, Cautious, SPD and AGR on, the earlier defaults)."""
         beta1, beta2 = group["betas"]
         codec = pack.codec
-        names = [name for name, _ in self.state_specs(group, pack.roles)]
+        specs = self.state_specs(group, pack.roles)
+        names = [name for name, _ in specs]
         stored = [codec.storage(name) for name in names]
-        anchor = stored[2] if "spd_anchor" in names else None
         scaled = self.row_scaled(group, pack.roles)
         row_coef = None
         if any(scaled):
             row_coef = row_coefficients(weight, pack, scaled, pack.buffer("row_coef"))
         use_compile = self.use_compile()
         step_vectors = self._step_vectors(group, pack, steps, active)
-        eight_bit = codec.bits == 8
-        if eight_bit:
-            # Decode into fp32 pool buffers first: fused into the recipe, the decode is recomputed by every
-            # per-tensor reduction of the techniques (measured 1.4x slower with the defaults).
+        signs = tuple(signed for _, signed in specs)
+        qmaps = (None,) * len(specs)
+        decode_first = codec.bits == 8 and reduces_over_states(group)
+        if codec.bits == 8:
+            qmaps = tuple(dynamic_map(signed, pack.device) for signed in signs)
+        if decode_first:
             codes, stored = stored, [pack.buffer(f"decoded_{name}") for name in names]
-            qmaps = [dynamic_map(signed, pack.device) for _, signed in self.state_specs(group, pack.roles)]
             _decode_states(use_compile, codes, qmaps, stored, block=codec.block_size)
-            anchor = stored[2] if anchor is not None else None
+        anchor = stored[2] if "spd_anchor" in names else None
         nonfinite = _fused(use_compile, grad, weight, row_coef, stored[0], stored[1], anchor,
-                           pack.vectors.get("tam_smoothed"), step_vectors, pack.segments, beta1=beta1,
+                           pack.vectors.get("tam_smoothed"), step_vectors, pack.segments,
+                           None if decode_first else qmaps, signs, beta1=beta1,
                            beta2=beta2, eps=group["eps"], tam_beta=group["tam_beta"],
                            spd_lambda=float(group["spd_lambda"]), orthogonal=group["use_orthogonal_grad"],
                            agr=group["use_agr"], adopt=group["use_adopt_stability"], tam=group["use_tam"],
                            grams=group["use_grams"], cautious=group["use_cautious"], spd=group["use_spd"])
-        if eight_bit:
-            signs = tuple(signed for _, signed in self.state_specs(group, pack.roles))
+        if decode_first:
             _encode_states(use_compile, stored, codes, qmaps, step_vectors, nonfinite, pack.segments, signs=signs)
         return nonfinite
 
@@ -285,27 +294,37 @@ def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, seg
     return update
 
 
+def reduces_over_states(group) -> bool:
+    """True when a technique of the group's recipe takes per-tensor sums of values computed from the states
+    (TAM's cosine with m, Cautious's kept count, SPD's norms of the new weights)."""
+    return bool(group["use_tam"] or group["use_cautious"] or group["use_spd"])
+
+
 def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_smoothed, step_vectors, segments,
-                     *, spd_lambda: float, spd: bool, **flags):
-    """HinaAdamW's whole step for one chunk on fp32 states: ``adamw_math``, ALLoRA, decoupled weight decay and
-    SPD. Mutates the states, ``tam_smoothed`` and ``weight`` (which becomes the new weights) in place; ``grad``
-    is read only. 8-bit states are decoded before (``decode_states``) and encoded after (``encode_states``).
+                     qmaps=None, signs=(True, False, True), *, spd_lambda: float, spd: bool, **flags):
+    """HinaAdamW's whole step for one chunk: ``adamw_math``, ALLoRA, decoupled weight decay and SPD. Mutates the
+    states, ``tam_smoothed`` and ``weight`` (which becomes the new weights) in place; ``grad`` is read only.
+
+    The states are fp32 buffers, or 8-bit ``(codes, absmax)`` with ``qmaps`` (one dynamic map per state, in
+    order; ``signs`` their signedness): those are decoded at the start and encoded at the end of this function,
+    so that compiled it is one graph that reads and writes the codes (``state_io``).
 
     A tensor whose gradient is not finite, or whose sum of squares overflows float32 (a finite 1e20 gradient
     would make g^2 inf), counts as inactive, like one without a gradient: its states and weights stay
     exactly as they were (kept block by block, codes included). Returns that skipped set, a bool per slot.
     """
     block = segments.block
+    qmaps = qmaps or (None, None, None)
     lr, decay, bias1, bias2_sqrt, clip, active, first = step_vectors.unbind(0)
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
     keep = ~segments.expand(live)                      # (blocks, 1): blocks whose tensor does not step
-    m, v = exp_avg, exp_avg_sq
+    m, v = load_state(exp_avg, qmaps[0], block), load_state(exp_avg_sq, qmaps[1], block)
     g = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
     anchor_value = None
     if anchor is not None:
         anchor_value = torch.where(segments.expand(first > 0), weight.view(-1, block),
-                                   anchor.view(-1, block)).view(-1)
+                                   load_state(anchor, qmaps[2], block).view(-1, block)).view(-1)
     expand = segments.expand
     flags_adopt = flags["adopt"]
     g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1, 1.0),
@@ -318,10 +337,9 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
     if row_coef is not None:
         u = u * row_coef
     new_weight = decoupled_update(weight, u, g, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
-    store_state(exp_avg, m_new, keep, None, block)
-    store_state(exp_avg_sq, v_new, keep, None, block)
-    if anchor is not None:
-        store_state(anchor, anchor_value, keep, None, block)
+    new_values = [m_new, v_new] + ([anchor_value] if anchor is not None else [])
+    for stored, value, qmap, signed in zip((exp_avg, exp_avg_sq, anchor), new_values, qmaps, signs):
+        store_state(stored, value, keep, qmap, block, signed)
     if tam_smoothed is not None:
         tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
     weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
