@@ -10,14 +10,14 @@ Seed document 002. On top of AdamW_HinaAdaptive (``adaptive.py``):
   rounded to nearest, the shift buffer what that rounding lost.
 - delayed weight decay: lr * wd is accumulated per tensor and applied as p <- p (1 - acc) once acc reaches
   ``delayed_wd_threshold`` (then acc restarts at 0). The seed names the idea, not the threshold.
-- a scratch buffer pool keyed by (shape, dtype, device), at most ``BufferPool.MAX_BUFFERS`` buffers
-  (least recently used dropped first); ``get_buffer_pool_stats()`` and ``clear_buffer_pool()``.
+- the seed's scratch buffer pool API: ``get_buffer_pool_stats()`` and ``clear_buffer_pool()`` report and release
+  the optimizer's work pool (base.py: a few chunk-sized buffers by name, bounded by the chunk size).
 
 The step runs per chunk (``fused_step``): the bf16 states decoded to fp32 pool buffers, AdamW_HinaAdaptive's
 compiled chunk step on them, the delayed decay and the compensated write-back (``compensated_write``,
-compiled), the states stochastically rounded back. Random numbers for stochastic rounding come from
-generators seeded by (``sr_seed``, global step, call order within the step): reproducible, equal on every
-rank, and a resumed run continues to the bit.
+compiled), the states stochastically rounded back (compiled). The random bits of stochastic rounding are a
+hash of (seed, element) with the seed from (``sr_seed``, global step, call order within the step):
+reproducible, equal on every rank, and a resumed run continues to the bit.
 Parameters must be bfloat16 when the step runs (they may still be float32 when the optimizer is built,
 as in kohya sd-scripts with ``--full_bf16``).
 """
@@ -25,48 +25,14 @@ as in kohya sd-scripts with ``--full_bf16``).
 from __future__ import annotations
 
 import zlib
-from collections import OrderedDict
 
 import torch
 
 from .adaptive import AdamW_HinaAdaptive
 from .base import HinaOptimizer
-from .pack import FlatPack
 from .compiled import MaybeCompiled
-from .techniques.stochastic_rounding import compensated_write, generator_for, to_bf16_stochastic
-
-
-class BufferPool:
-    """Scratch tensors keyed by (shape, dtype, device); bounded, least recently used dropped first."""
-
-    MAX_BUFFERS = 32
-
-    def __init__(self, max_buffers: int = MAX_BUFFERS):
-        self.max_buffers = max_buffers
-        self._buffers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    def get(self, shape, dtype, device) -> torch.Tensor:
-        key = (tuple(shape), dtype, str(device))
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = torch.empty(tuple(shape), dtype=dtype, device=device)
-            self._buffers[key] = buf
-            while len(self._buffers) > self.max_buffers:
-                self._buffers.popitem(last=False)
-        else:
-            self._buffers.move_to_end(key)
-        return buf
-
-    def clear(self) -> None:
-        self._buffers.clear()
-
-    def stats(self) -> dict:
-        details = [{"shape": list(k[0]), "dtype": str(k[1]), "device": k[2], "bytes": v.numel() * v.element_size()}
-                   for k, v in self._buffers.items()]
-        total = sum(d["bytes"] for d in details)
-        return {"total_buffer_types": len({(k[1], k[2]) for k in self._buffers}), "buffer_details": details,
-                "total_buffers": len(details), "max_buffers": self.max_buffers,
-                "estimated_memory_mb": total / 2 ** 20}
+from .pack import FlatPack
+from .techniques.stochastic_rounding import compensated_write, store_bf16
 
 
 class Bf16Codec:
@@ -90,8 +56,8 @@ class Bf16Codec:
         return out.copy_(self.flat[name])
 
     def encode(self, name: str, value: torch.Tensor) -> None:
-        noise = self.optimizer._pool.get(value.shape, torch.int32, value.device)
-        to_bf16_stochastic(value, self.flat[name], self.optimizer._generator(self.pack.device, name), noise)
+        seed = torch.tensor(self.optimizer._seed(name), dtype=torch.int64, device=value.device)
+        _store_bf16(self.optimizer.use_compile(), value, self.flat[name], seed)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.flat.values())
@@ -121,7 +87,6 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                  compile_step: bool | None = None):
         if delayed_wd_threshold < 0.0:
             raise ValueError(f"Invalid delayed_wd_threshold: {delayed_wd_threshold!r} (must be >= 0)")
-        self._pool = BufferPool()
         self._sr_seed = int(sr_seed)
         self._sr_calls = 0
         self._sr_step = 0
@@ -170,11 +135,10 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     def vector_specs(self, group):
         return super().vector_specs(group) + ["wd_accum"]
 
-    def _generator(self, device, stream: str) -> torch.Generator:
-        """A generator for the next stochastic-rounding call: seeded by (seed, step, call order, stream)."""
+    def _seed(self, stream: str) -> int:
+        """The stochastic-rounding seed of the next write: from (seed, step, call order, stream)."""
         self._sr_calls += 1
-        seed = zlib.crc32(f"{self._sr_seed}:{self._sr_step}:{self._sr_calls}:{stream}".encode())
-        return generator_for(device, seed)
+        return zlib.crc32(f"{self._sr_seed}:{self._sr_step}:{self._sr_calls}:{stream}".encode())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -221,10 +185,17 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
 
     # --- monitoring --------------------------------------------------------------------------------------------
     def get_buffer_pool_stats(self) -> dict:
-        return self._pool.stats()
+        """The step's scratch buffers (the optimizer's work pool, sized by the largest chunk), in the seed's format."""
+        buffers = self._work._buffers
+        details = [{"name": name, "shape": list(t.shape), "dtype": str(dtype), "device": device,
+                    "bytes": t.numel() * t.element_size()} for (name, dtype, device), t in buffers.items()]
+        return {"total_buffer_types": len({(d["dtype"], d["device"]) for d in details}), "buffer_details": details,
+                "total_buffers": len(details), "estimated_memory_mb": sum(d["bytes"] for d in details) / 2 ** 20}
 
     def clear_buffer_pool(self) -> None:
-        self._pool.clear()
+        """Release the scratch buffers (the next step allocates them again)."""
+        self._work.clear()
 
 
 _compensated_write = MaybeCompiled(compensated_write)
+_store_bf16 = MaybeCompiled(store_bf16)

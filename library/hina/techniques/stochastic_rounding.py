@@ -15,8 +15,11 @@
 
   so many updates smaller than half a bf16 ulp of p still add up, and delta = 0 leaves p as it is.
 
-Random numbers come from a ``torch.Generator`` seeded from (seed, step, stream), so a run is reproducible,
-every distributed rank draws the same numbers, and a resumed run continues to the bit.
+Random bits come from a counter-based integer hash of (seed, element index) (``random_bits16``), in plain
+torch, so the rounding compiles into the kernel that computes the value (a ``torch.Generator`` cannot be
+used inside a compiled graph, and drawing with one took ~10 ms per million elements on this project's CPU).
+The optimizer derives the seed from (seed, step, stream): a run is reproducible, every distributed rank
+draws the same numbers, and a resumed run continues to the bit.
 """
 
 from __future__ import annotations
@@ -26,58 +29,38 @@ import torch
 _LOW_MASK = -65536  # 0xFFFF0000 as int32
 
 
-def generator_for(device: torch.device, seed: int) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
-    return gen
+def random_bits16(index: torch.Tensor, seed) -> torch.Tensor:
+    """16 uniformly distributed random bits per element (int32 in [0, 2^16)) from a 32-bit integer hash of
+    ``index + seed`` (``index`` int64, ``seed`` an int or a 0-d int64 tensor; two xorshift-multiply rounds, the
+    "lowbias32"-style mixer). Every intermediate stays below 2^59, so int64 arithmetic never overflows."""
+    h = (index + seed) & 0xFFFFFFFF
+    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+    h = (h >> 16) ^ h
+    return (h & 0xFFFF).to(torch.int32)
 
 
-def stochastic_round_(x: torch.Tensor, generator: torch.Generator, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Round float32 ``x`` in place to values exactly representable in bf16 (stochastically); returns x.
-
-    ``noise`` is an optional int32 scratch tensor of x's shape (e.g. from a buffer pool).
-    """
-    if x.dtype != torch.float32:
-        raise TypeError(f"stochastic_round_ expects float32, got {x.dtype}")
+def stochastic_round(x: torch.Tensor, seed) -> torch.Tensor:
+    """float32 ``x`` rounded stochastically to bf16 values (returned as float32): the 16 random bits are added
+    to the low half of the bit pattern, which is then truncated, so x rounds up with probability equal to its
+    distance from the lower neighbour in ulps (eq. 2 of arXiv 1502.02551). inf and NaN keep their bits."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
     bits = x.view(torch.int32)
-    if noise is None:
-        noise = torch.empty_like(bits)
-    noise.random_(0, 65536, generator=generator)
-    finite = torch.isfinite(x)
-    rounded = bits.add(noise).bitwise_and_(_LOW_MASK)
-    # inf/nan keep their bit pattern (adding noise would turn inf into nan)
-    bits.copy_(torch.where(finite, rounded, bits))
-    return x
+    rounded = (bits + random_bits16(index, seed)).bitwise_and(_LOW_MASK).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x)
 
 
-def to_bf16_stochastic(x: torch.Tensor, out: torch.Tensor, generator: torch.Generator,
-                       noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Write float32 ``x`` (not modified) into the bf16 tensor ``out`` with stochastic rounding."""
-    tmp = x.to(torch.float32, copy=True)
-    stochastic_round_(tmp, generator, noise)
-    out.copy_(tmp)  # exact: tmp's low 16 bits are zero
-    return out
-
-
-def compensated_add_(param: torch.Tensor, shift: torch.Tensor, delta: torch.Tensor, generator: torch.Generator,
-                     noise: torch.Tensor | None = None) -> None:
-    """param (bf16) += delta (float32) through the shift (bf16) compensation buffer; both in place.
-
-    Kahan summation as optimi's low-precision AdamW does it: the parameter takes ``p + shift + delta`` rounded
-    to nearest, and the shift buffer keeps what that rounding lost (itself stochastically rounded, so tiny
-    residuals add up without bias). With delta = 0 nothing moves: the rounding to nearest of ``p + shift``
-    is p again (the shift is below half an ulp of p), so lr = 0 leaves the weights bit-identical.
-    """
-    target = param.float().add_(shift.float()).add_(delta)
-    param.copy_(target)  # round to nearest
-    to_bf16_stochastic(target.sub_(param.float()), shift, generator, noise)
+def store_bf16(value: torch.Tensor, out: torch.Tensor, seed) -> None:
+    """Write float32 ``value`` into the bf16 tensor ``out`` with stochastic rounding (exact: the rounded value
+    is a bf16 value)."""
+    out.copy_(stochastic_round(value, seed))
 
 
 def compensated_write(weight: torch.Tensor, before: torch.Tensor, shift: torch.Tensor, decay: torch.Tensor,
                       live: torch.Tensor, segments) -> None:
-    """``compensated_add_`` over a chunk's flat fp32 buffers, functionally (it compiles): ``before`` holds the
-    bf16 params as they are, ``weight`` the new weights without weight decay, ``shift`` the decoded compensation
-    buffer, ``decay`` (slots,) the weight decay due per tensor. With delta = (weight - before) - decay * before:
+    """Compensated accumulation (module docstring) over a chunk's flat fp32 buffers, functionally (it compiles):
+    ``before`` holds the bf16 params as they are, ``weight`` the new weights without weight decay, ``shift`` the
+    decoded compensation buffer, ``decay`` (slots,) the weight decay due per tensor. With delta = (weight - before) - decay * before:
 
         target = before + shift + delta          weight <- round_to_nearest_bf16(target)
         shift  <- target - weight                (stochastically rounded to bf16 when the caller stores it)
