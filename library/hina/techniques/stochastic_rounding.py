@@ -60,7 +60,8 @@ def compensated_write(weight: torch.Tensor, before: torch.Tensor, shift: torch.T
                       live: torch.Tensor, segments) -> None:
     """Compensated accumulation (module docstring) over a chunk's flat fp32 buffers, functionally (it compiles):
     ``before`` holds the bf16 params as they are, ``weight`` the new weights without weight decay, ``shift`` the
-    decoded compensation buffer, ``decay`` (slots,) the weight decay due per tensor. With delta = (weight - before) - decay * before:
+    decoded compensation buffer, ``decay`` (slots,) the weight decay due per tensor. With
+    delta = (weight - before) - decay * before:
 
         target = before + shift + delta          weight <- round_to_nearest_bf16(target)
         shift  <- target - weight                (stochastically rounded to bf16 when the caller stores it)
