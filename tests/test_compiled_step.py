@@ -73,3 +73,27 @@ def test_versions_beyond_the_recompile_limit_run_eagerly_and_say_so():
             f(True, large, large, 2.0)
             f(True, small, small, 2.0)  # the compiled version still serves its own size
         assert (f.compiled_calls, f.eager_calls) == (2, 2)
+
+
+@pytest.mark.slow
+def test_garbage_of_each_compile_is_collected_once(monkeypatch):
+    """After a call that compiled a new version, the compile's cyclic garbage is collected (once per version,
+    never on a call that reuses one): left to Python's generational collector it stayed in the steady memory."""
+    from library.hina import compiled
+
+    collections = []
+    monkeypatch.setattr(compiled, "collect_garbage", lambda: collections.append(1))
+
+    def scale(x, a: float):
+        return x * a
+
+    f = compiled.MaybeCompiled(scale)
+    f(True, torch.ones(4), 2.0)
+    if f.failed:
+        pytest.skip(f"torch.compile is not usable here: {f.failed[:200]}")
+    assert len(collections) == 1
+    f(True, torch.ones(4), 2.0)
+    f(False, torch.ones(4), 2.0)  # eager: nothing compiled
+    assert len(collections) == 1
+    f(True, torch.ones(6), 2.0)  # a new shape: a new version
+    assert len(collections) == 2
