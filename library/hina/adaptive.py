@@ -55,6 +55,8 @@ class AdamW_HinaAdaptive(HinaAdamW):
         use_lr_mask, lr_bump, min_lr, max_lr, warmup_steps: the Automagic mask (``techniques/lr_mask.py``);
             lr_bump/min_lr/max_lr are absolute at the group's base lr and scale with a scheduler;
             max_lr=None (default) lets the mask reach 10x the base lr (an absolute max_lr below lr caps it).
+        use_alora: off by default (issue 16): on pretrained all-MiniLM-L6-v2 the LoRA+ ratio 16 ended 3.7 %
+            (SE 1.6 %) above off, worse on every one of 5 paired seeds (docs/convergence_minilm_adaptive.json).
 
     The importance score's relative terms compare a tensor with the tensors stepped together with it, i.e.
     the tensors of its chunk (base.py: up to 2^20 elements), not the whole param group: the step stays
@@ -78,7 +80,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
                  min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
-                 use_alora: bool = True, alora_ratio: float = 16.0, optim_bits: int = 8, block_size: int = 256,
+                 use_alora: bool = False, alora_ratio: float = 16.0, optim_bits: int = 8, block_size: int = 256,
                  min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None):
         extra = self._validate_adaptive(use_dynamic_adaptation, adaptation_strength, relationship_discovery_interval,
                                         importance_decay, compatibility_threshold, use_lr_mask, lr_bump, min_lr,

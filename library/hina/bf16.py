@@ -66,7 +66,8 @@ class Bf16Codec:
 class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     """AdamW_HinaAdaptive for bfloat16 parameters (bf16 states, stochastic rounding, compensation buffer).
 
-    Args: as AdamW_HinaAdaptive (seed defaults: lr=1e-4), without optim_bits (states are bf16), plus
+    Args: as AdamW_HinaAdaptive (seed defaults: lr=1e-4; LoRA+ off, as there), without optim_bits (states are
+    bf16), plus
         delayed_wd_threshold: accumulated lr * wd at which weight decay is applied (0: every step).
         sr_seed: seed of the stochastic-rounding random stream.
     """
@@ -83,7 +84,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                  relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
                  compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
                  min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
-                 use_alora: bool = True, alora_ratio: float = 16.0, delayed_wd_threshold: float = 1e-4, sr_seed: int = 0,
+                 use_alora: bool = False, alora_ratio: float = 16.0, delayed_wd_threshold: float = 1e-4, sr_seed: int = 0,
                  compile_step: bool | None = None):
         if delayed_wd_threshold < 0.0:
             raise ValueError(f"Invalid delayed_wd_threshold: {delayed_wd_threshold!r} (must be >= 0)")
