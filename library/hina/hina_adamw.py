@@ -21,6 +21,8 @@ With ``optim_bits=32`` and every technique off this is ``torch.optim.AdamW`` (te
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import naming, quant, techniques
@@ -151,29 +153,37 @@ class HinaAdamW(HinaOptimizer):
     # --- the update -----------------------------------------------------------------------------------------
     def _step_vectors(self, group, pack, steps, active) -> torch.Tensor:
         """Per-tensor inputs of a chunk's step, one (7, slots) tensor: lr, 1 - lr wd, 1 - b1^t, sqrt(1 - b2^t),
-        ADOPT's clip t^(1/4) (t: completed steps), active, first step. Built on the host in float64 (one
-        small copy to the device per chunk); the role multipliers are cached per chunk."""
+        ADOPT's clip t^(1/4) (t: completed steps), active, first step. Computed on the host in Python floats
+        (float64; per distinct step count, usually one per chunk), one small copy to the device per chunk: building
+        it from small torch tensors took ~0.4 ms per chunk. The role multipliers are cached per chunk."""
         beta1, beta2 = group["betas"]
         cached = getattr(pack, "_multipliers", None)
         if cached is None or cached[0] is not group:
-            lr_mult = torch.tensor(self.lr_multipliers(group, pack.roles) + [0.0] * (pack.slots - len(pack)),
-                                   dtype=torch.float64)
-            wd_mult = torch.tensor(self.weight_decay_multipliers(group, pack.roles) + [0.0] * (pack.slots - len(pack)),
-                                   dtype=torch.float64)
-            cached = pack._multipliers = (group, lr_mult, wd_mult)
+            pad = [0.0] * (pack.slots - len(pack))
+            cached = pack._multipliers = (group, self.lr_multipliers(group, pack.roles) + pad,
+                                          self.weight_decay_multipliers(group, pack.roles) + pad)
         _, lr_mult, wd_mult = cached
-        lr = group["lr"]
-        lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-        steps_t = torch.tensor(list(steps) + [0] * (pack.slots - len(steps)), dtype=torch.float64)
-        first = (steps_t == 0).to(torch.float64)
-        lrs = lr_mult * lr
-        if group["use_adopt_stability"]:
-            lrs = lrs * (1.0 - first)  # ADOPT's first step only initialises v: no parameter change at all
-        decay = 1.0 - lrs * wd_mult * self.current_weight_decay(group)
-        active_t = torch.tensor(list(active) + [False] * (pack.slots - len(active)), dtype=torch.float64)
-        rows = [lrs, decay, 1.0 - beta1 ** (steps_t + 1), (1.0 - beta2 ** (steps_t + 1)).sqrt(),
-                steps_t.clamp(min=1).pow(0.25), active_t, first]
-        return torch.stack(rows).float().to(pack.device)
+        lr = float(group["lr"])
+        wd = self.current_weight_decay(group)
+        adopt = group["use_adopt_stability"]
+        by_step: dict[int, tuple[float, float, float]] = {}
+        lrs, decay, bias1, bias2_sqrt, clip, active_row, first_row = rows = [[] for _ in range(7)]
+        for i, t in enumerate(list(steps) + [0] * (pack.slots - len(steps))):
+            per_step = by_step.get(t)
+            if per_step is None:
+                per_step = by_step[t] = (1.0 - beta1 ** (t + 1), math.sqrt(1.0 - beta2 ** (t + 1)), max(t, 1) ** 0.25)
+            first = 1.0 if t == 0 else 0.0
+            lr_i = lr_mult[i] * lr
+            if adopt:
+                lr_i = lr_i * (1.0 - first)  # ADOPT's first step only initialises v: no parameter change at all
+            lrs.append(lr_i)
+            decay.append(1.0 - lr_i * wd_mult[i] * wd)
+            bias1.append(per_step[0])
+            bias2_sqrt.append(per_step[1])
+            clip.append(per_step[2])
+            active_row.append(1.0 if i < len(active) and active[i] else 0.0)
+            first_row.append(first)
+        return torch.tensor(rows, dtype=torch.float64).float().to(pack.device)
 
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
         """One chunk: the recipe and apply, reading and writing the states where they are stored.
