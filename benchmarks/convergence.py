@@ -586,8 +586,10 @@ def main(argv=None) -> dict:
                              f"{' '.join(LONG_TASKS)}, optimizers {' '.join(LONG_OPTIMIZERS)}, each at its best lr of "
                              "--best-from and the grid value below it (sweep seeds), then every seed at the better; "
                              "ablation of the long-horizon features (dynamic weight decay, lr mask, C-Optim context) "
-                             "-> docs/convergence_long.json. Runtime, estimated from the 120-step run's step times (142 runs "
-                             "x 1,500 steps, 2 workers): about 70 min on 2 idle cores; not yet run in full. Resumable")
+                             "-> docs/convergence_long.json. Runtime: this full scope (142 runs x 1,500 steps, 2 "
+                             "workers) is estimated from the 120-step step times at about 70 min on 2 idle cores, not yet run; "
+                             "the reduced run in docs/convergence_long.json (llm_lora, --long-best-only, 2 seeds) took "
+                             "about 4.5 min per run on the loaded machine. Resumable")
     parser.add_argument("--best-from", type=Path, nargs="+", default=[ROOT / "docs" / "convergence.json"],
                         help="--long: the short runs whose best lrs are reused (a later file wins for an optimizer "
                              "that two files hold)")
