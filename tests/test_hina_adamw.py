@@ -79,6 +79,26 @@ def test_8bit_tracks_32bit():
     assert opt8.state_nbytes() < 0.3 * opt32.state_nbytes()
 
 
+@pytest.mark.parametrize("kwargs", [{}, dict(use_adopt_stability=True, use_orthogonal_grad=True, use_agr=True)])
+def test_8bit_one_graph_and_decode_first_paths_step_the_same(monkeypatch, kwargs):
+    """The 8-bit chunk step decodes and encodes inside its one function, or (when TAM, Cautious or SPD reduce over
+    the states) decodes into pool buffers before it and encodes after it: the same step, codes included."""
+    from library.hina import hina_adamw
+
+    results = []
+    for decode_first in (False, True):
+        monkeypatch.setattr(hina_adamw, "reduces_over_states", lambda group, value=decode_first: value)
+        params = make_params(shapes=[(64, 256), (256, 64), (32, 32)])
+        opt = HinaAdamW(params, lr=1e-2, optim_bits=8, min_8bit_size=0, compile_step=False, **kwargs)
+        run(opt, params, 4, skip=lambda step, i: step == 2 and i == 1)
+        results.append((params, opt))
+    (one, opt_one), (first, opt_first) = results
+    for a, b in zip(one, first):
+        assert torch.equal(a, b)
+        for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"):
+            assert torch.equal(opt_one.state[a][key], opt_first.state[b][key]), key
+
+
 def test_8bit_state_is_about_two_bytes_per_param():
     params = make_params(shapes=[(16, 320), (320, 16)] * 4)
     opt = HinaAdamW(named(params, [f"m{i // 2}.lora_{'down' if i % 2 == 0 else 'up'}.weight" for i in range(8)]))
