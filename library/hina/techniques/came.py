@@ -99,15 +99,15 @@ class ShapeRun:
 class SideLayout:
     """Where each tensor of a chunk keeps its statistics in the chunk's flat side vector, and its runs.
 
-    ``used``: side entries. ``sq_slots`` / ``res_slots`` (used,) int64: the slot whose r, c (resp. R, C) an
-    entry is, the spare slot ``slots`` for entries of the other kind; ``factored`` (slots,) float 1/0;
+    ``used``: side entries. ``entry_counts`` (4 n,) int64: how many entries each of the n tensors has in each of
+    the four regions r, R, c, C (region-major, as the vector is laid out), so a per-tensor flag becomes a flag
+    per entry with one ``repeat_interleave`` (``_entry_mask``), without a per-entry index kept in memory; ``factored`` (slots,) float 1/0;
     ``block_valid`` (blocks,) int32: real (unpadded) elements in each block of the chunk.
     """
 
     used: int
     runs: list[ShapeRun]
-    sq_slots: torch.Tensor
-    res_slots: torch.Tensor
+    entry_counts: torch.Tensor
     factored: torch.Tensor
     block_valid: torch.Tensor
     rows: list[int]
@@ -158,17 +158,10 @@ def side_layout(pack) -> SideLayout:
     cols_total = sum(c for c, f in zip(cols, factored) if f)
     row_base, res_base, col_base = [], [], []
     at_row, at_res, at_col = 0, rows_total, rows_total + res_total
-    sq_slots = [slots] * (rows_total + res_total + 2 * cols_total)
-    res_slots = list(sq_slots)
-    for i, (r, c, f) in enumerate(zip(rows, cols, factored)):
+    for r, c, f in zip(rows, cols, factored):
         row_base.append(at_row)
         res_base.append(at_res if f else 0)
         col_base.append(at_col if f else 0)
-        sq_slots[at_row:at_row + r] = [i] * r
-        if f:
-            sq_slots[at_col:at_col + c] = [i] * c
-            res_slots[at_res:at_res + r] = [i] * r
-            res_slots[at_col + cols_total:at_col + cols_total + c] = [i] * c
         at_row += r
         at_res += r if f else 0
         at_col += c if f else 0
@@ -189,8 +182,10 @@ def side_layout(pack) -> SideLayout:
     for off, n in zip(pack.offsets, numels):
         for b in range(off // pack.align, off // pack.align + -(-n // pack.align)):
             valid[b] = min(pack.align, off + n - b * pack.align)
-    return SideLayout(len(sq_slots), runs, torch.tensor(sq_slots, dtype=torch.int64, device=device),
-                      torch.tensor(res_slots, dtype=torch.int64, device=device),
+    factored_rows = [r if f else 0 for r, f in zip(rows, factored)]
+    factored_cols = [c if f else 0 for c, f in zip(cols, factored)]
+    counts = torch.tensor(rows + factored_rows + factored_cols + factored_cols, dtype=torch.int64, device=device)
+    return SideLayout(rows_total + res_total + 2 * cols_total, runs, counts,
                       torch.tensor([float(f) for f in factored] + [0.0] * (slots - len(shapes)), device=device),
                       torch.tensor(valid, dtype=torch.int32, device=device),
                       rows, cols, row_base, res_base, col_base, cols_total)
@@ -201,10 +196,13 @@ def _run_tail(run: ShapeRun) -> tuple:
             run.res_col_base)
 
 
-def _ema_(side: torch.Tensor, means: torch.Tensor, entry_slots: torch.Tensor, live: torch.Tensor,
+def _ema_(side: torch.Tensor, means: torch.Tensor, layout: SideLayout, live: torch.Tensor, regions: tuple,
           beta: float) -> None:
-    """side <- beta side + (1 - beta) means, on the entries whose tensor is ``live`` ((slots,) bool)."""
-    live_entries = torch.cat([live, live.new_zeros(1)]).index_select(0, entry_slots)
+    """side <- beta side + (1 - beta) means, on the entries of ``regions`` (of r, R, c, C: 0..3) whose tensor is
+    ``live`` ((slots,) bool)."""
+    n = layout.entry_counts.numel() // 4
+    flags = live[:n].unsqueeze(0) & torch.tensor([k in regions for k in range(4)], device=live.device).unsqueeze(1)
+    live_entries = torch.repeat_interleave(flags.reshape(-1), layout.entry_counts, output_size=layout.used)
     side.copy_(torch.where(live_entries, side * beta + means * (1.0 - beta), side))
 
 
@@ -219,7 +217,7 @@ def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Te
             torch.mean(v, 1, out=c)
         else:
             r.copy_(v.view(run.count, run.rows))
-    _ema_(side, means, layout.sq_slots, live, beta2)
+    _ema_(side, means, layout, live, (0, 2), beta2)
     for run, target, (r, c, _, _) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
         if run.factored:
             torch.mul((r / r.mean(1, keepdim=True)).unsqueeze(2), c.unsqueeze(1), out=target)
@@ -237,7 +235,7 @@ def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, 
         if run.factored:
             torch.mean(rv, 2, out=big_r)
             torch.mean(rv, 1, out=big_c)
-    _ema_(side, means, layout.res_slots, live, beta3)
+    _ema_(side, means, layout, live, (1, 3), beta3)
     for run, target, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
         if run.factored:
             big_c = big_c * correction.narrow(0, run.slot, run.count).unsqueeze(1)
