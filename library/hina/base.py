@@ -16,10 +16,10 @@ power of two, between 2^16 and ``CHUNK_ELEMENTS`` = 2^20, so that the work memor
 beside its 8-bit state); a larger tensor gets a chunk of its own. Tensors are
 packed first-fit by decreasing size, so chunks are nearly full. A chunk's shape is padded to a small fixed
 set (``chunk_shape``): ``total`` to one of 4 sizes per octave (a full chunk to exactly ``chunk_elements``),
-``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``. Full chunks all share one shape,
-so a recipe compiles one graph per (state layout, slot count) for them plus one per partial chunk (one per
-state layout and param group) and one per distinct size of tensors above the chunk size: in practice 2-6
-graphs. That is bounded by the recompile limit (8 by default); past it, the extra shapes step eagerly, said
+``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``, the largest among the chunks of
+one total. Full chunks all share one shape, so a recipe compiles one graph per state layout for them plus one
+per partial chunk (one per state layout and param group) and one per distinct size of tensors above the chunk
+size: in practice 2-6 graphs. That is bounded by the recompile limit (8 by default); past it, the extra shapes step eagerly, said
 once in a warning (compiled.py). Work buffers (gathered gradient, weight copy, decoded states, scratch) come from one
 ``WorkPool`` per optimizer, sized by the largest chunk, never more than the chunk cap: ``workspace_bytes`` in
 ``get_optimization_info()['training_stats']``. Per-tensor reductions stay exact because a chunk holds whole
@@ -365,13 +365,20 @@ class HinaOptimizer(torch.optim.Optimizer):
         for (_, eight_bit, specs), indices in buckets.items():
             align = self.block_size if eight_bit else FP32_ALIGN
             sizes = {i: -(-max(group["params"][i].numel(), 1) // align) * align for i in indices}
-            for members in pack_chunks(sizes, chunk_elements):
-                # Within a chunk, order by row length, so tensors whose rows are equally long sit side by side
-                # and ALLoRA's row scaling treats each run of them as one matrix (techniques/alora.py); then
-                # by shape, so equal shapes are adjacent (CAME's statistics batch them, techniques/came.py).
-                members = sorted(members, key=lambda i: (_row_length(group["params"][i]),
-                                                         tuple(group["params"][i].shape), i))
-                total, slots = chunk_shape(sum(sizes[i] for i in members), len(members), align, chunk_elements)
+            # Within a chunk, order by row length, so tensors whose rows are equally long sit side by side and
+            # ALLoRA's row scaling treats each run of them as one matrix (techniques/alora.py); then by shape, so
+            # equal shapes are adjacent (CAME's statistics batch them, techniques/came.py).
+            member_lists = [sorted(members, key=lambda i: (_row_length(group["params"][i]),
+                                                           tuple(group["params"][i].shape), i))
+                            for members in pack_chunks(sizes, chunk_elements)]
+            shapes = [chunk_shape(sum(sizes[i] for i in members), len(members), align, chunk_elements)
+                      for members in member_lists]
+            # chunks of one total share the largest slot count: one compiled graph per total, not per (total, slots)
+            widest = {}
+            for total, slots in shapes:
+                widest[total] = max(widest.get(total, 0), slots)
+            for members, (total, _) in zip(member_lists, shapes):
+                slots = widest[total]
                 chunk = FlatPack([group["params"][i] for i in members], members, align=align, total=total, slots=slots)
                 chunk.pool = self._work
                 chunk.roles = [roles[i] for i in members]
