@@ -382,13 +382,17 @@ class HinaOptimizer(torch.optim.Optimizer):
                 chunk = FlatPack([group["params"][i] for i in members], members, align=align, total=total, slots=slots)
                 chunk.pool = self._work
                 chunk.roles = [roles[i] for i in members]
-                chunk.codec = Blockwise8bitCodec(chunk, self.block_size) if eight_bit else Fp32Codec(chunk)
+                chunk.codec = self.make_codec(chunk, eight_bit)
                 chunk.vectors = {name: torch.zeros(slots, device=chunk.device) for name in self.vector_specs(group)}
                 for name, signed in specs:
                     chunk.codec.create(name, signed)
                 self._adopt_state(chunk, [name for name, _ in specs])
                 chunks.append(chunk)
         return GroupLayout(chunks)
+
+    def make_codec(self, chunk: FlatPack, eight_bit: bool):
+        """The state storage of one chunk: 8-bit blockwise or fp32 (a subclass may store its states otherwise)."""
+        return Blockwise8bitCodec(chunk, self.block_size) if eight_bit else Fp32Codec(chunk)
 
     def _adopt_state(self, pack: FlatPack, names: list[str]) -> None:
         """Move existing per-param state (from load_state_dict) into the chunk, then point state at views."""

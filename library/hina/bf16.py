@@ -119,16 +119,10 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
                                     "the first step, or use AdamW_HinaAdaptive for float32 parameters")
 
     # --- bf16 storage ------------------------------------------------------------------------------------------
-    def _build_layout(self, group, roles):
-        layout = super()._build_layout(group, roles)
-        for pack in layout.chunks:
-            names = [name for name, _ in self.state_specs(group, pack.roles)]
-            pack.codec = Bf16Codec(pack, self)
-            for name in names:
-                pack.codec.create(name)
-            # state[p] still holds the fp32 views (with any loaded values): _adopt_state copies them over.
-            self._adopt_state(pack, names)
-        return layout
+    def make_codec(self, chunk, eight_bit):
+        # bf16 flat states from the start: building fp32 ones first and swapping them kept the fp32 buffers alive
+        # (the chunk's cached views of them), 20 B/param of the model (measured 36 vs 14 B/param at SD1.5 r16)
+        return Bf16Codec(chunk, self)
 
     def state_specs(self, group, roles):
         return super().state_specs(group, roles) + [("shift", True)]
