@@ -14,7 +14,7 @@ The recipe (DESIGN.md's pipeline), on top of HinaAdamW's (``hina_adamw.py``):
 Per chunk of the param group (base.py), ``fused_step`` runs the stages above and apply in one function,
 ``adaptive_chunk``, compiled with torch.compile when ``compile_step`` asks for it; 8-bit states are decoded into
 fp32 pool buffers before it and encoded after it (HinaAdamW's ``decode_states``/``encode_states``);
-``compute_update`` is the same recipe stage by stage on decoded buffers (the bf16 subclass runs that path).
+``compute_update`` is the same recipe stage by stage on decoded buffers (the tests' reference).
 
 HinaAdamW's LoRA+ ratio and ALLoRA row scaling (``use_alora``, roles from names or shapes) apply here too, on
 by default: without them this optimizer trailed plain AdamW on the benchmark tasks (``benchmarks/convergence.py``,

@@ -8,7 +8,7 @@
 2-4. the optimizer's recipe: gradient transforms, moment rule, update transforms;
 5. learning rate per tensor: the group's current ``lr`` times role multipliers (so schedulers work);
 6. apply: decoupled weight decay (optionally on the dynamic schedule), the update, SPD;
-7. write-back (fp32 by default; the bf16 optimizer overrides it), state codec fp32 or 8-bit blockwise.
+7. write-back into the params, state codec fp32 or 8-bit blockwise (the bf16 optimizer: ``make_codec``).
 
 Bounded chunks. Each param group is cut into *chunks*: ``FlatPack``s of whole tensors holding at most
 ``chunk_elements`` elements (``model_chunk_elements``: a sixteenth of the model's elements rounded down to a
@@ -584,30 +584,14 @@ class HinaOptimizer(torch.optim.Optimizer):
         scaled = self.row_scaled(group, ctx.roles)
         if any(scaled):
             row_scale_flat_(update, ctx.weight, pack, scaled)
-        plain = self.write_back_policy == "plain"
-        # The plain policy copies the new weights out, so they can overwrite the flat weight copy in place;
-        # another policy (bf16 stochastic rounding) needs the old copy too, to hand it the delta.
-        new_weight = ctx.weight if plain else pack.workspace("new_weight")
+        # the new weights overwrite the flat weight copy in place, then are copied (rounded) into the params
         _decoupled_step(self.use_compile(), ctx.weight, update, ctx.grad,
-                        decoded.get("spd_anchor"), new_weight, pack.segments, lr_t, decay_t,
+                        decoded.get("spd_anchor"), ctx.weight, pack.segments, lr_t, decay_t,
                         float(group.get("spd_lambda", 0.0)), spd=bool(group.get("use_spd", False)))
         idx = [i for i, a in enumerate(ctx.active) if a]
-        params = [pack.params[i] for i in idx]
-        if plain:
-            new_views = pack.views(new_weight)
-            torch._foreach_copy_(params, [new_views[i] for i in idx])
-        else:
-            deltas = pack.views(new_weight.sub_(ctx.weight))
-            self.write_back(params, [deltas[i] for i in idx], [1.0] * len(idx))
+        new_views = pack.views(ctx.weight)
+        torch._foreach_copy_([pack.params[i] for i in idx], [new_views[i] for i in idx])
         ctx._weight = None  # the flat copy no longer holds the parameters' old values
-
-    #: "plain": new weights are copied (rounded) into the params; otherwise ``write_back`` gets the deltas.
-    write_back_policy = "plain"
-
-    def write_back(self, params: list[torch.Tensor], updates: list[torch.Tensor], scales: list[float]) -> None:
-        """p += scale * u, for optimizers whose ``write_back_policy`` is not "plain"."""
-        for p, u, s in zip(params, updates, scales):
-            p.add_(u.to(p.dtype), alpha=s)
 
     def _init_anchor(self, ctx: StepContext, decoded: dict) -> None:
         """SPD's anchor p0 is the parameter as the optimizer first sees it (non-adapter tensors only)."""

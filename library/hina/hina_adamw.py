@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from . import naming, quant, techniques
+from . import naming, techniques
 from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, ZERO_ANCHOR_ROLES, HinaOptimizer, StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
@@ -358,8 +358,8 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
 
 def decode_states(codes, qmaps, out, *, block: int) -> None:
     """8-bit states ``[(codes, absmax), ...]`` decoded into the fp32 buffers ``out``."""
-    for (state_codes, absmax), qmap, buffer in zip(codes, qmaps, out):
-        buffer.copy_(quant.decode(state_codes, absmax, qmap, block))
+    for stored, qmap, buffer in zip(codes, qmaps, out):
+        buffer.copy_(load_state(stored, qmap, block))
 
 
 def encode_states(values, codes, qmaps, step_vectors, nonfinite, segments, *, signs: tuple) -> None:
