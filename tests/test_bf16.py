@@ -11,6 +11,17 @@ ALL_OFF = dict(use_spd=False, use_cautious=False, use_adopt_stability=False, use
                use_tam=False, dynamic_weight_decay=False, use_dynamic_adaptation=False, use_lr_mask=False)
 
 
+def _step_in_lockstep(opt, ref_opt, ours, ref, *, steps: int, seed: int, mean: float) -> None:
+    """Step the bf16 optimizer on ``ours`` and a reference on the fp32 ``ref`` with the same bf16 gradients."""
+    for step in range(steps):
+        g = torch.Generator().manual_seed(seed + step)
+        for p, q in zip(ours, ref):
+            grad = (torch.randn(p.shape, generator=g) + mean).bfloat16()
+            p.grad, q.grad = grad, grad.float()
+        opt.step()
+        ref_opt.step()
+
+
 def test_stochastic_rounding_is_unbiased():
     values = torch.tensor([1.0 + 0.3 * 2 ** -7, -3.0 - 0.71 * 2 ** -6, 1e-3 * 1.37, 250.3])
     x = values.repeat(20000, 1).contiguous()
@@ -84,13 +95,7 @@ def test_tracks_fp32_adamw_over_200_steps():
     ref = [torch.nn.Parameter(t.clone()) for t in init]
     opt = AdamWBF16_HinaAdaptive(ours, lr=1e-3, weight_decay=1e-2, **ALL_OFF)
     ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=1e-2)
-    for step in range(200):
-        g = torch.Generator().manual_seed(1000 + step)
-        for p, q in zip(ours, ref):
-            grad = (torch.randn(p.shape, generator=g) + 0.5).bfloat16()
-            p.grad, q.grad = grad, grad.float()
-        opt.step()
-        ref_opt.step()
+    _step_in_lockstep(opt, ref_opt, ours, ref, steps=200, seed=1000, mean=0.5)
     for p, q, p0 in zip(ours, ref, init):
         held = p.float() + opt.state[p]["shift"].float()
         moved = (q.detach() - p0).norm()
@@ -147,13 +152,7 @@ def test_fused_chunk_step_tracks_the_fp32_recipe():
     opt = AdamWBF16_HinaAdaptive(list(zip(NAMES, ours)), **kwargs)
     ref_opt = AdamW_HinaAdaptive(list(zip(NAMES, ref)), optim_bits=32, **kwargs)
     opt.chunk_elements = ref_opt.chunk_elements = 512
-    for step in range(30):
-        g = torch.Generator().manual_seed(100 + step)
-        for p, q in zip(ours, ref):
-            grad = (torch.randn(p.shape, generator=g) + 0.3).bfloat16()
-            p.grad, q.grad = grad, grad.float()
-        opt.step()
-        ref_opt.step()
+    _step_in_lockstep(opt, ref_opt, ours, ref, steps=30, seed=100, mean=0.3)
     assert len(opt._layouts[0].chunks) >= 2
     for p, q, p0 in zip(ours, ref, init):
         held = p.float() + opt.state[p]["shift"].float()
