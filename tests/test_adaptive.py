@@ -194,56 +194,65 @@ def test_lora_plus_ratio_applies_as_in_hina_adamw():
     assert not all(torch.equal(a, b) for a, b in zip(adaptive, without))
 
 
-# --- the fused chunk step ---------------------------------------------------------------------------------------
-class _DecodedPath(AdamW_HinaAdaptive):
-    """The same recipe step by step on decoded buffers (``compute_update`` + the core's apply): the path the
-    bf16 subclass runs, here the reference for the fused chunk step."""
-
-    fused_step = None
-
-
+# --- the fused chunk step against the plain per-tensor reference (tests/_reference.py) -----------------------------
 FUSED_SHAPES = ((16, 40), (40, 16), (7,), (3, 4, 3, 3), (8, 4, 1, 1), (300, 16), (16, 300))
 FUSED_NAMES = ("a.lora_down.weight", "a.lora_up.weight", "b.alpha", "c.lora_down.weight", "c.lora_up.weight",
                "d.lora_up.weight", "d.lora_down.weight")
 
 
-def _run(cls, steps, chunk=None, **kwargs):
+def _gradients(steps):
+    """Per step, a gradient per tensor: none for one tensor at step 4, an inf in another at step 5 (skipped)."""
     g = torch.Generator().manual_seed(1)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in FUSED_SHAPES]
-    opt = cls([{"params": params, "named": list(FUSED_NAMES)}], compile_step=False, **kwargs)
-    if chunk:
-        opt.chunk_elements = chunk
+    params = [torch.randn(s, generator=g) * 0.1 for s in FUSED_SHAPES]
+    grads = []
     for t in range(steps):
-        for i, p in enumerate(params):
-            p.grad = None if (t == 4 and i == 2) else torch.randn(p.shape, generator=g)
+        step = [None if (t == 4 and i == 2) else torch.randn(s, generator=g) for i, s in enumerate(FUSED_SHAPES)]
         if t == 5:
-            params[3].grad[0, 0, 0, 0] = float("inf")  # skipped and counted
-        opt.step()
-    return params, opt
+            step[3][0, 0, 0, 0] = float("inf")
+        grads.append(step)
+    return params, grads
 
 
 import pytest  # noqa: E402
 
+from _reference import AdaptiveReference  # noqa: E402
+
 
 @pytest.mark.parametrize("chunk", [None, 512], ids=["one chunk", "several chunks"])
 @pytest.mark.parametrize("bits", [32, 8])
-def test_fused_chunk_step_matches_the_decoded_path(bits, chunk):
+def test_fused_chunk_step_matches_the_plain_reference(bits, chunk):
     """Eight steps with relationship discovery every 2 (joint importance of pairs inside one chunk and across
-    chunks), the lr mask past its warm-up, ADOPT, a tensor without gradient and one with an inf: the fused
-    step equals the step-by-step path (8-bit: the same codes but where a value sits at a rounding tie)."""
-    kwargs = dict(lr=1e-2, max_lr=1e-1, warmup_steps=1, relationship_discovery_interval=2, optim_bits=bits,
-                  min_8bit_size=0)
-    fused, opt = _run(AdamW_HinaAdaptive, 8, chunk, **kwargs)
-    decoded, ref = _run(_DecodedPath, 8, chunk, **kwargs)
-    assert opt.get_relationship_summary()["total_relationships"] > 0
-    stats, ref_stats = (o.get_optimization_info()["training_stats"] for o in (opt, ref))
-    assert stats["skipped_updates"] == ref_stats["skipped_updates"] == 1
-    for p, q in zip(fused, decoded):
+    chunks), the lr mask past its warm-up, ADOPT, TAM, SPD, Cautious, a tensor without gradient and one with an inf:
+    the fused step equals the plain per-tensor reference (8-bit: states through bitsandbytes' quantiser; within 5 %
+    of the distance moved)."""
+    kwargs = dict(lr=1e-2, max_lr=1e-1, warmup_steps=1, relationship_discovery_interval=2)
+    init, grads = _gradients(8)
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = AdamW_HinaAdaptive([{"params": params, "named": list(FUSED_NAMES)}], compile_step=False, optim_bits=bits,
+                             min_8bit_size=0, **kwargs)
+    if chunk:
+        opt.chunk_elements = chunk
+    opt._check_roles_once()
+    chunks = [pack.indices for pack in opt._layout(0, opt.param_groups[0]).chunks]
+    assert (len(chunks) > 2) == bool(chunk)
+    settings = {k: opt.defaults[k] for k in opt.defaults if k in AdaptiveReference.__init__.__code__.co_varnames}
+    ref = AdaptiveReference(init, opt._pairings()[0].roles(), chunks, **settings,
+                            eight_bit_block=opt.block_size if bits == 8 else None)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        ref.step(step)
+    assert opt.get_relationship_summary()["total_relationships"] > 0 and ref.partner
+    assert opt.get_optimization_info()["training_stats"]["skipped_updates"] == ref.skipped == 1
+    for name, p, expected, x0 in zip(FUSED_NAMES, params, ref.w, init):
         if bits == 32:
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
         else:
-            close = torch.isclose(p.detach(), q.detach(), rtol=1e-4, atol=1e-6)
-            assert close.float().mean() >= 0.99
+            # codes may differ from bitsandbytes' where a value sits near a rounding tie (quant.py), and ADOPT's
+            # normalisation carries such a difference into later steps: small beside the distance the weights moved
+            moved = (expected - x0).norm()
+            assert (p.detach() - expected).norm() <= 0.05 * moved, name
 
 
 def test_work_memory_is_bounded_by_the_chunk_not_the_model():

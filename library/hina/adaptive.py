@@ -30,30 +30,37 @@ from __future__ import annotations
 
 import torch
 
-from .base import MIN_8BIT_SIZE, StepContext, decoupled_update
+from .base import StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
-from .hina_adamw import HinaAdamW, adamw_math, decode_states, encode_states
+from .hina_adamw import ADAM, HinaAdamW, adamw_math, decode_states, encode_states
+from .stages import CODEC, COMPILE, LR, Recipe
 from .state_io import store_state
 from .techniques import importance as imp
 from .techniques import lr_mask
 from .techniques.alora import row_coefficients
-from .techniques.relationships import BALANCE_WINDOW, discover_pairs
+from .techniques import (ADOPT, AGR, CAUTIOUS, DECOUPLED_WEIGHT_DECAY, GRAMS, IMPORTANCE, LORA_PLUS, LR_MASK,
+                         ORTHOGONAL_GRAD, RELATIONSHIPS, SPD, TAM, WEIGHT_DECAY_SCHEDULE)
+from .techniques.relationships import BALANCE_KEYS, BALANCE_WINDOW, discover_pairs
 
-BALANCE_KEYS = tuple(f"balance_{k}" for k in range(BALANCE_WINDOW))
+
+#: HinaAdamW's recipe (hina_adamw.py) with the adaptive stages around it: the observations (<p, g>, the successive
+#: gradient cosine) and the lr mask read the raw gradient before ⊥Grad; importance scales the update after Cautious.
+RECIPE = Recipe(
+    "AdamW_HinaAdaptive",
+    (LR, ORTHOGONAL_GRAD, AGR, ADAM, ADOPT, TAM, GRAMS, CAUTIOUS, LORA_PLUS, DECOUPLED_WEIGHT_DECAY,
+     WEIGHT_DECAY_SCHEDULE, SPD, IMPORTANCE, RELATIONSHIPS, LR_MASK, CODEC, COMPILE),
+    defaults={"use_spd": True, "use_cautious": True, "use_adopt_stability": True, "use_grams": True, "use_agr": True,
+              "use_tam": True},
+)
 
 
 class AdamW_HinaAdaptive(HinaAdamW):
     """HinaAdamW + dynamic importance, relationship discovery and an Automagic lr mask.
 
-    Args: as HinaAdamW, plus
-        use_dynamic_adaptation: per-tensor importance and relationship discovery.
-        adaptation_strength: how strongly importance moves the lr (0: not at all); multiplier in [0.5, 2].
-        relationship_discovery_interval: steps between discoveries (the list is replaced each time).
-        importance_decay: EMA decay of the importance score.
-        compatibility_threshold: minimal compatibility (0..1) for a discovered pair.
-        use_lr_mask, lr_bump, min_lr, max_lr, warmup_steps: the Automagic mask (``techniques/lr_mask.py``);
-            lr_bump/min_lr/max_lr are absolute at the group's base lr and scale with a scheduler;
+    Arguments: the recipe's flags (``RECIPE`` above; each documented beside its stage, listed by
+    ``help(AdamW_HinaAdaptive.__init__)``). Choices behind the defaults:
+        the lr mask's lr_bump/min_lr/max_lr are absolute at the group's base lr and scale with a scheduler;
             max_lr=None (default) lets the mask reach 10x the base lr (an absolute max_lr below lr caps it).
         use_alora: off by default (issue 16): on pretrained all-MiniLM-L6-v2 the LoRA+ ratio 16 ended 3.7 %
             (SE 1.6 %) above off, worse on every one of 5 paired seeds (docs/convergence_minilm_adaptive.json).
@@ -64,79 +71,11 @@ class AdamW_HinaAdaptive(HinaAdamW):
     """
 
     optimizer_type = "AdamW_HinaAdaptive"
-    feature_flags = ("use_spd", "spd_lambda", "use_cautious", "use_orthogonal_grad", "use_adopt_stability",
-                     "use_grams", "use_agr", "use_tam", "tam_beta", "use_alora", "alora_ratio",
-                     "dynamic_weight_decay", "wd_transition_steps",
-                     "wd_decay_factor", "wd_min_ratio", "use_dynamic_adaptation", "adaptation_strength",
-                     "relationship_discovery_interval", "importance_decay", "compatibility_threshold",
-                     "use_lr_mask", "lr_bump", "min_lr", "max_lr", "warmup_steps")
+    recipe = RECIPE
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, use_spd: bool = True, spd_lambda: float = 0.06,
-                 use_cautious: bool = True, use_orthogonal_grad: bool = False, use_adopt_stability: bool = True,
-                 use_grams: bool = True, use_agr: bool = True, use_tam: bool = True, tam_beta: float = 0.999,
-                 dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000, wd_decay_factor: float = 0.7,
-                 wd_min_ratio: float = 0.1, use_dynamic_adaptation: bool = True, adaptation_strength: float = 1.0,
-                 relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
-                 compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
-                 min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
-                 use_alora: bool = False, alora_ratio: float = 16.0, optim_bits: int = 8, block_size: int = 256,
-                 min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None):
-        extra = self._validate_adaptive(use_dynamic_adaptation, adaptation_strength, relationship_discovery_interval,
-                                        importance_decay, compatibility_threshold, use_lr_mask, lr_bump, min_lr,
-                                        max_lr, warmup_steps)
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_spd=use_spd,
-                         spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
-                         use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,
-                         use_tam=use_tam, tam_beta=tam_beta, use_alora=use_alora, alora_ratio=alora_ratio,
-                         dynamic_weight_decay=dynamic_weight_decay, wd_transition_steps=wd_transition_steps,
-                         wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio, optim_bits=optim_bits,
-                         block_size=block_size, min_8bit_size=min_8bit_size, compile_step=compile_step)
-        self._add_defaults(extra)
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
         self._partner_cache: tuple | None = None
-
-    @staticmethod
-    def _validate_adaptive(use_dynamic_adaptation, adaptation_strength, relationship_discovery_interval,
-                           importance_decay, compatibility_threshold, use_lr_mask, lr_bump, min_lr, max_lr,
-                           warmup_steps) -> dict:
-        if adaptation_strength < 0.0:
-            raise ValueError(f"Invalid adaptation_strength: {adaptation_strength!r} (must be >= 0)")
-        if int(relationship_discovery_interval) < 1:
-            raise ValueError(f"Invalid relationship_discovery_interval: {relationship_discovery_interval!r} "
-                             "(must be >= 1)")
-        if not 0.0 <= importance_decay < 1.0:
-            raise ValueError(f"Invalid importance_decay: {importance_decay!r} (valid: 0 <= decay < 1)")
-        if not 0.0 <= compatibility_threshold <= 1.0:
-            raise ValueError(f"Invalid compatibility_threshold: {compatibility_threshold!r} (valid: 0..1)")
-        lr_mask.validate(lr_bump, min_lr, max_lr, warmup_steps)
-        return dict(use_dynamic_adaptation=bool(use_dynamic_adaptation), adaptation_strength=float(adaptation_strength),
-                    relationship_discovery_interval=int(relationship_discovery_interval),
-                    importance_decay=float(importance_decay), compatibility_threshold=float(compatibility_threshold),
-                    use_lr_mask=bool(use_lr_mask), lr_bump=float(lr_bump), min_lr=float(min_lr),
-                    max_lr=None if max_lr is None else float(max_lr), warmup_steps=int(warmup_steps))
-
-    def _add_defaults(self, extra: dict) -> None:
-        """Add keys after HinaAdamW built the groups (later add_param_group calls read self.defaults)."""
-        self.defaults.update(extra)
-        for group in self.param_groups:
-            for key, value in extra.items():
-                group.setdefault(key, value)
-        self._layouts.clear()
-
-    # --- states --------------------------------------------------------------------------------------------
-    def state_specs(self, group, roles):
-        specs = super().state_specs(group, roles)
-        if group["use_dynamic_adaptation"]:
-            specs.append(("prev_grad", True))
-        if group["use_lr_mask"]:
-            specs.append(("lr_mask", True))  # |value| = lr ratio, sign = last gradient polarity
-        return specs
-
-    def vector_specs(self, group):
-        vectors = super().vector_specs(group)
-        if group["use_dynamic_adaptation"]:
-            vectors += ["importance", *BALANCE_KEYS]
-        return vectors
 
     # --- the update ------------------------------------------------------------------------------------------
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:

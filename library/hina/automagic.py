@@ -45,10 +45,13 @@ from __future__ import annotations
 import torch
 
 from . import techniques
-from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, HinaOptimizer, decoupled_update
+from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
+from .stages import BLOCK_SIZES, COMPILE, LR, Flag, Recipe, Stage, codec_flags, is_number
 from .state_io import load_state, store_state
+from .techniques import (AGR, ALLORA_ROWS, CAME, CAME_MOMENTUM, CAUTIOUS, CONTEXT, DECOUPLED_WEIGHT_DECAY,
+                         FFT_SUPPRESSION, GRAMS, LOWRANK_PENALTY, LR_MASK, MULTISCALE_MOMENTUM, ORTHOGONAL_GRAD, TAM)
 from .techniques import alora, came, lr_mask
 from .techniques import multiscale_momentum as msm
 from .techniques.contextual import ContextualModule, sketch, sketch_length, sketch_signs
@@ -57,82 +60,53 @@ from .techniques.lowrank import add_lowrank_penalty_
 from .techniques.tam import tam_step
 
 
-def _check_triple(name, values, low, high, high_open=True):
-    if not isinstance(values, (tuple, list)) or len(values) != 3:
-        raise ValueError(f"Invalid {name}: {values!r} (expected three values)")
-    for i, v in enumerate(values):
-        if not (low <= v < high if high_open else low <= v <= high):
-            raise ValueError(f"Invalid {name}[{i}]: {v!r} (valid: {low} <= value < {high})")
-    return tuple(float(v) for v in values)
+def _seed_blocksize(settings: dict) -> None:
+    """``blocksize`` (the seed's spelling) stands for ``block_size`` when given."""
+    blocksize, block_size = settings["blocksize"], settings["block_size"]
+    if blocksize is not None and blocksize != block_size and block_size != 4096:
+        raise ValueError(f"block_size={block_size!r} and blocksize={blocksize!r} disagree: pass one of them "
+                         "(blocksize is the seed's spelling of block_size)")
+    if blocksize is not None:
+        settings["block_size"] = blocksize
+
+
+#: The 8-bit classes' codec: blockwise 8-bit for every large flat state (momentum buffers, lr mask), seed block 4096.
+CODEC_8BIT = Stage(
+    "state codec (8-bit)",
+    (*codec_flags(4096),
+     Flag("blocksize", None, "int | None", "the seed's spelling of block_size",
+          lambda v: v is None or (is_number(v) and v in BLOCK_SIZES), ", ".join(map(str, BLOCK_SIZES)), int,
+          group=False, feature=False, label="blocksize (the seed's spelling of block_size)")),
+    check=_seed_blocksize,
+)
+
+#: Seed defaults where they differ from the stages': lr=1e-6, max_lr=1e-3, weight_decay=5e-4.
+SEED_DEFAULTS = {"lr": 1e-6, "max_lr": 1e-3, "weight_decay": 5e-4}
+
+
+def automagic_recipe(name: str, *, contextual: bool, eight_bit: bool) -> Recipe:
+    """The family's recipe, in the order it runs (module docstring): (C-Optim: observe the context) -> ⊥Grad -> AGR
+    -> FFT suppression -> low-rank penalty -> CAME (+ TAM on the momentum input) -> momentum (C-Optim: multi-scale)
+    -> Grams -> Cautious -> lr mask -> ALLoRA -> decoupled weight decay; states fp32 or 8-bit."""
+    return Recipe(name, (
+        LR, *((CONTEXT,) if contextual else ()), ORTHOGONAL_GRAD, AGR, FFT_SUPPRESSION, LOWRANK_PENALTY, CAME, TAM,
+        MULTISCALE_MOMENTUM if contextual else CAME_MOMENTUM, GRAMS, CAUTIOUS, LR_MASK, ALLORA_ROWS,
+        DECOUPLED_WEIGHT_DECAY, *((CODEC_8BIT,) if eight_bit else ()), COMPILE,
+    ), defaults=SEED_DEFAULTS, fixed={"optim_bits": 8 if eight_bit else 32})
 
 
 class _AutomagicCame(HinaOptimizer):
-    """Shared implementation; the public classes below fix the signature and the state codec."""
+    """Shared implementation; the public classes below set the recipe (and with it the state codec)."""
 
     optimizer_type = "Automagic_CameAMP"
-    feature_flags = ("use_lr_mask", "lr_bump", "min_lr", "max_lr", "warmup_steps", "clip_threshold",
-                     "confidence_bias_correction", "use_grams",
-                     "use_cautious", "use_tam", "tam_beta", "use_orthogonal_grad", "use_agr", "use_alora",
-                     "use_fft_suppression", "fft_cutoff", "fft_strength", "use_lowrank_reg", "lowrank_rank",
-                     "lowrank_strength")
     contextual = False
 
-    def _setup(self, params, *, lr, min_lr, max_lr, lr_bump, betas, eps, clip_threshold, confidence_bias_correction,
-               weight_decay, warmup_steps, use_lr_mask, use_grams, use_cautious, use_tam, tam_beta, use_orthogonal_grad,
-               use_agr, use_alora, use_fft_suppression, fft_cutoff, fft_strength, use_lowrank_reg, lowrank_rank,
-               lowrank_strength, optim_bits, block_size=256, blocksize=None, min_8bit_size=0, compile_step=None,
-               context=None):
-        betas = _check_triple("betas", betas, 0.0, 1.0)
-        eps = _check_triple("eps", eps, 0.0, float("inf"))
-        if clip_threshold <= 0.0:
-            raise ValueError(f"Invalid clip_threshold: {clip_threshold!r} (must be > 0)")
-        if not isinstance(confidence_bias_correction, bool):
-            raise ValueError(f"Invalid confidence_bias_correction: {confidence_bias_correction!r} (valid: True or False)")
-        if use_lr_mask:
-            lr_mask.validate(lr_bump, min_lr, max_lr, warmup_steps)
-            if lr <= 0.0:
-                raise ValueError(f"Invalid learning rate: {lr!r} (the lr mask is relative to lr, which must be > 0)")
-        if not 0.0 <= tam_beta < 1.0:
-            raise ValueError(f"Invalid tam_beta: {tam_beta!r} (valid: 0 <= tam_beta < 1)")
-        if not 0.0 <= fft_cutoff <= 1.0:
-            raise ValueError(f"Invalid fft_cutoff: {fft_cutoff!r} (valid: 0..1, fraction of the spectrum kept)")
-        if not 0.0 <= fft_strength <= 1.0:
-            raise ValueError(f"Invalid fft_strength: {fft_strength!r} (valid: 0..1)")
-        if int(lowrank_rank) < 1:
-            raise ValueError(f"Invalid lowrank_rank: {lowrank_rank!r} (must be >= 1)")
-        if lowrank_strength < 0.0:
-            raise ValueError(f"Invalid lowrank_strength: {lowrank_strength!r} (must be >= 0)")
-        defaults = dict(lr=lr, min_lr=float(min_lr), max_lr=float(max_lr), lr_bump=float(lr_bump), betas=betas,
-                        eps=eps, clip_threshold=float(clip_threshold),
-                        confidence_bias_correction=confidence_bias_correction, weight_decay=weight_decay,
-                        warmup_steps=int(warmup_steps), use_lr_mask=bool(use_lr_mask), use_grams=bool(use_grams),
-                        use_cautious=bool(use_cautious), use_tam=bool(use_tam), tam_beta=float(tam_beta),
-                        use_orthogonal_grad=bool(use_orthogonal_grad), use_agr=bool(use_agr),
-                        use_alora=bool(use_alora), use_fft_suppression=bool(use_fft_suppression),
-                        fft_cutoff=float(fft_cutoff), fft_strength=float(fft_strength),
-                        use_lowrank_reg=bool(use_lowrank_reg), lowrank_rank=int(lowrank_rank),
-                        lowrank_strength=float(lowrank_strength))
-        if context is not None:
-            scales = context["momentum_scales"]
-            if not isinstance(scales, (list, tuple)) or not scales or any(float(s) < 1 for s in scales) \
-                    or len(set(scales)) != len(scales):
-                raise ValueError(f"Invalid momentum_scales: {scales!r} (distinct numbers >= 1, e.g. [1, 5, 10, 25])")
-            if int(context["context_window"]) < 2:
-                raise ValueError(f"Invalid context_window: {context['context_window']!r} (must be >= 2)")
-            if not 0.0 < context["edge_threshold"] < 1.0:
-                raise ValueError(f"Invalid edge_threshold: {context['edge_threshold']!r} (valid: 0 < t < 1)")
-            if not 0.0 < context["adaptation_rate"] <= 1.0:
-                raise ValueError(f"Invalid adaptation_rate: {context['adaptation_rate']!r} (valid: 0 < rate <= 1)")
-            defaults["momentum_scales"] = [int(s) if float(s).is_integer() else float(s) for s in scales]
-        if blocksize is not None and blocksize != block_size and block_size != 4096:
-            raise ValueError(f"block_size={block_size!r} and blocksize={blocksize!r} disagree: pass one of them "
-                             "(blocksize is the seed's spelling of block_size)")
-        block_size = block_size if blocksize is None else blocksize
-        super().__init__(params, defaults, optim_bits=optim_bits, block_size=block_size, min_8bit_size=min_8bit_size,
-                         compile_step=compile_step)
-        if context is not None:
-            self.c_optim = ContextualModule(self, context["context_window"], context["edge_threshold"],
-                                            context["adaptation_rate"], context["verbose"])
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        if self.contextual:
+            settings = self.settings
+            self.c_optim = ContextualModule(self, settings["context_window"], settings["edge_threshold"],
+                                            settings["adaptation_rate"], settings["verbose"])
             self._sketches: dict[tuple[int, int], torch.Tensor] = {}
             self._grad_sq: list[torch.Tensor] = []
             self._stepped: list[torch.Tensor] = []
@@ -143,15 +117,6 @@ class _AutomagicCame(HinaOptimizer):
         if self.contextual:
             return [msm.state_name(s) for s in group["momentum_scales"]]
         return ["exp_avg"]
-
-    def state_specs(self, group, roles):
-        specs = [(name, True) for name in self._momentum_names(group)]
-        if group["use_lr_mask"]:
-            specs.append(("lr_mask", True))  # |value| = lr ratio, sign = last polarity
-        return specs
-
-    def vector_specs(self, group):
-        return ["tam_smoothed"] if group["use_tam"] else []
 
     # --- CAME's statistics: one flat side vector per chunk (techniques/came.py) --------------------------------
     def _build_layout(self, group, roles):
@@ -455,111 +420,35 @@ _moments = MaybeCompiled(moments_chunk)
 _apply = MaybeCompiled(apply_chunk)
 
 
-_COMMON_DOC = """
-    Args (seed names and defaults):
-        lr: base learning rate (the lr mask and all multipliers are relative to the group's current lr).
-        min_lr, max_lr, lr_bump, warmup_steps, use_lr_mask: the Automagic mask (``techniques/lr_mask.py``).
-        betas: (beta1, beta2, beta3) of CAME: momentum, second moment, confidence.
-        eps: (eps1, eps2, eps3): CAME's two epsilons and the confidence floor (``techniques/came.py``).
-        clip_threshold: CAME's update clipping d. weight_decay: decoupled.
-        confidence_bias_correction: divide CAME's confidence EMA S by (1 - b3^t) (default True; False: the
-            paper's update). Without it the first ~30 steps are 2-6x the lr (``techniques/came.py``).
-        use_grams, use_cautious, use_tam, tam_beta, use_orthogonal_grad, use_agr: as in HinaAdamW.
-        use_alora: ALLoRA row scaling of LoRA/LoKr matrices (arXiv 2410.09692).
-        use_fft_suppression, fft_cutoff, fft_strength: ``techniques/frequency.py`` (off by default).
-        use_lowrank_reg, lowrank_rank, lowrank_strength: ``techniques/lowrank.py`` (off by default).
-        compile_step: torch.compile the chunk step's three stages (decode and G; CAME, momentum, lr mask; apply
-            and encode): True, False, or None (auto: models of 1M+ elements).
+_ARGS_DOC = """
+    Arguments: the recipe's flags (``automagic_recipe``; each documented beside its stage in techniques/, listed by
+    ``help(<class>.__init__)``), with the seed's defaults (module docstring). All lrs (the mask's and every
+    multiplier) are relative to the group's current lr, so schedulers work.
 """
-_CODEC_DOC = ("        block_size: 8-bit quantisation block (seed: 4096; ``blocksize``, the seed's spelling, is "
-              "accepted too).\n        min_8bit_size: smaller tensors keep fp32 states (1024: every rank-4..64 "
-              "LoRA matrix is quantised, base.MIN_8BIT_SIZE).\n")
 
 
 class Automagic_CameAMP(_AutomagicCame):
-    __doc__ = "CAME with the Automagic lr mask (fp32 states)." + _COMMON_DOC
+    __doc__ = "CAME with the Automagic lr mask (fp32 states)." + _ARGS_DOC
     optimizer_type = "Automagic_CameAMP"
-
-    def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
-                 betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
-                 use_lr_mask: bool = True,
-                 use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
-                 use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
-                 use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
-                 use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
-                 compile_step: bool | None = None):
-        self._setup(params, **_args(locals()), optim_bits=32)
+    recipe = automagic_recipe(optimizer_type, contextual=False, eight_bit=False)
 
 
 class Automagic_CameAMP8bit(_AutomagicCame):
-    __doc__ = ("CAME with the Automagic lr mask, 8-bit blockwise states (momentum, lr mask)." + _COMMON_DOC + _CODEC_DOC)
+    __doc__ = "CAME with the Automagic lr mask, 8-bit blockwise states (momentum, lr mask)." + _ARGS_DOC
     optimizer_type = "Automagic_CameAMP8bit"
-
-    def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
-                 betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
-                 use_lr_mask: bool = True,
-                 use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
-                 use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
-                 use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
-                 use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
-                 block_size: int = 4096, min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None,
-                 blocksize: int | None = None):
-        self._setup(params, **_args(locals()), optim_bits=8)
+    recipe = automagic_recipe(optimizer_type, contextual=False, eight_bit=True)
 
 
 class Automagic_CameAMP_COptim(_AutomagicCame):
     __doc__ = ("Automagic_CameAMP with the C-Optim context (``optimizer.c_optim``) and multi-scale momentum." +
-               _COMMON_DOC +
-               "        context_window, edge_threshold, adaptation_rate, verbose: ``techniques/contextual.py``.\n"
-               "        momentum_scales: ``techniques/multiscale_momentum.py``.\n")
+               _ARGS_DOC)
     optimizer_type = "Automagic_CameAMP_COptim"
     contextual = True
-    feature_flags = _AutomagicCame.feature_flags + ("momentum_scales",)
-
-    def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
-                 betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
-                 use_lr_mask: bool = True,
-                 use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
-                 use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
-                 use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
-                 use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
-                 context_window: int = 100, edge_threshold: float = 0.95, adaptation_rate: float = 0.1,
-                 momentum_scales=(1, 5, 10, 25), verbose: bool = False, compile_step: bool | None = None):
-        self._setup(params, **_args(locals()), optim_bits=32,
-                    context=_context(locals()))
+    recipe = automagic_recipe(optimizer_type, contextual=True, eight_bit=False)
 
 
 class Automagic_CameAMP_COptim8bit(_AutomagicCame):
-    __doc__ = ("Automagic_CameAMP_COptim with 8-bit blockwise states (momentum buffers, lr mask)." + _COMMON_DOC +
-               "        context_window, edge_threshold, adaptation_rate, verbose: ``techniques/contextual.py``.\n"
-               "        momentum_scales: ``techniques/multiscale_momentum.py``.\n" + _CODEC_DOC)
+    __doc__ = "Automagic_CameAMP_COptim with 8-bit blockwise states (momentum buffers, lr mask)." + _ARGS_DOC
     optimizer_type = "Automagic_CameAMP_COptim8bit"
     contextual = True
-    feature_flags = _AutomagicCame.feature_flags + ("momentum_scales",)
-
-    def __init__(self, params, lr: float = 1e-6, min_lr: float = 1e-7, max_lr: float = 1e-3, lr_bump: float = 3e-6,
-                 betas=(0.8, 0.99, 0.999), eps=(1e-30, 1e-16, 1e-8), clip_threshold: float = 1.0,
-                 confidence_bias_correction: bool = True, weight_decay: float = 5e-4, warmup_steps: int = 500,
-                 use_lr_mask: bool = True,
-                 use_grams: bool = False, use_cautious: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
-                 use_orthogonal_grad: bool = False, use_agr: bool = False, use_alora: bool = True,
-                 use_fft_suppression: bool = False, fft_cutoff: float = 0.5, fft_strength: float = 0.5,
-                 use_lowrank_reg: bool = False, lowrank_rank: int = 4, lowrank_strength: float = 1e-2,
-                 context_window: int = 100, edge_threshold: float = 0.95, adaptation_rate: float = 0.1,
-                 momentum_scales=(1, 5, 10, 25), verbose: bool = False, block_size: int = 4096,
-                 min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None, blocksize: int | None = None):
-        self._setup(params, **_args(locals()), optim_bits=8, context=_context(locals()))
-
-
-_CONTEXT_KEYS = ("context_window", "edge_threshold", "adaptation_rate", "momentum_scales", "verbose")
-
-
-def _args(local: dict) -> dict:
-    return {k: v for k, v in local.items() if k not in ("self", "params", "__class__", *_CONTEXT_KEYS)}
-
-
-def _context(local: dict) -> dict:
-    return {k: local[k] for k in _CONTEXT_KEYS}
+    recipe = automagic_recipe(optimizer_type, contextual=True, eight_bit=True)

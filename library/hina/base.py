@@ -52,11 +52,10 @@ from .codec import Blockwise8bitCodec, Fp32Codec
 from .compiled import AUTO_MIN_ELEMENTS, MaybeCompiled
 from .pack import FlatPack, WorkPool
 from .techniques.alora import row_scale_flat_
-from .techniques.spd import spd_ratio
+from .stages import MIN_8BIT_SIZE, Recipe  # noqa: F401  (MIN_8BIT_SIZE: re-exported)
+from .techniques.spd import ZERO_ANCHOR_ROLES, spd_ratio  # noqa: F401
 from .techniques.weight_decay import weight_decay_ratio
 
-# Roles whose SPD anchor is zero (adapter deltas: zero is where they leave the pretrained model as it is).
-ZERO_ANCHOR_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES, *naming.NORM_ROLES)
 ADAPTER_MATRIX_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES)
 # Block alignment of fp32 packs (8-bit packs align to the quantisation block): per-tensor reductions are
 # block sums, so blocks must not straddle tensors; 64 keeps padding small for tiny tensors.
@@ -64,10 +63,6 @@ FP32_ALIGN = 64
 CHUNK_ELEMENTS = 1 << 20   # largest chunk: 4 MiB per fp32 work buffer
 MIN_CHUNK_ELEMENTS = 1 << 16
 MIN_SLOTS = 16             # smallest padded per-tensor vector
-#: ``min_8bit_size`` default of every 8-bit class: the smallest LoRA matrix of SD1.5/SDXL at rank 4 is
-#: 4 x 320 = 1280 elements, so every rank-4..64 LoRA/LoKr matrix gets 8-bit states; smaller tensors (norm
-#: deltas, scalars) keep fp32 states, where a 256-element block would cost more than it saves.
-MIN_8BIT_SIZE = 1024
 
 
 def _initial_lr(group: dict) -> float:
@@ -212,47 +207,61 @@ def _normalize_param_groups(params: Any) -> list[dict]:
 
 
 class HinaOptimizer(torch.optim.Optimizer):
-    """Base class. Subclasses define their states and either ``compute_update`` or ``fused_step``."""
+    """Base class. A subclass sets ``recipe`` (stages.py: its stages, in order, and its defaults) and defines
+    ``fused_step``; its constructor signature, argument validation, ``defaults``, ``feature_flags``,
+    ``state_specs`` and ``vector_specs`` come from the recipe."""
 
+    recipe: Recipe
     optimizer_type = "HinaOptimizer"
-    #: Feature flags reported by ``get_optimization_info()['features']``.
+    #: Feature flags reported by ``get_optimization_info()['features']`` (set from the recipe).
     feature_flags: tuple[str, ...] = ()
     #: Elements per chunk; None: sized by the model (``model_chunk_elements``). Tests set a tiny value on an instance.
     chunk_elements: int | None = None
 
-    def __init__(self, params: Iterable, defaults: dict, *, optim_bits: int = 32, block_size: int = 256,
-                 min_8bit_size: int = MIN_8BIT_SIZE, compile_step: bool | None = None):
-        if optim_bits not in (8, 32):
-            raise ValueError(f"Invalid optim_bits: {optim_bits!r} (valid: 8 or 32)")
-        if block_size not in (64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"Invalid block_size: {block_size!r} (valid: 64, 128, 256, 512, 1024, 2048, 4096)")
-        if int(min_8bit_size) < 0:
-            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} (must be >= 0)")
-        lr = defaults.get("lr", 0.0)
-        if not isinstance(lr, (int, float)) or lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr!r}")
-        wd = defaults.get("weight_decay", 0.0)
-        if wd < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {wd!r}")
-        self.optim_bits = optim_bits
-        self.block_size = block_size
-        self.min_8bit_size = int(min_8bit_size)
-        if compile_step not in (None, True, False):
-            raise ValueError(f"Invalid compile_step: {compile_step!r} (valid: True, False, None for auto)")
-        self.compile_step = compile_step
+    def __init_subclass__(cls, **kwargs):
+        """A class with its own ``recipe`` gets the recipe's signature on its ``__init__`` (``inspect.signature``,
+        ``help()`` and registry.py's ``--optimizer_args`` check read it) and its feature flags."""
+        super().__init_subclass__(**kwargs)
+        recipe = cls.__dict__.get("recipe")
+        if recipe is None:
+            return
+        cls.feature_flags = recipe.feature_flags
+        inner = cls.__init__
+
+        def __init__(self, params, *args, **kwargs):
+            inner(self, params, *args, **kwargs)
+
+        __init__.__signature__ = recipe.signature()
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = recipe.doc()
+        cls.__init__ = __init__
+
+    def __init__(self, params: Iterable, *args, **kwargs):
+        recipe = type(self).recipe
+        bound = recipe.signature().bind(self, params, *args, **kwargs)
+        bound.apply_defaults()
+        settings = recipe.settings(bound.arguments)
+        group_flags = [flag.name for flag in recipe.flags if flag.group]
+        #: Optimizer-wide settings (codec, compile_step, ...): the recipe's flags that are not param-group keys.
+        self.settings = {name: value for name, value in settings.items() if name not in group_flags}
+        self.optim_bits = self.settings.get("optim_bits", 32)
+        self.block_size = self.settings.get("block_size", 256)
+        self.min_8bit_size = self.settings.get("min_8bit_size", MIN_8BIT_SIZE)
+        self.compile_step = self.settings.get("compile_step")
         self._layouts: dict[int, GroupLayout] = {}
         self._work = WorkPool()
-        super().__init__(_normalize_param_groups(params), defaults)
+        super().__init__(_normalize_param_groups(params), {name: settings[name] for name in group_flags})
 
     # ------------------------------------------------------------------------------------------------
     # subclass interface
     def state_specs(self, group: dict, roles: list[str]) -> list[tuple[str, bool]]:
-        """Flat states (name, signed) kept by the codec for a chunk whose tensors have ``roles``."""
-        return []
+        """Flat states (name, signed) kept by the codec for a chunk whose tensors have ``roles``: those the recipe's
+        stages declare, in recipe order."""
+        return self.recipe.state_specs(group, roles)
 
     def vector_specs(self, group: dict) -> list[str]:
-        """Per-tensor scalar states (one float per tensor) kept in fp32."""
-        return []
+        """Per-tensor scalar states (one float per tensor) kept in fp32, as the recipe's stages declare them."""
+        return self.recipe.vector_specs(group)
 
     def compute_update(self, ctx: StepContext, states: dict[str, torch.Tensor],
                        vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:

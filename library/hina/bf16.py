@@ -28,10 +28,15 @@ import zlib
 
 import torch
 
+from .adaptive import RECIPE as ADAPTIVE_RECIPE
 from .adaptive import AdamW_HinaAdaptive
+from .hina_adamw import ADAM
 from .base import HinaOptimizer
 from .compiled import MaybeCompiled
 from .pack import FlatPack
+from .stages import COMPILE, LR, Flag, Recipe, Stage, in_range, is_number
+from .techniques import (ADOPT, AGR, CAUTIOUS, DECOUPLED_WEIGHT_DECAY, GRAMS, IMPORTANCE, LORA_PLUS, LR_MASK,
+                         ORTHOGONAL_GRAD, RELATIONSHIPS, SPD, TAM, WEIGHT_DECAY_SCHEDULE)
 from .techniques.stochastic_rounding import compensated_write, store_bf16
 
 
@@ -63,47 +68,48 @@ class Bf16Codec:
         return sum(t.numel() * t.element_size() for t in self.flat.values())
 
 
+#: bf16 states rounded stochastically, and the compensated (Kahan) write-back of the new weights.
+BF16_WRITE_BACK = Stage(
+    "bf16 compensated write-back",
+    (Flag("sr_seed", 0, "int", "seed of the stochastic-rounding random stream", lambda v: is_number(v)
+          and float(v).is_integer(), "an int", int, group=False, feature=False),),
+    states=lambda group, roles: [("shift", True)],  # the compensation: what rounding the weights to bf16 lost
+)
+
+#: Weight decay applied once lr * wd has accumulated to a threshold, so that it is not lost below a bf16 ulp.
+DELAYED_WEIGHT_DECAY = Stage(
+    "delayed weight decay",
+    (Flag("delayed_wd_threshold", 1e-4, "float", "accumulated lr * wd at which weight decay is applied (0: every "
+          "step)", in_range(0.0), "a number >= 0", float),),
+    vectors=lambda group: ["wd_accum"],
+)
+
+#: AdamW_HinaAdaptive's recipe (adaptive.py) with bf16 states and write-back in place of the codec; weight decay is
+#: delayed and applied by the write-back (seed defaults: lr=1e-4).
+RECIPE = Recipe(
+    "AdamWBF16_HinaAdaptive",
+    (LR, ORTHOGONAL_GRAD, AGR, ADAM, ADOPT, TAM, GRAMS, CAUTIOUS, LORA_PLUS, DECOUPLED_WEIGHT_DECAY,
+     WEIGHT_DECAY_SCHEDULE, SPD, IMPORTANCE, RELATIONSHIPS, LR_MASK, DELAYED_WEIGHT_DECAY, BF16_WRITE_BACK, COMPILE),
+    defaults={**ADAPTIVE_RECIPE.defaults, "lr": 1e-4},
+)
+
+
 class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     """AdamW_HinaAdaptive for bfloat16 parameters (bf16 states, stochastic rounding, compensation buffer).
 
-    Args: as AdamW_HinaAdaptive (seed defaults: lr=1e-4; LoRA+ off, as there), without optim_bits (states are
-    bf16), plus
-        delayed_wd_threshold: accumulated lr * wd at which weight decay is applied (0: every step).
-        sr_seed: seed of the stochastic-rounding random stream.
+    Arguments: the recipe's flags (``RECIPE`` above, ``help(AdamWBF16_HinaAdaptive.__init__)``): AdamW_HinaAdaptive's
+    (seed defaults: lr=1e-4; LoRA+ off, as there) without optim_bits (states are bf16), plus delayed_wd_threshold
+    and sr_seed.
     """
 
     optimizer_type = "AdamWBF16_HinaAdaptive"
-    feature_flags = AdamW_HinaAdaptive.feature_flags + ("delayed_wd_threshold",)
+    recipe = RECIPE
 
-    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, use_spd: bool = True, spd_lambda: float = 0.06,
-                 use_cautious: bool = True, use_orthogonal_grad: bool = False, use_adopt_stability: bool = True,
-                 use_grams: bool = True, use_agr: bool = True, use_tam: bool = True, tam_beta: float = 0.999,
-                 dynamic_weight_decay: bool = True, wd_transition_steps: int = 1000, wd_decay_factor: float = 0.7,
-                 wd_min_ratio: float = 0.1, use_dynamic_adaptation: bool = True, adaptation_strength: float = 1.0,
-                 relationship_discovery_interval: int = 100, importance_decay: float = 0.95,
-                 compatibility_threshold: float = 0.3, use_lr_mask: bool = True, lr_bump: float = 3e-6,
-                 min_lr: float = 1e-7, max_lr: float | None = None, warmup_steps: int = 500,
-                 use_alora: bool = False, alora_ratio: float = 16.0, delayed_wd_threshold: float = 1e-4, sr_seed: int = 0,
-                 compile_step: bool | None = None):
-        if delayed_wd_threshold < 0.0:
-            raise ValueError(f"Invalid delayed_wd_threshold: {delayed_wd_threshold!r} (must be >= 0)")
-        self._sr_seed = int(sr_seed)
+    def __init__(self, params, *args, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self._sr_seed = self.settings["sr_seed"]
         self._sr_calls = 0
         self._sr_step = 0
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_spd=use_spd,
-                         spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
-                         use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,
-                         use_tam=use_tam, tam_beta=tam_beta, dynamic_weight_decay=dynamic_weight_decay,
-                         wd_transition_steps=wd_transition_steps, wd_decay_factor=wd_decay_factor,
-                         wd_min_ratio=wd_min_ratio, use_dynamic_adaptation=use_dynamic_adaptation,
-                         adaptation_strength=adaptation_strength,
-                         relationship_discovery_interval=relationship_discovery_interval,
-                         importance_decay=importance_decay, compatibility_threshold=compatibility_threshold,
-                         use_lr_mask=use_lr_mask, lr_bump=lr_bump, min_lr=min_lr, max_lr=max_lr,
-                         warmup_steps=warmup_steps, use_alora=use_alora, alora_ratio=alora_ratio, optim_bits=32,
-                         compile_step=compile_step)
-        self._add_defaults({"delayed_wd_threshold": float(delayed_wd_threshold)})
 
     def _check_bf16(self) -> None:
         """Parameters must be bfloat16 when the step runs. Not checked at construction: kohya sd-scripts
@@ -123,12 +129,6 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         # bf16 flat states from the start: building fp32 ones first and swapping them kept the fp32 buffers alive
         # (the chunk's cached views of them), 20 B/param of the model (measured 36 vs 14 B/param at SD1.5 r16)
         return Bf16Codec(chunk, self)
-
-    def state_specs(self, group, roles):
-        return super().state_specs(group, roles) + [("shift", True)]
-
-    def vector_specs(self, group):
-        return super().vector_specs(group) + ["wd_accum"]
 
     def _seed(self, stream: str) -> int:
         """The stochastic-rounding seed of the next write: from (seed, step, call order, stream)."""

@@ -26,22 +26,37 @@ import math
 import torch
 
 from . import naming, techniques
-from .base import ADAPTER_MATRIX_ROLES, MIN_8BIT_SIZE, ZERO_ANCHOR_ROLES, HinaOptimizer, StepContext, decoupled_update
+from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, StepContext, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
+from .stages import CODEC, COMPILE, LR, Flag, Recipe, Stage, float_tuple, in_range, tuple_of
 from .state_io import load_state, store_state
+from .techniques import (ADOPT, AGR, CAUTIOUS, DECOUPLED_WEIGHT_DECAY, GRAMS, LORA_PLUS, ORTHOGONAL_GRAD, SPD, TAM,
+                         WEIGHT_DECAY_SCHEDULE)
 from .techniques.adopt import adopt_normalize
 from .techniques.alora import row_coefficients
 from .techniques.tam import tam_step
 
 
-def _check_betas(betas) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (valid: 0 <= beta < 1)")
-    return tuple(float(b) for b in betas)
+#: Adam's moment rule (Kingma & Ba, arXiv 1412.6980; AdamW's decoupled decay is its own stage): m from the moment
+#: input, v from g, u = m_hat / (sqrt(v_hat) + eps).
+ADAM = Stage(
+    "Adam",
+    (Flag("betas", (0.9, 0.999), "tuple[float, float]", "(beta1, beta2) of the moments, as torch.optim.AdamW",
+          tuple_of(2, "beta parameter", 0.0, 1.0), "a pair (beta1, beta2), each 0 <= beta < 1", float_tuple,
+          feature=False),
+     Flag("eps", 1e-8, "float", "Adam's epsilon", in_range(0.0), "a number >= 0", float, feature=False)),
+    states=lambda group, roles: [("exp_avg", True), ("exp_avg_sq", False)],
+)
+
+#: HinaAdamW, in the order it runs: ⊥Grad -> AGR -> Adam | ADOPT (+ TAM on the moment input) -> Grams -> Cautious
+#: -> LoRA+ / ALLoRA -> decoupled weight decay (dynamic schedule) -> SPD; states fp32 or 8-bit.
+RECIPE = Recipe(
+    "HinaAdamW",
+    (LR, ORTHOGONAL_GRAD, AGR, ADAM, ADOPT, TAM, GRAMS, CAUTIOUS, LORA_PLUS, DECOUPLED_WEIGHT_DECAY,
+     WEIGHT_DECAY_SCHEDULE, SPD, CODEC, COMPILE),
+    defaults={"use_grams": True},
+)
 
 
 class HinaAdamW(HinaOptimizer):
@@ -88,51 +103,7 @@ class HinaAdamW(HinaOptimizer):
     """
 
     optimizer_type = "HinaAdamW"
-    feature_flags = ("use_spd", "spd_lambda", "use_cautious", "use_orthogonal_grad", "use_adopt_stability",
-                     "use_grams", "use_agr", "use_tam", "tam_beta", "use_alora", "alora_ratio",
-                     "dynamic_weight_decay", "wd_transition_steps", "wd_decay_factor", "wd_min_ratio")
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, use_spd: bool = False, spd_lambda: float = 0.06,
-                 use_cautious: bool = False, use_orthogonal_grad: bool = False, use_adopt_stability: bool = False,
-                 use_grams: bool = True, use_agr: bool = False, use_tam: bool = False, tam_beta: float = 0.999,
-                 use_alora: bool = False, alora_ratio: float = 16.0, dynamic_weight_decay: bool = True,
-                 wd_transition_steps: int = 1000, wd_decay_factor: float = 0.7, wd_min_ratio: float = 0.1,
-                 optim_bits: int = 8, block_size: int = 256, min_8bit_size: int = MIN_8BIT_SIZE,
-                 compile_step: bool | None = None):
-        betas = _check_betas(betas)
-        if eps < 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps!r}")
-        if spd_lambda < 0.0:
-            raise ValueError(f"Invalid spd_lambda: {spd_lambda!r} (must be >= 0)")
-        if not 0.0 <= tam_beta < 1.0:
-            raise ValueError(f"Invalid tam_beta: {tam_beta!r} (valid: 0 <= tam_beta < 1)")
-        if alora_ratio <= 0.0:
-            raise ValueError(f"Invalid alora_ratio: {alora_ratio!r} (must be > 0)")
-        if int(wd_transition_steps) < 1:
-            raise ValueError(f"Invalid wd_transition_steps: {wd_transition_steps!r} (must be >= 1)")
-        if not 0.0 < wd_decay_factor <= 1.0:
-            raise ValueError(f"Invalid wd_decay_factor: {wd_decay_factor!r} (valid: 0 < factor <= 1)")
-        if not 0.0 <= wd_min_ratio <= 1.0:
-            raise ValueError(f"Invalid wd_min_ratio: {wd_min_ratio!r} (valid: 0 <= ratio <= 1)")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, use_spd=use_spd,
-                        spd_lambda=spd_lambda, use_cautious=use_cautious, use_orthogonal_grad=use_orthogonal_grad,
-                        use_adopt_stability=use_adopt_stability, use_grams=use_grams, use_agr=use_agr,
-                        use_tam=use_tam, tam_beta=tam_beta, use_alora=use_alora, alora_ratio=alora_ratio,
-                        dynamic_weight_decay=dynamic_weight_decay, wd_transition_steps=int(wd_transition_steps),
-                        wd_decay_factor=wd_decay_factor, wd_min_ratio=wd_min_ratio)
-        super().__init__(params, defaults, optim_bits=optim_bits, block_size=block_size,
-                         min_8bit_size=min_8bit_size, compile_step=compile_step)
-
-    # --- states ----------------------------------------------------------------------------------------
-    def state_specs(self, group, roles):
-        specs = [("exp_avg", True), ("exp_avg_sq", False)]
-        if group["use_spd"] and any(role not in ZERO_ANCHOR_ROLES for role in roles):
-            specs.append(("spd_anchor", True))
-        return specs
-
-    def vector_specs(self, group):
-        return ["tam_smoothed"] if group["use_tam"] else []
+    recipe = RECIPE
 
     # --- LoRA-aware learning rates and decay ---------------------------------------------------------------
     def lr_multipliers(self, group, roles):

@@ -11,6 +11,7 @@ arXiv 2411.02853 (reference code ``adopt.py``):
 """
 
 import torch
+from ..stages import Stage, flag_bool
 
 
 def adopt_normalize(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, clip: torch.Tensor,
@@ -22,3 +23,7 @@ def adopt_normalize(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, cl
     """
     x = (grad / exp_avg_sq.sqrt().clamp_min(eps)).view(-1, block)
     return torch.maximum(torch.minimum(x, clip), -clip).view(-1)
+
+
+ADOPT = Stage("ADOPT", (flag_bool("use_adopt_stability", False, "ADOPT moment rule in place of Adam's "
+                                  "(arXiv 2411.02853)"),))

@@ -16,6 +16,7 @@ up into a step of several percent of lr).
 import torch
 
 from ..pack import Segments
+from ..stages import Stage, flag_bool
 
 
 def agr(grad: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -24,3 +25,6 @@ def agr(grad: torch.Tensor, segments: Segments) -> torch.Tensor:
     total = segments.sum(magnitude).clamp_min(torch.finfo(torch.float32).tiny)
     alpha = magnitude.view(-1, segments.block) / segments.expand(total, fill=1.0)
     return (grad.view(-1, segments.block) * (1.0 - alpha)).view(-1)
+
+
+AGR = Stage("AGR", (flag_bool("use_agr", False, "Adaptive Gradient Regularization (arXiv 2407.16944)"),))

@@ -12,6 +12,7 @@
 """
 
 import torch
+from ..stages import Flag, Stage, flag_bool, in_range
 
 
 def row_scale_(update_view: torch.Tensor, weight: torch.Tensor) -> None:
@@ -70,3 +71,15 @@ def _row_runs(pack, selected: list[bool]) -> list[tuple[int, int, int]]:
     result = [(start, length, cols) for start, length, cols, _ in runs]
     pack._alora_runs = (key, result)
     return result
+
+
+LORA_PLUS = Stage("LoRA+ / ALLoRA", (
+    flag_bool("use_alora", False, "LoRA+ lr ratio for B-side tensors (arXiv 2402.12354), ALLoRA row scaling "
+              "(arXiv 2410.09692), no weight decay on norm deltas / DoRA magnitudes"),
+    Flag("alora_ratio", 16.0, "float", "LoRA+ ratio of the B side's lr", in_range(0.0, low_open=True), "a number > 0",
+         float),
+))
+
+ALLORA_ROWS = Stage("ALLoRA", (
+    flag_bool("use_alora", True, "ALLoRA row scaling of LoRA/LoKr matrices (arXiv 2410.09692)"),
+))

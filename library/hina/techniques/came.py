@@ -56,6 +56,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from ..stages import Flag, Stage, flag_bool, float_tuple, in_range, tuple_of
 
 
 def is_factored(shape) -> bool:
@@ -240,3 +241,20 @@ def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, 
         if run.factored:
             big_c = big_c * correction.narrow(0, run.slot, run.count).unsqueeze(1)
             torch.mul((big_r / big_r.mean(1, keepdim=True)).unsqueeze(2), big_c.unsqueeze(1), out=target)
+
+
+#: CAME's normalisation, clipping and confidence; its factored statistics live in the chunk's side vector, not in
+#: the codec (O(rows + cols) per tensor, fp32).
+CAME = Stage("CAME", (
+    Flag("betas", (0.8, 0.99, 0.999), "tuple[float, float, float]", "(beta1, beta2, beta3): momentum, second "
+         "moment, confidence", tuple_of(3, "betas", 0.0, 1.0), "three values 0 <= beta < 1", float_tuple,
+         feature=False),
+    Flag("eps", (1e-30, 1e-16, 1e-8), "tuple[float, float, float]", "(eps1, eps2, eps3): CAME's two epsilons and the "
+         "confidence floor", tuple_of(3, "eps", 0.0), "three values >= 0", float_tuple, feature=False),
+    Flag("clip_threshold", 1.0, "float", "CAME's update clipping d", in_range(0.0, low_open=True), "a number > 0",
+         float),
+    flag_bool("confidence_bias_correction", True, "divide the confidence EMA S by (1 - b3^t) (False: the paper)"),
+))
+
+#: CAME's momentum m (beta1), a flat state kept by the codec; C-Optim replaces it with the multi-scale momentum.
+CAME_MOMENTUM = Stage("CAME momentum", states=lambda group, roles: [("exp_avg", True)])

@@ -36,6 +36,7 @@ import logging
 import math
 
 import torch
+from ..stages import Flag, Stage, flag_bool, in_range, int_at_least
 
 SKETCH_SEED = 20241125
 SKETCH_MIN_BUCKETS = 64     # at least this many buckets per pack (when it has that many elements)
@@ -197,3 +198,15 @@ class ContextualModule:
         return {"steps": s["context_count"], "gradient_consistency": self.compute_gradient_consistency(),
                 "lr_multiplier": self.compute_contextual_lr_multiplier(), "edge_case": self.detect_edge_case(),
                 "context_window": self.context_window}
+
+
+#: Optimizer-wide settings of ``optimizer.c_optim`` (not per param group).
+CONTEXT = Stage("C-Optim context", (
+    Flag("context_window", 100, "int", "steps of history the context keeps", int_at_least(2), "an int >= 2", int,
+         group=False, feature=False),
+    Flag("edge_threshold", 0.95, "float", "gradient-consistency level that marks an edge of stability",
+         in_range(0.0, 1.0, low_open=True, high_open=True), "0 < t < 1", float, group=False, feature=False),
+    Flag("adaptation_rate", 0.1, "float", "how fast the contextual multiplier moves",
+         in_range(0.0, 1.0, low_open=True), "0 < rate <= 1", float, group=False, feature=False),
+    flag_bool("verbose", False, "print the context's decisions", group=False, feature=False),
+))

@@ -16,6 +16,7 @@ lr keeps its meaning. 1-D gradients are left alone.
 from __future__ import annotations
 
 import torch
+from ..stages import Flag, Stage, flag_bool, in_range
 
 _MASKS: dict[tuple, torch.Tensor] = {}
 _MAX_MASKS = 64  # bounded cache of frequency masks, keyed by (shape, cutoff, strength, device)
@@ -46,3 +47,11 @@ def suppress_high_frequency_(grad: torch.Tensor, cutoff: float, strength: float)
     filtered = torch.fft.irfft2(spectrum, s=g.shape)
     filtered.mul_(norm / filtered.norm().clamp_min(1e-30))
     g.copy_(filtered)
+
+
+FFT_SUPPRESSION = Stage("FFT suppression", (
+    flag_bool("use_fft_suppression", False, "suppress high-frequency gradient components"),
+    Flag("fft_cutoff", 0.5, "float", "fraction of the spectrum kept intact", in_range(0.0, 1.0),
+         "0..1, fraction of the spectrum kept", float),
+    Flag("fft_strength", 0.5, "float", "how much of the rest is removed", in_range(0.0, 1.0), "0..1", float),
+))

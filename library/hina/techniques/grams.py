@@ -5,7 +5,11 @@ Cao et al., "Grams: Gradient Descent with Adaptive Momentum Scaling", arXiv 2412
 """
 
 import torch
+from ..stages import Stage, flag_bool
 
 
 def grams(update: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return update.abs() * torch.sign(grad)
+
+
+GRAMS = Stage("Grams", (flag_bool("use_grams", False, "Grams update direction: |u| sign(g) (arXiv 2412.17107)"),))

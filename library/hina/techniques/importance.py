@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..pack import FlatPack
+from ..stages import Flag, Stage, flag_bool, in_range
 
 MULTIPLIER_BOUNDS = (0.5, 2.0)
 HIGH_IMPORTANCE = 1.2   # get_importance_analysis(): I above this counts as "high"
@@ -58,3 +59,15 @@ def importance_score(cosine: torch.Tensor, update: torch.Tensor | None, weight: 
 def importance_multiplier(importance: torch.Tensor, strength: float) -> torch.Tensor:
     low, high = MULTIPLIER_BOUNDS
     return (importance - 1.0).mul_(strength).add_(1.0).clamp_(low, high)
+
+
+IMPORTANCE = Stage(
+    "importance",
+    (flag_bool("use_dynamic_adaptation", True, "per-tensor importance and relationship discovery"),
+     Flag("adaptation_strength", 1.0, "float", "how strongly importance moves the lr (0: not at all)",
+          in_range(0.0), "a number >= 0", float),
+     Flag("importance_decay", 0.95, "float", "EMA decay of the importance score", in_range(0.0, 1.0, high_open=True),
+          "0 <= decay < 1", float)),
+    states=lambda group, roles: [("prev_grad", True)] if group["use_dynamic_adaptation"] else [],
+    vectors=lambda group: ["importance"] if group["use_dynamic_adaptation"] else [],
+)

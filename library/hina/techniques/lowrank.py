@@ -14,6 +14,7 @@ smaller dimension exceeds k (``lowrank_rank``); conv factors are viewed as (dim0
 from __future__ import annotations
 
 import torch
+from ..stages import Flag, Stage, flag_bool, in_range, int_at_least
 
 
 def lowrank_residual(weight: torch.Tensor, rank: int) -> torch.Tensor:
@@ -28,3 +29,10 @@ def add_lowrank_penalty_(grad: torch.Tensor, weight: torch.Tensor, rank: int, st
     if weight.dim() < 2 or min(weight.shape[0], weight[0].numel()) <= rank:
         return
     grad.add_(lowrank_residual(weight, rank), alpha=strength)
+
+
+LOWRANK_PENALTY = Stage("low-rank penalty", (
+    flag_bool("use_lowrank_reg", False, "SVD low-rank penalty on LoRA/LoKr matrices"),
+    Flag("lowrank_rank", 4, "int", "k: the rank the penalty pulls toward", int_at_least(1), "an int >= 1", int),
+    Flag("lowrank_strength", 1e-2, "float", "lambda: the penalty's weight", in_range(0.0), "a number >= 0", float),
+))

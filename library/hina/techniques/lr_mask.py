@@ -30,6 +30,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from ..stages import Flag, Stage, flag_bool, in_range, int_at_least
 
 DEFAULT_MAX_RATIO = 10.0  # max_lr=None: the mask may raise an element's lr up to 10x the group's base lr
 
@@ -51,18 +52,6 @@ def lr_mask_step_(signed_mask: torch.Tensor, direction: torch.Tensor, bump: floa
         out.add_(agree.to(out.dtype).mul_(2.0 * bump).sub_(bump)).clamp_(min_ratio, max_ratio)
     torch.where(polarity, out, -out, out=signed_mask)
     return out
-
-
-def validate(lr_bump: float, min_lr: float, max_lr: float | None, warmup_steps: int) -> None:
-    if lr_bump < 0.0:
-        raise ValueError(f"Invalid lr_bump: {lr_bump!r} (must be >= 0)")
-    if not 0.0 < min_lr:
-        raise ValueError(f"Invalid min_lr: {min_lr!r} (must be > 0)")
-    if max_lr is not None and not min_lr <= max_lr:
-        raise ValueError(f"Invalid min_lr/max_lr: {min_lr!r}/{max_lr!r} (need 0 < min_lr <= max_lr, or max_lr=None "
-                         f"for {DEFAULT_MAX_RATIO:g}x the base lr)")
-    if int(warmup_steps) < 0:
-        raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (must be >= 0)")
 
 
 def base_lr(group: dict) -> float:
@@ -121,3 +110,30 @@ def bounds(group: dict, base: float) -> tuple[float, float]:
     """(min, max) of the lr ratio: the absolute min_lr/max_lr over the base lr; max_lr=None -> DEFAULT_MAX_RATIO."""
     max_ratio = DEFAULT_MAX_RATIO if group["max_lr"] is None else group["max_lr"] / base
     return group["min_lr"] / base, max_ratio
+
+
+def _check_bounds(settings: dict) -> None:
+    """min_lr <= max_lr, and a positive lr for the mask to be relative to."""
+    min_lr, max_lr = settings["min_lr"], settings["max_lr"]
+    if max_lr is not None and not min_lr <= max_lr:
+        raise ValueError(f"Invalid min_lr/max_lr: {min_lr!r}/{max_lr!r} (need 0 < min_lr <= max_lr, or max_lr=None "
+                         f"for {DEFAULT_MAX_RATIO:g}x the base lr)")
+    if settings["use_lr_mask"] and not settings["lr"] > 0.0:
+        raise ValueError(f"Invalid learning rate: {settings['lr']!r} (the lr mask is relative to lr, which must be "
+                         "> 0; or use_lr_mask=False)")
+
+
+LR_MASK = Stage(
+    "Automagic lr mask",
+    (flag_bool("use_lr_mask", True, "per-element lr mask, relative to the group lr"),
+     Flag("lr_bump", 3e-6, "float", "the mask's step per agreeing sign (absolute at the base lr)", in_range(0.0),
+          "a number >= 0", float),
+     Flag("min_lr", 1e-7, "float", "the mask's floor (absolute at the base lr)", in_range(0.0, low_open=True),
+          "a number > 0", float),
+     Flag("max_lr", None, "float | None", f"the mask's ceiling (absolute at the base lr; None: {DEFAULT_MAX_RATIO:g}x "
+          "the base lr)", lambda v: v is None or in_range(0.0, low_open=True)(v), "a number > 0, or None", float),
+     Flag("warmup_steps", 500, "int", "steps during which the mask is frozen (polarity tracked)", int_at_least(0),
+          "an int >= 0", int)),
+    states=lambda group, roles: [("lr_mask", True)] if group["use_lr_mask"] else [],  # |value|: ratio, sign: polarity
+    check=_check_bounds,
+)

@@ -15,6 +15,7 @@ properties and reduces to the plain momentum for ``momentum_scales=[1]``.
 from __future__ import annotations
 
 import torch
+from ..stages import Flag, Stage
 
 
 def scale_betas(beta1: float, scales) -> list[float]:
@@ -40,3 +41,17 @@ def multiscale_update_(buffers: list[torch.Tensor], x: torch.Tensor, beta1: floa
     for buf, w in zip(buffers, scale_weights(scales)):
         out.add_(buf, alpha=w)
     return out
+
+
+def _valid_scales(scales) -> bool:
+    numbers = isinstance(scales, (list, tuple)) and all(isinstance(s, (int, float)) for s in scales)
+    return numbers and len(scales) > 0 and all(float(s) >= 1 for s in scales) and len(set(scales)) == len(scales)
+
+
+MULTISCALE_MOMENTUM = Stage(
+    "multi-scale momentum",
+    (Flag("momentum_scales", (1, 5, 10, 25), "tuple", "time scales of the momentum EMAs (1: the plain momentum)",
+          _valid_scales, "distinct numbers >= 1, e.g. [1, 5, 10, 25]",
+          lambda scales: [int(s) if float(s).is_integer() else float(s) for s in scales]),),
+    states=lambda group, roles: [(state_name(s), True) for s in group["momentum_scales"]],
+)

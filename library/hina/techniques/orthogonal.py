@@ -10,6 +10,7 @@ Prieto et al., "Grokking at the Edge of Numerical Stability", arXiv 2501.04697 (
 import torch
 
 from ..pack import Segments
+from ..stages import Stage, flag_bool
 
 EPS = 1e-30
 
@@ -22,3 +23,6 @@ def orthogonalize(grad: torch.Tensor, weight: torch.Tensor, segments: Segments) 
     perp = grad.view(-1, block) - weight.view(-1, block) * segments.expand(projection)
     perp_norm = segments.sum(perp.reshape(-1) * perp.reshape(-1)).sqrt()
     return (perp * segments.expand(g_norm / (perp_norm + EPS))).view(-1)
+
+
+ORTHOGONAL_GRAD = Stage("⊥Grad", (flag_bool("use_orthogonal_grad", False, "⊥Grad (arXiv 2501.04697)"),))

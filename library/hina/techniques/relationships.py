@@ -25,6 +25,7 @@ bounded by half the number of tensors.
 from __future__ import annotations
 
 import torch
+from ..stages import Flag, Stage, in_range, int_at_least
 
 BALANCE_WINDOW = 8
 
@@ -79,3 +80,16 @@ def discover_pairs(shapes: list[tuple[int, ...]], balances: torch.Tensor, thresh
         pairs.append((a, b, score))
     pairs.sort(key=lambda c: (c[0], c[1]))
     return pairs
+
+
+BALANCE_KEYS = tuple(f"balance_{k}" for k in range(BALANCE_WINDOW))
+
+#: Runs with the importance stage (``use_dynamic_adaptation``), whose joint importance it sets.
+RELATIONSHIPS = Stage(
+    "relationship discovery",
+    (Flag("relationship_discovery_interval", 100, "int", "steps between discoveries (the list is replaced)",
+          int_at_least(1), "an int >= 1", int),
+     Flag("compatibility_threshold", 0.3, "float", "minimal compatibility of a discovered pair",
+          in_range(0.0, 1.0), "0..1", float)),
+    vectors=lambda group: list(BALANCE_KEYS) if group["use_dynamic_adaptation"] else [],
+)

@@ -15,6 +15,8 @@ anchor copy is stored for them. The reference divides by ||p_new - p0|| unguarde
 """
 
 import torch
+from .. import naming
+from ..stages import Flag, Stage, flag_bool, in_range
 
 
 def spd_ratio(grad_dot_dev: torch.Tensor, old_dev_norm: torch.Tensor, new_dev_norm: torch.Tensor,
@@ -23,3 +25,16 @@ def spd_ratio(grad_dot_dev: torch.Tensor, old_dev_norm: torch.Tensor, new_dev_no
     ratio = ((new_dev_norm - old_dev_norm) / new_dev_norm.clamp_min(1e-30)).clamp_(0.0, 1.0)
     selected = (grad_dot_dev > 0).to(ratio.dtype)      # c = -<g, p - p0> < 0
     return ratio.mul_(selected).mul_(spd_lambda)
+
+
+#: Roles whose SPD anchor is zero (adapter deltas: zero is where they leave the pretrained model as it is).
+ZERO_ANCHOR_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES, *naming.NORM_ROLES)
+
+SPD = Stage(
+    "SPD",
+    (flag_bool("use_spd", False, "Selective Projection Decay toward the anchor (arXiv 2411.01713)"),
+     Flag("spd_lambda", 0.06, "float", "SPD's strength lambda", in_range(0.0), "a number >= 0", float)),
+    # the anchor p0: a copy of the first weights, kept only for tensors whose anchor is not zero
+    states=lambda group, roles: ([("spd_anchor", True)] if group["use_spd"]
+                                 and any(role not in ZERO_ANCHOR_ROLES for role in roles) else []),
+)

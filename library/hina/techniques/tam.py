@@ -15,6 +15,7 @@ factor ``eps + d_t`` per tensor, and the moment rule multiplies its input by it.
 import torch
 
 from ..pack import Segments
+from ..stages import Flag, Stage, flag_bool, in_range
 
 EPS = 1e-8
 
@@ -28,3 +29,12 @@ def tam_step(exp_avg: torch.Tensor, grad: torch.Tensor, smoothed: torch.Tensor, 
     cosine = m_dot_g / (m_norm * g_norm).clamp_min(1e-30)
     smoothed = smoothed * tam_beta + cosine * (1.0 - tam_beta)
     return (smoothed + 1.0) * 0.5 + EPS, smoothed
+
+
+TAM = Stage(
+    "TAM",
+    (flag_bool("use_tam", False, "Torque-Aware Momentum: damp the moment input (arXiv 2412.18790)"),
+     Flag("tam_beta", 0.999, "float", "EMA decay of TAM's smoothed cosine", in_range(0.0, 1.0, high_open=True),
+          "0 <= tam_beta < 1", float)),
+    vectors=lambda group: ["tam_smoothed"] if group["use_tam"] else [],
+)
