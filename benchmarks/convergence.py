@@ -86,7 +86,13 @@ REFINE_FACTORS = (0.5, 2.0)  # --refine: these multiples of each optimizer's bes
 # --long (issue 15): the horizon the recipes are written for, so that dynamic weight decay (wd_transition_steps
 # 800-1200), the Automagic lr mask (frozen for warmup_steps=500) and C-Optim's 100-step context window engage.
 LONG_STEPS, LONG_EVAL_EVERY = 1500, 50
-LONG_TASKS = ("sd_lora", "llm_lora")
+TINY_TASKS = ("sd_lora", "sd_lokr", "llm_lora")
+LONG_TASKS = TINY_TASKS  # issue 15: the same tasks at the long horizon
+# where --long takes each optimizer's best short-run lr (a later file wins): the 120-step sweep of every optimizer,
+# the newer sweeps of HinaAdamW (Grams alone, grid to 3e-2) and Automagic (with its bias correction) on llm_lora,
+# and HinaAdamW's current defaults' best lr on the SD tasks (derived from convergence_defaults.json)
+LONG_BEST_FROM = ("convergence.json", "convergence_llm_grams.json", "convergence_llm_automagic.json",
+                  "convergence_long_best_lrs.json")
 LONG_OPTIMIZERS = ("AdamW", "AdamW8bit", "Prodigy", "CAME", "HinaAdamW", "AdamW_HinaAdaptive", "Automagic_CameAMP",
                    "Automagic_CameAMP_COptim")
 # the long-horizon features, each switched off on the optimizer that has it (at that optimizer's long-run lr);
@@ -390,9 +396,10 @@ def load_cached_runs(path: Path) -> dict[str, dict]:
 
 
 def run_jobs(jobs: list[dict], workers: int, label: str, cache: Path | None = None,
-             cached: dict[str, dict] | None = None) -> list[dict]:
+             cached: dict[str, dict] | None = None, missing: list[dict] | None = None) -> list[dict]:
     """Run ``jobs`` (skipping those in ``cached``); each finished run is appended to ``cache`` at once, so an
-    interrupted suite resumes where it stopped."""
+    interrupted suite resumes where it stopped. With a ``missing`` list (``--cached-only``) nothing is trained:
+    the jobs not in the cache are appended to it and left out of the results."""
     t0 = time.time()
     cached = cached if cached is not None else {}
     if cache is not None:  # runs another invocation finished meanwhile (same cache file) count too
@@ -401,6 +408,10 @@ def run_jobs(jobs: list[dict], workers: int, label: str, cache: Path | None = No
     todo = [j for j in jobs if job_key(j) not in cached]
     if results:
         print(f"[{label}] {len(results)} of {len(jobs)} runs cached in {cache}", flush=True)
+    if missing is not None:
+        missing += [j for j in todo if job_key(j) not in {job_key(m) for m in missing}]
+        print(f"[{label}] --cached-only: {len(todo)} runs not in the cache are left out", flush=True)
+        todo = []
     if workers <= 1 or len(todo) <= 1:
         iterator = map(_keyed_run, todo)
         pool = None
@@ -454,7 +465,8 @@ def summarize(runs: list[dict]) -> dict:
     best = [min(c) for c in curves]
     tail = max(1, len(runs[0]["train_loss"]) // 10)
     gaps = [r["final_eval"] - statistics.fmean(r["train_loss"][-tail:]) for r in runs if r["train_loss"]]
-    last = [c[i] for c in curves for i in range(len(steps)) if steps[i] >= 0.8 * steps[-1] and i > 0]
+    late = [i for i in range(1, len(steps)) if steps[i] >= 0.8 * steps[-1]]  # evaluations in the last 20 %
+    last = [c[i] for c in curves for i in late]
     out = {"lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs], "final": finals,
            "mean": statistics.fmean(finals) if finite else None,
            "std": (statistics.stdev(finals) if len(finals) > 1 else 0.0) if finite else None,
@@ -465,7 +477,13 @@ def summarize(runs: list[dict]) -> dict:
     if finite and curves:
         out.update(best_eval_mean=statistics.fmean(best), best_eval_step=[steps[c.index(min(c))] for c in curves],
                    gap_mean=statistics.fmean(gaps) if gaps else None,
-                   last20_spread=statistics.pstdev(last) if len(last) > 1 else 0.0)
+                   last20_spread=statistics.pstdev(last) if len(last) > 1 else 0.0,
+                   late_seed_std=statistics.fmean(statistics.stdev(c[i] for c in curves) for i in late)
+                   if len(curves) > 1 and late else None,
+                   late_time_std=statistics.fmean(detrended_std([steps[i] for i in late], [c[i] for i in late])
+                                                  for c in curves) if len(late) > 2 else None,
+                   train_curve=interval_means(steps, [r["train_loss"] for r in runs
+                                                      if len(r["train_loss"]) == steps[-1]]))
     sizes = [r["update_rms_per_lr"] for r in runs if r.get("update_rms_per_lr")]
     if sizes:
         finite_sizes = [[v for v in c if v is not None and math.isfinite(v)] for c in sizes]
@@ -477,6 +495,27 @@ def summarize(runs: list[dict]) -> dict:
                    accuracy_curve=[statistics.fmean(c[i] for c in acc_curves) for i in range(len(steps))]
                    if acc_curves else [])
     return out
+
+
+def detrended_std(xs: list[float], ys: list[float]) -> float:
+    """Standard deviation of ``ys`` around their least-squares line over ``xs``: how much a held-out curve
+    fluctuates late in a run, without the steady decline a cosine schedule still gives there."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return statistics.pstdev([y - my - slope * (x - mx) for x, y in zip(xs, ys)])
+
+
+def interval_means(eval_steps: list[int], train_losses: list[list[float]]) -> list[float | None]:
+    """The training loss beside each evaluation: per seed, the mean training loss of the steps since the previous
+    evaluation, then the mean over seeds (None at step 0, and where no seed ran every step). Held-out minus this
+    is the train/held-out gap along the run."""
+    if not train_losses:
+        return [None] * len(eval_steps)
+    curve = [None]
+    for lo, hi in zip(eval_steps, eval_steps[1:]):
+        curve.append(statistics.fmean(statistics.fmean(t[lo:hi]) for t in train_losses))
+    return curve
 
 
 def steps_to_reach(curve_steps: list[int], curve: list[float], target: float) -> int | None:
@@ -538,13 +577,15 @@ def task_schedule(task, args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke configuration (< 5 min): short runs, one lr")
-    parser.add_argument("--tasks", nargs="+", default=["sd_lora", "sd_lokr", "llm_lora"],
-                        help="sd_lora sd_lokr llm_lora (tiny, from scratch) and minilm_cls (pretrained MiniLM)")
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS),
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="sd_lora sd_lokr llm_lora (tiny, from scratch; the default, --long too) and minilm_cls "
+                             "(pretrained MiniLM)")
+    parser.add_argument("--optimizers", nargs="+", default=None,
                         help="names from the list below; HinaAdamW:RECIPE runs HinaAdamW with configs/RECIPE.toml "
                              "instead of the task's recipe, HinaAdamW:defaults with its constructor defaults; "
                              "'+key=value' items append constructor arguments to a Hina optimizer "
-                             "(HinaAdamW:defaults+alora_ratio=4)")
+                             "(HinaAdamW:defaults+alora_ratio=4); default: all of them, --long: " +
+                             " ".join(LONG_OPTIMIZERS))
     parser.add_argument("--steps", type=int, default=None,
                         help="fine-tuning steps (default: the task's own: 120 for the tiny tasks, 500 for minilm_cls; "
                              "quick 8)")
@@ -577,6 +618,10 @@ def main(argv=None) -> dict:
                         help="pretrained base models, keyed by a hash of their configuration, and the finished runs "
                              "(runs_<json name>.jsonl: a restart skips them)")
     parser.add_argument("--fresh", action="store_true", help="ignore (and replace) the finished runs cached earlier")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: write the JSON from the finished runs in the run cache, leaving out the "
+                             "runs not there (listed in meta.missing_runs; an optimizer or ablation row keeps the "
+                             "seeds it has). For gathering an interrupted run, e.g. --long at a deadline")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON (default docs/convergence.json; quick: convergence_quick.json; cuda: "
                              "convergence_cuda.json)")
@@ -586,24 +631,26 @@ def main(argv=None) -> dict:
                              f"{' '.join(LONG_TASKS)}, optimizers {' '.join(LONG_OPTIMIZERS)}, each at its best lr of "
                              "--best-from and the grid value below it (sweep seeds), then every seed at the better; "
                              "ablation of the long-horizon features (dynamic weight decay, lr mask, C-Optim context) "
-                             "-> docs/convergence_long.json. Runtime: this full scope (142 runs x 1,500 steps, 2 "
-                             "workers) is estimated from the 120-step step times at about 70 min on 2 idle cores, not yet run; "
-                             "the reduced run in docs/convergence_long.json (llm_lora, --long-best-only, 2 seeds) took "
-                             "about 4.5 min per run on the loaded machine. Resumable")
-    parser.add_argument("--best-from", type=Path, nargs="+", default=[ROOT / "docs" / "convergence.json"],
+                             "-> docs/convergence_long.json. Resumable (run cache; --cached-only gathers what "
+                             "finished). Runtime, measured per 1,500-step run on one idle core (1 thread): llm_lora "
+                             "31-37 s, sd_lora 72-101 s, sd_lokr 70-80 s; so the full scope with --long-best-only "
+                             "(165 runs: 8 optimizers x 3 tasks x 5 seeds + 3 ablations x 3 tasks x 5 seeds) is about "
+                             "88 min on 2 idle cores, about 115 min without it (48 more runs at the lower lr). "
+                             "On a loaded machine at nice 10 a run took 3-4x longer (docs/convergence_long.json's label)")
+    parser.add_argument("--best-from", type=Path, nargs="+", default=[ROOT / "docs" / name for name in LONG_BEST_FROM],
                         help="--long: the short runs whose best lrs are reused (a later file wins for an optimizer "
-                             "that two files hold)")
+                             "that two files hold; default: " + " ".join(LONG_BEST_FROM) + ")")
     parser.add_argument("--long-best-only", action="store_true",
                         help="--long: only each optimizer's best short-run lr, not also the grid value below it "
                              "(halves the runs; the sweep seeds are then the first seeds at that lr)")
     args = parser.parse_args(argv)
+    # None = not given: the mode's own list (an explicit list equal to the default is kept as given)
+    args.tasks = args.tasks or list(LONG_TASKS if args.long else TINY_TASKS)
+    args.optimizers = args.optimizers or list(LONG_OPTIMIZERS if args.long else OPTIMIZERS)
     if args.long:  # with --quick: the quick tasks and 8 steps (the smoke test of the long mode)
-        defaults = parser.parse_args([])
         args.steps = args.steps or (None if args.quick else LONG_STEPS)
         args.eval_every = args.eval_every or (None if args.quick else LONG_EVAL_EVERY)
         args.schedule = "cosine" if args.schedule == "task" else args.schedule
-        args.tasks = list(LONG_TASKS) if args.tasks == defaults.tasks else args.tasks
-        args.optimizers = list(LONG_OPTIMIZERS) if args.optimizers == defaults.optimizers else args.optimizers
         args.out = args.out or ROOT / "docs" / f"convergence_long{'_quick' if args.quick else ''}.json"
     quick = args.quick
     seeds = args.seeds or (2 if quick else 5)
@@ -622,6 +669,8 @@ def main(argv=None) -> dict:
     # one thread per process: on a loaded machine, OpenMP threads spinning on busy cores slow a step many-fold
     torch.set_num_threads(args.threads)
     cache = args.cache_dir / f"runs_{out.stem}.jsonl"
+    if args.fresh and args.cached_only:
+        parser.error("--fresh ignores the run cache that --cached-only reads: give one of them")
     if args.fresh and cache.is_file():
         cache.unlink()
     cached = load_cached_runs(cache)
@@ -663,13 +712,14 @@ def main(argv=None) -> dict:
                 best[(t, o)] = min(scores, key=lambda lr: (scores[lr], lr))
         return best
 
-    sweep_runs = run_jobs(sweep_jobs(lambda t, o: grids[(t, o)]), args.workers, "sweep", cache, cached)
+    missing = [] if args.cached_only else None
+    sweep_runs = run_jobs(sweep_jobs(lambda t, o: grids[(t, o)]), args.workers, "sweep", cache, cached, missing)
     best = best_of(sweep_runs, lambda t, o: grids[(t, o)])
     swept = {(t, o): list(grids[(t, o)]) for t in args.tasks for o in args.optimizers}
     if args.refine and not quick:
         for key, lr in best.items():
             swept[key] = sorted(set(swept[key]) | {float(f"{lr * f:.3g}") for f in REFINE_FACTORS})
-        sweep_runs = run_jobs(sweep_jobs(lambda t, o: swept[(t, o)]), args.workers, "refine", cache, cached)
+        sweep_runs = run_jobs(sweep_jobs(lambda t, o: swept[(t, o)]), args.workers, "refine", cache, cached, missing)
         best = best_of(sweep_runs, lambda t, o: swept[(t, o)])
 
     # 2. all seeds at the best lr; 3. ablation
@@ -696,7 +746,7 @@ def main(argv=None) -> dict:
         if args.long and not args.no_ablation else {}
     jobs += [job(t, optimizer=o, lr=best[(t, o)], seed=s, variant=name, overrides=overrides)
              for t in args.tasks for name, (o, overrides) in long_ablation.items() for s in range(ablation_seeds)]
-    more_runs = run_jobs(jobs, args.workers, "seeds+ablation", cache, cached)
+    more_runs = run_jobs(jobs, args.workers, "seeds+ablation", cache, cached, missing)
     all_runs = sweep_runs + more_runs
 
     tasks_out = {}
@@ -708,7 +758,8 @@ def main(argv=None) -> dict:
         for o in args.optimizers:
             runs = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == o and r["variant"] is None
                     and r["lr"] == best[(t, o)] and r["seed"] < seeds}
-            results[o] = summarize([runs[s] for s in sorted(runs)])
+            if runs:  # none only with --cached-only
+                results[o] = summarize([runs[s] for s in sorted(runs)])
         if "AdamW" in results and results["AdamW"]["mean"] is not None:
             target = results["AdamW"]["mean"]
             for o, res in results.items():
@@ -717,18 +768,22 @@ def main(argv=None) -> dict:
         if t in ablation_tasks and variants[t]:
             full = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == ablated and r["variant"] is None
                     and r["lr"] == best[(t, ablated)] and r["seed"] < ablation_seeds}
-            ablation["full (recipe)"] = dict(summarize([full[s] for s in sorted(full)]), overrides={})
+            if full:
+                ablation["full (recipe)"] = dict(summarize([full[s] for s in sorted(full)]), overrides={})
             for v, overrides in variants[t].items():
                 runs = {r["seed"]: r for r in all_runs if r["task"] == t and r["variant"] == v
                         and r["optimizer"] == ablated and r["lr"] == best[(t, ablated)] and r["seed"] < ablation_seeds}
-                ablation[v] = dict(summarize([runs[s] for s in sorted(runs)]), overrides=overrides)
+                if runs and full:
+                    ablation[v] = dict(summarize([runs[s] for s in sorted(runs)]), overrides=overrides)
         for name, (o, overrides) in long_ablation.items():
             base = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == o and r["variant"] is None
                     and r["lr"] == best[(t, o)] and r["seed"] < ablation_seeds}
             runs = {r["seed"]: r for r in all_runs if r["task"] == t and r["variant"] == name and r["optimizer"] == o
                     and r["lr"] == best[(t, o)] and r["seed"] < ablation_seeds}
-            ablation[name] = dict(summarize([runs[s] for s in sorted(runs)]), overrides=overrides, optimizer=o,
-                                  reference=summarize([base[s] for s in sorted(base)]))
+            paired = [s for s in sorted(runs) if s in base]  # the reference on the same seeds as the variant
+            if paired:
+                ablation[name] = dict(summarize([runs[s] for s in paired]), overrides=overrides, optimizer=o,
+                                      reference=summarize([base[s] for s in paired]))
         recipe = get_task(t, str(args.cache_dir), args.device, quick).recipe
         tasks_out[t] = {"description": descriptions[t], **schedules[t],
                         "lr_grid": {o: swept[(t, o)] for o in args.optimizers},
@@ -747,6 +802,8 @@ def main(argv=None) -> dict:
                  "sweep_seeds": sweep_seeds, "ablation_seeds": ablation_seeds, "min_8bit_size": MIN_8BIT_SIZE,
                  "sweep_factors": list(factors), "refine_factors": list(REFINE_FACTORS) if args.refine else [],
                  "grad_clip": 1.0, "runs_cache": str(cache),
+                 "missing_runs": None if missing is None else [
+                     {k: j[k] for k in ("task", "optimizer", "variant", "lr", "seed")} for j in missing],
                  "machine": machine_info(args),
                  "protocol": __doc__.split("Protocol (the same for every optimizer):", 1)[1].split("    python")[0].strip()},
         "tasks": tasks_out,

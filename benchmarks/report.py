@@ -133,8 +133,12 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
         steps = data.get("steps", meta["steps"])
         schedule = "constant lr" if data.get("warmup", meta.get("warmup")) is None else \
             f"{data.get('warmup', meta.get('warmup')):.0%} warm-up + cosine"
-        lines += [f"{steps} steps, {schedule}, {len(next(iter(results.values()))['final'])} seeds at each optimizer's "
-                  f"best lr. *vs {ref_name}*: paired difference of the final held-out loss (2-standard-error rule).", "",
+        counts = sorted({len(r["final"]) for r in results.values()})
+        seeds = (f"{counts[0]} seeds" if len(counts) == 1 else
+                 f"{counts[0]}–{counts[-1]} seeds (n after the loss: an interrupted run, gathered with --cached-only)")
+        lines += [f"{steps} steps, {schedule}, {seeds} at each optimizer's "
+                  f"best lr. *vs {ref_name}*: paired difference of the final held-out loss (2-standard-error rule; "
+                  "unpaired where the seeds differ).", "",
                   "| optimizer | best lr | final eval loss (mean ± std) | vs " + ref_name + " | " +
                   ("accuracy | " if has_acc else "") + "best-step loss | train/held-out gap | update RMS/lr | "
                   "steps to AdamW's final | step ms | state B/param |",
@@ -151,6 +155,8 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
             reach = "not reached" if reach is None else str(reach)
             mean = f"{fmt(r['mean'])} ± {fmt(r['std'])}" if r["mean"] is not None else \
                 f"diverged in {r['diverged_runs']} of {len(r['final'])} seeds"
+            if len(counts) > 1:
+                mean += f" (n={len(r['final'])})"
             acc = (f"{fmt(r.get('accuracy_mean'), 3)} ± {fmt(r.get('accuracy_std'), 3)} | " if has_acc else "")
             lines.append(f"| {o} | {r['lr']:g} | {mean} | {vs} | {acc}{fmt(r.get('best_eval_mean'))} | "
                          f"{fmt(r.get('gap_mean'))} | {fmt(r.get('update_rms_median'), 2)} | {reach} | "
@@ -282,31 +288,104 @@ def ablation_section(conv: dict, docs: Path, plots: bool, variant: str = "") -> 
     return lines
 
 
-def overfitting_section(conv: dict) -> list[str]:
-    """Per task: final vs best-step held-out loss, train/held-out gap, seed spread and late-run spread."""
+def overfitting_section(conv: dict, docs: Path | None = None, plots: bool = False, variant: str = "") -> list[str]:
+    """Per task: final vs best-step held-out loss, train/held-out gap, and the stability figures: the spread over
+    seeds and the fluctuation within a run over the last 20 % of steps (JSONs written before those two existed
+    show their pooled spread instead). With ``plots`` (long runs): the gap along the run and the stability bars."""
     lines = []
     for task, data in conv["tasks"].items():
         results = data["results"]
         if not any("best_eval_mean" in r for r in results.values()):
             continue
+        split = any(r.get("late_time_std") is not None for r in results.values())
         steps = data.get("steps", conv["meta"]["steps"])
+        spread_cols = "seed spread, last 20 % | fluctuation, last 20 % |" if split else "spread over the last 20 % |"
         lines += [f"### {task}: overfitting and stability ({steps} steps)", "",
                   "| optimizer | lr | final held-out loss (mean ± seed std) | best-step loss | best step (per seed) | "
-                  "final − best | train/held-out gap | spread over the last 20 % |", "|---|---|---|---|---|---|---|---|"]
+                  "final − best | train/held-out gap | " + spread_cols,
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if split else "")]
         for o, r in sorted(results.items(), key=lambda kv: (kv[1]["mean"] is None, kv[1]["mean"] or 0)):
             if r.get("best_eval_mean") is None:
                 lines.append(f"| {o} | {r['lr']:g} | diverged in {r['diverged_runs']} of {len(r['final'])} seeds "
-                             "| | | | | |")
+                             "| | | | |" + (" |" if split else "") + " |")
                 continue
+            spread = (f"{fmt(r.get('late_seed_std'))} | {fmt(r.get('late_time_std'))} |" if split
+                      else f"{fmt(r.get('last20_spread'))} |")
             lines.append(f"| {o} | {r['lr']:g} | {fmt(r['mean'])} ± {fmt(r['std'])} | {fmt(r['best_eval_mean'])} | "
                          f"{', '.join(str(x) for x in r['best_eval_step'])} | {r['mean'] - r['best_eval_mean']:+.4f} | "
-                         f"{fmt(r.get('gap_mean'))} | {fmt(r.get('last20_spread'))} |")
+                         f"{fmt(r.get('gap_mean'))} | {spread}")
         lines += ["", "*final − best*: how much held-out loss the run gave back after its best evaluation (0: still "
                   "improving at the end); *train/held-out gap*: final held-out loss minus the mean training loss "
-                  "of the last 10 % of steps; *spread over the last 20 %*: standard deviation of the held-out loss "
-                  "over the evaluations in the last 20 % of steps and over seeds (training stability); *± seed std*: "
-                  "the spread of the final loss over seeds.", ""]
+                  "of the last 10 % of steps; "
+                  + ("*seed spread, last 20 %*: standard deviation over seeds of the held-out loss, averaged over the "
+                     "evaluations in the last 20 % of steps; *fluctuation, last 20 %*: standard deviation of each "
+                     "seed's held-out loss around its straight-line trend over those evaluations, averaged over seeds "
+                     "(training stability: both small means a run ends where another seed's run ends, and settles); "
+                     if split else
+                     "*spread over the last 20 %*: standard deviation of the held-out loss over the evaluations in "
+                     "the last 20 % of steps and over seeds (training stability); ")
+                  + "*± seed std*: the spread of the final loss over seeds.", ""]
+        if plots and docs is not None and split:
+            gap_png = docs / f"convergence{variant}_overfitting_{task}.png"
+            stability_png = docs / f"convergence{variant}_stability_{task}.png"
+            plot_gap(task, results, gap_png)
+            plot_stability(task, results, stability_png)
+            lines += [f"![{task} train/held-out gap along the run]({gap_png.name})", "",
+                      f"![{task} stability]({stability_png.name})", ""]
     return lines
+
+
+def plot_gap(task: str, results: dict, path: Path) -> None:
+    """Held-out loss minus the training loss of the steps before each evaluation, mean over seeds, per optimizer:
+    a gap that grows late in the run is overfitting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, res) in enumerate(results.items()):
+        train = res.get("train_curve") or []
+        points = [(s, m - t) for s, m, t in zip(res["eval_steps"], res["mean_curve"], train) if t is not None]
+        if not points:
+            continue
+        hina = name.startswith(HINA_PREFIXES)
+        ax.plot(*zip(*points), label=f"{name} (lr {res['lr']:g})", color=cmap(i), lw=1.8 if hina else 1.4,
+                ls="-" if hina else "--")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("held-out − training loss (mean over seeds)")
+    ax.set_title(f"{TASK_TITLES.get(task, task)}: train/held-out gap")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def plot_stability(task: str, results: dict, path: Path) -> None:
+    """Per optimizer, two bars: the spread over seeds and the fluctuation within a run, both over the last 20 % of
+    steps (``convergence.summarize``'s ``late_seed_std`` and ``late_time_std``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results.items() if r.get("late_time_std") is not None]
+    names.sort(key=lambda n: results[n]["mean"])
+    seed = [results[n].get("late_seed_std") or 0.0 for n in names]
+    time_ = [results[n]["late_time_std"] for n in names]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.6))
+    y = range(len(names))
+    ax.barh([i - 0.2 for i in y], seed, height=0.4, color="tab:blue", label="spread over seeds")
+    ax.barh([i + 0.2 for i in y], time_, height=0.4, color="tab:orange", label="fluctuation within a run")
+    ax.set_yticks(list(y), [f"{n} (lr {results[n]['lr']:g})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("standard deviation of the held-out loss over the last 20 % of steps (lower is steadier)")
+    ax.set_title(f"{TASK_TITLES.get(task, task)}: training stability")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
 
 
 def long_ablation_section(conv: dict) -> list[str]:
@@ -371,6 +450,7 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
               f"- 8-bit states threshold set to {meta.get('min_8bit_size')} elements for AdamW8bit and the 8-bit Hina "
               "optimizers (the tiny adapters' tensors are below the libraries' default thresholds, which would "
               "silently keep fp32 states)", "",
+              *missing_runs_lines(meta),
               "Protocol:", "", meta["protocol"], "",
               "Columns: *final eval loss* is the held-out loss after the last step; *vs AdamW* is the difference of "
               "means with the verdict of the 2-standard-error rule (paired over seeds: same seed = same batches, noise "
@@ -388,7 +468,7 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
     long_ablation = long_ablation_section(conv)
     if long_ablation:
         lines += ["## Long horizon: the features written for long runs, switched off", ""] + long_ablation
-    overfitting = overfitting_section(conv)
+    overfitting = overfitting_section(conv, docs, plots and meta["mode"] == "long", variant)
     if overfitting:
         lines += ["## Overfitting and stability", ""] + overfitting
     if with_speed:
@@ -420,6 +500,19 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
                   "at 800–1200 steps) do not reach those phases within these runs; they run at their constructor "
                   "defaults (only the lr is swept), which is what a user gets.", ""]
     return [("#" + line) if line.startswith("#") else line for line in lines]
+
+
+def missing_runs_lines(meta: dict) -> list[str]:
+    """The runs a --cached-only gathering left out (not finished when the run was stopped), named."""
+    missing = meta.get("missing_runs")
+    if not missing:
+        return []
+    seeds: dict[str, list[int]] = {}
+    for m in missing:
+        name = f"{m['task']} {m['optimizer']}" + (f" ({m['variant']})" if m["variant"] else "") + f" lr {m['lr']:g}"
+        seeds.setdefault(name, []).append(m["seed"])
+    return [f"- **{len(missing)} planned runs did not finish and are left out** (gathered with `--cached-only`): "
+            + "; ".join(f"{name} seeds {', '.join(map(str, sorted(s)))}" for name, s in seeds.items()), ""]
 
 
 def findings_block(path: Path) -> list[str]:

@@ -53,19 +53,39 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
 
         # the long-horizon mode (issue 15) at tiny settings: the quick run's best lr, warm-up + cosine, the
         # long-horizon features switched off in turn (the lower-neighbour grid: test_long_grids_merge_...)
+        # 10 steps, evaluated every step, 2 seeds: three evaluations in the last 20 %, so the stability figures exist
         long_out = tmp_path / "convergence_long_quick.json"
-        long = conv.main(["--long", "--quick", "--long-best-only", "--steps", "4", "--eval-every", "2", "--workers",
-                          "1", "--seeds", "1", "--tasks", "llm_lora", "--best-from", str(out), "--cache-dir", cache,
-                          "--out", str(long_out),
-                          "--optimizers", "AdamW", "HinaAdamW", "Automagic_CameAMP_COptim8bit"])
+        long_args = ["--long", "--quick", "--long-best-only", "--steps", "10", "--eval-every", "1", "--workers", "1",
+                     "--tasks", "llm_lora", "--best-from", str(out), "--cache-dir", cache, "--out", str(long_out),
+                     "--optimizers", "AdamW", "HinaAdamW", "Automagic_CameAMP_COptim8bit"]
+        long = conv.main(long_args + ["--seeds", "2"])
         assert long["meta"]["mode"] == "long" and long["meta"]["warmup"] == 0.05
+        assert long["meta"]["missing_runs"] is None
         block = long["tasks"]["llm_lora"]
         assert block["lr_grid"]["AdamW"] == [0.001]  # the quick run's best, alone
         (name,) = block["ablation"]  # only HinaAdamW's feature: the Automagic rows need their own optimizers
-        assert name == "HinaAdamW: no dynamic wd" and block["ablation"][name]["reference"]["seeds"] == [0]
+        assert name == "HinaAdamW: no dynamic wd" and block["ablation"][name]["reference"]["seeds"] == [0, 1]
+        for res in block["results"].values():  # the overfitting and stability views
+            assert res["late_seed_std"] >= 0 and res["late_time_std"] >= 0
+            assert res["train_curve"][0] is None and len(res["train_curve"]) == len(res["eval_steps"]) == 11
+            assert all(math.isfinite(v) for v in res["train_curve"][1:])
         report.main(["--convergence", str(long_out), "--docs", str(docs)])
         text = (docs / "BENCHMARKS_long_quick.md").read_text()
         assert "long-horizon features switched off" in text and "overfitting and stability" in text
+        assert "fluctuation, last 20 %" in text and "did not finish" not in text
+        assert (docs / "convergence_long_quick_stability_llm_lora.png").stat().st_size > 0
+        assert (docs / "convergence_long_quick_overfitting_llm_lora.png").stat().st_size > 0
+
+        # gathering an interrupted run: --cached-only trains nothing, keeps the finished seeds, names the rest
+        gathered = conv.main(long_args + ["--seeds", "3", "--cached-only"])
+        missing = gathered["meta"]["missing_runs"]
+        assert sorted((m["optimizer"], m["variant"] or "", m["seed"]) for m in missing) == [
+            ("AdamW", "", 2), ("Automagic_CameAMP_COptim8bit", "", 2), ("HinaAdamW", "", 2),
+            ("HinaAdamW", "HinaAdamW: no dynamic wd", 2)]
+        assert gathered["tasks"]["llm_lora"]["results"] == block["results"]
+        report.main(["--convergence", str(long_out), "--docs", str(docs)])
+        text = (docs / "BENCHMARKS_long_quick.md").read_text()
+        assert "4 planned runs did not finish" in text and "llm_lora AdamW lr 0.001 seeds 2" in text
     finally:
         torch.set_num_threads(threads)  # main() sets one thread per process
 
@@ -127,6 +147,18 @@ def _bench_module(name):
         return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_stability_and_gap_helpers_against_values_worked_by_hand():
+    """detrended_std: the spread around the least-squares line (a straight line has none; 1, 3, 2 over 0, 1, 2 has
+    the line 1.5 + 0.5x, residuals -0.5, 1, -0.5: pstdev sqrt(0.5)); interval_means: per seed the mean training
+    loss since the previous evaluation, then the mean over seeds."""
+    conv = _bench_module("convergence")
+    assert conv.detrended_std([0, 1, 2, 3], [5.0, 4.0, 3.0, 2.0]) == 0.0
+    assert math.isclose(conv.detrended_std([0, 1, 2], [1.0, 3.0, 2.0]), math.sqrt(0.5))
+    train = [[4.0, 2.0, 3.0, 1.0], [2.0, 2.0, 1.0, 1.0]]
+    assert conv.interval_means([0, 2, 4], train) == [None, 2.5, 1.5]  # (3 + 2) / 2, (2 + 1) / 2
+    assert conv.interval_means([0, 2], []) == [None, None]
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
