@@ -1,10 +1,11 @@
 """8-bit blockwise codec speed: library.hina.quant (eager and torch.compile'd) vs bitsandbytes.
 
-Times one encode + decode round trip of a flat float32 state (default 1M elements, unsigned map, like
-Adam's second moment) and prints nanoseconds per element, median of ``--repeats`` runs after warm-up:
+Times one encode + decode round trip (or, with ``--encode-only``, one encode) of a flat float32 state
+(default 1M elements, unsigned map, like Adam's second moment) and prints nanoseconds per element, median of
+``--repeats`` runs after warm-up:
 
     OMP_NUM_THREADS=2 python benchmarks/quant_speed.py [--n 1048576] [--block 2048] [--device cpu]
-                                                      [--signed] [--threads N] [--repeats 30]
+                                                      [--signed] [--encode-only] [--threads N] [--repeats 30]
 
 Read the ratios between rows of one run, not the absolute figures.
 """
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--signed", action="store_true", help="signed map (first moment); default unsigned")
+    parser.add_argument("--encode-only", action="store_true", help="time the encode alone, not the round trip")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
@@ -59,7 +61,7 @@ def main() -> None:
 
     def ours(values):
         codes, absmax = quant.encode(values, qmap, args.block, args.signed)
-        return quant.decode(codes, absmax, qmap, args.block)
+        return codes if args.encode_only else quant.decode(codes, absmax, qmap, args.block)
 
     rows = [("hina quant, eager", ours), ("hina quant, torch.compile", torch.compile(ours, dynamic=False))]
     try:
@@ -67,14 +69,15 @@ def main() -> None:
 
         def theirs(values):
             codes, state = bnb_functional.quantize_blockwise(values, code=qmap, blocksize=args.block)
-            return bnb_functional.dequantize_blockwise(codes, state)
+            return codes if args.encode_only else bnb_functional.dequantize_blockwise(codes, state)
 
         rows.append(("bitsandbytes quantize/dequantize_blockwise", theirs))
     except ImportError:
         print("bitsandbytes not installed: its row is skipped")
 
+    timed = "encode" if args.encode_only else "encode + decode"
     print(f"device {args.device}, threads {torch.get_num_threads()}, n {args.n}, block {args.block}, "
-          f"{'signed' if args.signed else 'unsigned'} map; encode + decode, ns/element (median of {args.repeats})")
+          f"{'signed' if args.signed else 'unsigned'} map; {timed}, ns/element (median of {args.repeats})")
     for label, fn in rows:
         print(f"  {label:45s} {_median_ns_per_element(fn, x, args.repeats):8.2f}")
 

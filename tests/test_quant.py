@@ -195,23 +195,67 @@ def test_codes_next_to_decade_thresholds_are_the_exact_nearest(signed):
     assert ((decoded - x).abs() <= (best - x).abs() * (1 + 1e-6))[~kept_off_zero].all()
 
 
+NEAR_TIE_ULPS = 4  # encode's arithmetic rounding may pick the other neighbour only this close to a midpoint
+
+
+def _steps_from(values: torch.Tensor, towards: float, count: int) -> torch.Tensor:
+    """``values`` moved by 1..count float32 steps towards ``towards``, (count, n)."""
+    out, current = [], values
+    for _ in range(count):
+        current = torch.nextafter(current, torch.full_like(current, towards))
+        out.append(current)
+    return torch.stack(out)
+
+
+def _in_blocks_of_max_one(a: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Values ``a`` in [0, 1] laid out in blocks whose last element is 1.0, so ``|x| / absmax`` is ``a`` exactly."""
+    a = torch.cat([a, torch.zeros((-a.numel()) % (block - 1))]).reshape(-1, block - 1)
+    return torch.cat([a, torch.ones(a.shape[0], 1)], dim=1).reshape(-1)
+
+
 @pytest.mark.parametrize("signed", [True, False])
-def test_midpoint_table_is_the_exact_rounding_threshold(signed):
-    """encode's one lookup: mid[i] is the largest float32 <= the midpoint of codes i and i + 1, so a value at
-    mid[i] rounds down (a tie goes to the lower code) and the next float32 above it rounds up."""
+def test_codes_differ_from_exact_nearest_only_at_near_ties(signed):
+    """encode rounds arithmetically within a decade, so at a float near-tie it may pick the other neighbour:
+    every code is the exact nearest (argmin over the map) except within NEAR_TIE_ULPS float32 steps of the
+    midpoint between two codes, and there it is one of those two. Probed densely: every midpoint +- 32 steps,
+    every code, and 2^16 log-uniform values over 10^-9..1."""
     qmap = quant.dynamic_map(signed, "cpu")
-    mid = quant.midpoints(signed, "cpu")[:255]
+    mid = quant.midpoints(signed, "cpu")
+    g = torch.Generator().manual_seed(11)
+    a = torch.cat([mid, _steps_from(mid, 0.0, 32).reshape(-1), _steps_from(mid, 2.0, 32).reshape(-1), qmap.abs(),
+                   torch.pow(10.0, -9 * torch.rand(1 << 16, generator=g))]).clamp(0.0, 1.0)
+    x = _in_blocks_of_max_one(a)
+    if signed:
+        x = x * torch.where(torch.rand(x.numel(), generator=g) < 0.5, -1.0, 1.0)
+        x.view(-1, 256)[:, -1] = 1.0
+    codes = quant.encode(x, qmap, 256, signed)[0].long()
+    exact = (qmap[None, :].double() - x[:, None].double()).abs().argmin(dim=1)  # absmax is 1.0: no scaling
+    exact = torch.where((x > 0) & (exact == 0) & (not signed), 1, exact)  # the unsigned no-zero-point rule
+    ulps_to_midpoint = ((x.abs()[:, None].double() - mid[None, :].double()).abs().min(dim=1).values
+                        / (torch.nextafter(x.abs(), torch.full_like(x, 2.0)) - x.abs()).double())
+    differs = codes != exact
+    assert differs.any(), "the probe should reach some near-ties"
+    assert (ulps_to_midpoint[differs] <= NEAR_TIE_ULPS).all(), x[differs][ulps_to_midpoint[differs] > NEAR_TIE_ULPS]
+    assert ((codes - exact).abs() <= 1).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_region_thresholds_are_exact(signed):
+    """Between decades (and next to 0 and 1.0) encode compares with exact rounding thresholds: a value at
+    mid[i] (the largest float32 <= the midpoint of codes i and i + 1) gets code i, the next float32 code i + 1."""
+    qmap = quant.dynamic_map(signed, "cpu")
+    mid = quant.midpoints(signed, "cpu")
     exact = (qmap[:-1].double() + qmap[1:].double()) / 2
     above = torch.nextafter(mid, torch.full_like(mid, 2.0))
     assert (mid.double() <= exact).all() and (above.double() > exact).all()
-    start = 128 if signed else 1  # positive codes with a positive neighbour above (the mirrored side is tested above)
-    index = torch.arange(start, 255)
-    x = torch.stack([mid[index], above[index]], dim=1)  # each pair in its own 64-element block of max 1.0
-    blocks = torch.cat([x, torch.zeros(len(index), 61), torch.ones(len(index), 1)], dim=1).reshape(-1)
-    codes, absmax = quant.encode(blocks, qmap, 64, signed)
-    codes = codes.reshape(-1, 64).long()
-    assert (absmax == 1.0).all()
-    assert torch.equal(codes[:, 0], index) and torch.equal(codes[:, 1], index + 1)
+    first_codes = [start for start, _ in quant._region_layout(signed)[1:]]
+    index = torch.tensor(first_codes) - 1  # the last code of each region but the last one
+    codes = quant.encode(_in_blocks_of_max_one(torch.stack([mid[index], above[index]], dim=1).reshape(-1)),
+                         qmap, 256, signed)[0].long()
+    expected = torch.stack([index, index + 1], dim=1)
+    if not signed:  # below the first positive code: the no-zero-point rule gives code 1 (tested above)
+        expected = expected.clamp(min=1)
+    assert torch.equal(codes[: 2 * len(index)].view(-1, 2), expected)
 
 
 def test_bad_block_size_is_a_clear_error():

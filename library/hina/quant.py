@@ -11,19 +11,21 @@ same float32 arithmetic; a test checks it bit for bit), so codes written by
 ``bitsandbytes.functional.quantize_blockwise`` with the same map and block size decode here exactly as
 ``dequantize_blockwise`` decodes them, and today's state_dicts stay loadable.
 
-Why not ``torch.bucketize``: it is slow in CPU inductor. The map has a fixed layout, so the code is
-computed arithmetically. For ``a = |x| / absmax`` in decade ``i`` (``10^(i-7) <= a < 10^(i-6)``,
-``i = 0..6``), the map holds ``k_i = 2^i`` (signed) or ``2^(i+1)`` (unsigned) codes
-``10^(i-6) * (0.1 + 0.9 (j + 1/2) / k_i)``, ``j = 0..k_i-1``, at consecutive indices; ``1.0`` is the last
-code and ``0`` sits at index 127 (signed, negatives mirrored below it) or 0 (unsigned). The index of the
-largest code ``<= a`` is ``start_i + floor((a / 10^(i-6) - 0.1) k_i / 0.9 - 1/2)``; the nearer of that
-code and the next one is the result, decided by one lookup in a table of the midpoints between neighbouring
-codes (``a`` above the midpoint: the upper code; a tie: the lower). Each midpoint is computed in float64
-from the float32 codes (exact) and rounded down to float32, so ``a > midpoint`` is the exact comparison for
-every float32 ``a``. Rounding error in the floor arithmetic can move the index by one only when ``a`` lies
-next to a code, where both candidate pairs contain that code, so the result is the nearest code (tests
-compare with bitsandbytes elementwise). One lookup instead of the two code values halves the gathers,
-which CPU inductor cannot vectorise (encode measured 2.2x faster, same codes).
+Why not ``torch.bucketize`` or a table lookup: CPU inductor compiles ``bucketize`` slowly and scalarises
+gathers. The map has a fixed layout, so the code is computed arithmetically. For ``a = |x| / absmax``,
+the positive codes fall into 9 regions of evenly spaced codes: the zero code, decades ``i = 0..6``
+(``10^(i-7) <= code < 10^(i-6)``) holding ``k_i = 2^i`` (signed) or ``2^(i+1)`` (unsigned) codes
+``10^(i-6) * (0.1 + 0.9 (j + 1/2) / k_i)``, ``j = 0..k_i-1``, at consecutive indices, and the code ``1.0``;
+``0`` sits at index 127 (signed, negatives mirrored below it) or 0 (unsigned). The region of ``a`` is found
+by comparing ``a`` with the exact rounding thresholds between regions (the largest float32 ``<=`` the
+midpoint of one region's last code and the next one's first, computed in float64 from the float32 codes), so
+a value between two decades goes to the nearer code, ties to the lower. Within the region the code is
+``min(start + round((a - first) * inverse_spacing), last)``: ``a`` lies at most 0.36 spacings below the
+region's first code (the rounding never goes below it) but up to 1.5 spacings above its last, hence the
+``min``. All constants come from one compare/select chain on scalars (no tensor indexing). The float32 codes
+are not exactly evenly spaced and the arithmetic rounds, so within a decade the code can be the other
+neighbour of the exact nearest one, only where ``a`` lies within a few float32 steps of the midpoint between
+them (tested: at most 4 steps).
 
 Behaviour at the edges (tested):
 
@@ -43,17 +45,18 @@ Behaviour at the edges (tested):
 
 All functions are functional (no in-place writes to their inputs), have no host synchronisation and no
 Python loop over blocks, so they trace into one fused kernel under ``torch.compile``; compiled and
-eager results are bit-identical (tested): the final choice compares exact map values, so a different
-rounding of the index arithmetic under compilation cannot change a code.
+eager results are bit-identical (tested): both pick the region by the same comparisons, take the same
+float32 constants, and the code arithmetic (a subtraction, then a product, then rounding) leaves no
+multiply-add for the compiler to contract.
 
-Measured (``OMP_NUM_THREADS=2 python benchmarks/quant_speed.py [--signed]``; 1M float32 elements, block
-2048, this project's 2-core CPU while other jobs loaded it (load average 13-15), so read the ratios within
-one run, not nanoseconds), encode + decode per element: unsigned map: compiled 47 ns, bitsandbytes
-``quantize_blockwise`` + ``dequantize_blockwise`` 70 ns (0.68x), eager 834 ns; signed map: compiled 46 ns,
-bitsandbytes 72 ns (0.63x), eager 708 ns. Compiled, encode and decode fuse into a few vectorised loops;
-eager runs ~30 separate ops and is meant only as the fallback. (Those figures predate the one-lookup encode
-and the word-wise code reads, each faster in single-thread development measurements; quant_speed.py has
-not been re-run since.)
+Measured (``OMP_NUM_THREADS=1 python benchmarks/quant_speed.py --threads 1 --encode-only [--signed]``; 1M
+float32 elements, block 2048, 1 thread, this project's 2-core CPU while other jobs loaded it (load average
+~6), so read the ratios within one run, not nanoseconds): compiled encode 1.8 ns/element unsigned, 1.5
+signed, bitsandbytes ``quantize_blockwise`` 9.6 / 5.7 (0.19x / 0.27x); the previous encode (one lookup in a
+table of all 255 midpoints after a floor estimate) measured 6.7 / 6.7 vs bitsandbytes 12.9 / 13.4 (0.52x /
+0.50x) in the same conditions. Same process, interleaved runs, thread CPU time, 1 thread: 3.4 -> 1.9 ms per
+1M-element encode (unsigned), 3.3 -> 1.8 (signed); a whole HinaAdamW 8-bit defaults step on the SD1.5 r16
+set, 1 thread: 145 -> 127 ms thread CPU time. Eager (~30 separate ops) is meant only as the fallback.
 """
 
 from __future__ import annotations
@@ -83,40 +86,54 @@ def _build_dynamic_map(signed: bool) -> torch.Tensor:
     return qmap.sort().values
 
 
-def _decade_constants(signed: bool) -> list[tuple[float, float]]:
-    """Per decade i = 0..6 of the map: (slope, offset) with floor index = floor(a * slope + offset)."""
-    zero_index, first_items = (127, 1) if signed else (0, 2)
-    constants = []
-    for decade in range(_MAX_EXPONENT):
-        items = first_items * 2 ** decade                # codes in this decade
-        start = zero_index + 1 + items - first_items     # index of its first code
-        scale = 10.0 ** (decade - (_MAX_EXPONENT - 1))   # its codes are scale * (0.1 .. 1)
-        constants.append((items / (0.9 * scale), start - 0.1 * items / 0.9 - 0.5))
-    return constants
-
-
-_DECADE_THRESHOLDS = [10.0 ** exponent for exponent in range(-(_MAX_EXPONENT - 1), 0)]  # 1e-6 .. 1e-1
-_DECADE_CONSTANTS = {signed: _decade_constants(signed) for signed in (True, False)}
-
-
 def _build_midpoints(qmap: torch.Tensor) -> torch.Tensor:
-    """float32[256]: entry ``i`` is the largest float32 ``<=`` the midpoint of codes ``i`` and ``i + 1`` (so, for
-    a float32 ``a``, ``a > mid[i]`` exactly when ``a`` is nearer code ``i + 1``); the last entry is never read
-    (the index is clamped to 254) and is 2.0."""
+    """float32[255]: entry ``i`` is the largest float32 ``<=`` the midpoint of codes ``i`` and ``i + 1``, so for a
+    float32 ``a``, ``a > mid[i]`` exactly when ``a`` is nearer code ``i + 1`` (a tie goes to code ``i``)."""
     exact = (qmap[:-1].double() + qmap[1:].double()) / 2.0  # exact: float32 sums fit in float64
     rounded = exact.float()
-    rounded = torch.where(rounded.double() > exact, torch.nextafter(rounded, torch.full_like(rounded, -1.0)), rounded)
-    return torch.cat([rounded, torch.full((1,), 2.0)])
+    return torch.where(rounded.double() > exact, torch.nextafter(rounded, torch.full_like(rounded, -1.0)), rounded)
 
 
+def _region_layout(signed: bool) -> list[tuple[int, int]]:
+    """``(index of its first code, number of codes)`` of each run of evenly spaced codes in ``a`` = |x| / absmax:
+    the zero code, the 7 decades, the code 1.0, in increasing order."""
+    zero_index, first_items = (127, 1) if signed else (0, 2)
+    layout, start = [(zero_index, 1)], zero_index + 1
+    for decade in range(_MAX_EXPONENT):
+        items = first_items * 2 ** decade
+        layout.append((start, items))
+        start += items
+    assert start == 255, start
+    return layout + [(255, 1)]
+
+
+def _build_regions(signed: bool) -> list[tuple[float, float, float, float, float]]:
+    """Per region of ``_region_layout``: ``(threshold, first, inverse spacing, start, last)`` as float32 values.
+
+    A value ``a`` lies in the last region whose ``threshold < a`` (the first region's threshold is -inf); the
+    threshold is the rounding threshold between the previous region's last code and this one's first, so the
+    region holds exactly the values whose nearest code is one of its own. The code is then
+    ``min(start + round((a - first) * inverse spacing), last)``.
+    """
+    qmap = _build_dynamic_map(signed)
+    mid = _build_midpoints(qmap)
+    regions = []
+    for start, items in _region_layout(signed):
+        first, last = qmap[start].double(), qmap[start + items - 1].double()
+        inverse_spacing = (items - 1) / (last - first) if items > 1 else 0.0
+        threshold = float("-inf") if not regions else mid[start - 1].item()
+        as_float32 = torch.tensor([threshold, first, inverse_spacing, start, start + items - 1], dtype=torch.float32)
+        regions.append(tuple(as_float32.tolist()))
+    return regions
+
+
+_REGIONS = {signed: _build_regions(signed) for signed in (True, False)}
 _MIDPOINTS: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
 
 def midpoints(signed: bool, device) -> torch.Tensor:
-    """The rounding thresholds between neighbouring codes of ``dynamic_map(signed, device)``, cached.
-
-    ``dynamic_map`` fills this cache for its device, outside any compiled region, so ``encode`` only reads it.
-    """
+    """The exact rounding thresholds between neighbouring codes of ``dynamic_map(signed, device)`` (float32[255],
+    see ``_build_midpoints``), cached. ``encode`` reads only the ones between regions; tests use them all."""
     key = (bool(signed), torch.device(device))
     if key not in _MIDPOINTS:
         _MIDPOINTS[key] = _build_midpoints(_build_dynamic_map(bool(signed))).to(key[1])
@@ -132,38 +149,35 @@ def dynamic_map(signed: bool, device) -> torch.Tensor:
     key = (bool(signed), torch.device(device))
     if key not in _DYNAMIC_MAPS:
         _DYNAMIC_MAPS[key] = _build_dynamic_map(bool(signed)).to(key[1])
-        midpoints(*key)  # encode's rounding table, built here (eagerly) rather than while tracing
         _BYTE_SHIFTS.setdefault(key[1], _byte_shifts(key[1]))
     return _DYNAMIC_MAPS[key]
 
 
-_DECADE_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_REGION_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, ...]] = {}
 
 
-def _decade_slope_offset(a: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per element of ``a`` in [0, 1]: its decade's (slope, offset), floor index = floor(a * slope + offset).
+def _region_constants(a: torch.Tensor, signed: bool) -> tuple[torch.Tensor, ...]:
+    """Per element of ``a`` in [0, 1]: its region's ``(first, inverse spacing, start, last)`` (``_build_regions``).
 
-    Decade i holds 10^(i-7) <= a < 10^(i-6), clamped to 0..6 (below 10^-7 the floor index clamps to the zero
-    code). Compiled, six comparisons and selects (``torch.bucketize`` is slow in CPU inductor); eager, one
-    ``bucketize`` and two lookups in 7-entry tables, several times fewer passes over memory. Both pick the
-    same decade (``a >= threshold`` counted either way) and the same float32 constants.
+    Compiled, a chain of comparisons and selects on scalar constants (no tensor indexing: CPU inductor
+    scalarises gathers); eager, one ``bucketize`` and four lookups in 9-entry tables, several times fewer
+    passes over memory. Both pick the same region (thresholds ``< a`` counted either way) and the same float32
+    constants, so compiled and eager codes are identical.
     """
-    constants = _DECADE_CONSTANTS[signed]
+    regions = _REGIONS[signed]
     if torch.compiler.is_compiling():
-        slope, offset = torch.full_like(a, constants[0][0]), torch.full_like(a, constants[0][1])
-        for threshold, (decade_slope, decade_offset) in zip(_DECADE_THRESHOLDS, constants[1:]):
-            in_decade = a >= threshold
-            slope = torch.where(in_decade, decade_slope, slope)
-            offset = torch.where(in_decade, decade_offset, offset)
-        return slope, offset
+        constants = [torch.full_like(a, value) for value in regions[0][1:]]
+        for threshold, *values in regions[1:]:
+            in_region = a > threshold
+            constants = [torch.where(in_region, value, current) for value, current in zip(values, constants)]
+        return tuple(constants)
     key = (signed, a.device)
-    if key not in _DECADE_TABLES:
-        table = torch.tensor(constants, dtype=torch.float32, device=a.device)
-        thresholds = torch.tensor(_DECADE_THRESHOLDS, dtype=torch.float32, device=a.device)
-        _DECADE_TABLES[key] = (thresholds, table[:, 0].contiguous(), table[:, 1].contiguous())
-    thresholds, slopes, offsets = _DECADE_TABLES[key]
-    decade = torch.bucketize(a, thresholds, right=True)  # number of thresholds <= a
-    return slopes[decade], offsets[decade]
+    if key not in _REGION_TABLES:
+        table = torch.tensor(regions, dtype=torch.float32, device=a.device)
+        _REGION_TABLES[key] = (table[1:, 0].contiguous(),) + tuple(table[:, i].contiguous() for i in range(1, 5))
+    thresholds, *tables = _REGION_TABLES[key]
+    region = torch.bucketize(a, thresholds)  # number of thresholds < a
+    return tuple(table[region] for table in tables)
 
 
 def _check_block(n: int, block: int) -> None:
@@ -191,11 +205,8 @@ def encode_int32(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) 
     y = torch.where(y == y, y, 0.0).clamp(-1.0, 1.0)  # non-finite block: any valid index (absmax tells)
     a = y.abs() if signed else y.clamp(min=0.0)
 
-    slope, offset = _decade_slope_offset(a, bool(signed))
-    zero_index = 127 if signed else 0
-    floor_index = torch.floor(a * slope + offset)  # may round differently from eager to compiled: harmless
-    low = floor_index.clamp(zero_index, 254).to(torch.int32)
-    code = low + (a > midpoints(signed, x.device)[low]).to(torch.int32)  # the nearer of codes low, low + 1
+    first, inverse_spacing, start, last = _region_constants(a, bool(signed))
+    code = torch.minimum(torch.round((a - first) * inverse_spacing) + start, last).to(torch.int32)
     if signed:
         # negatives mirror the positive side (no -1.0 code: index 254 is the largest magnitude there)
         code = torch.where(y < 0, 254 - code.clamp(max=254), code)
