@@ -8,7 +8,7 @@ import torch
 from library.hina.pack import FlatPack
 from library.hina.techniques.adopt import adopt_normalize
 from library.hina.techniques.agr import agr
-from library.hina.techniques.alora import row_scale_
+from library.hina.techniques.alora import coefficient, row_coefficients
 from library.hina.techniques.cautious import cautious
 from library.hina.techniques.grams import grams
 from library.hina.techniques.orthogonal import orthogonalize
@@ -136,12 +136,9 @@ def test_spd_ratio_is_zero_when_the_gradient_points_toward_the_anchor():
     assert float(got[0]) == 0.0
 
 
-def test_alora_row_scale_matches_equation():
+def test_alora_row_coefficient_matches_equation():
     w = torch.randn(4, 6)
-    u = torch.randn(4, 6)
-    expected = u / torch.sqrt(1 + (w ** 2).sum(1, keepdim=True))
-    row_scale_(u, w)
-    torch.testing.assert_close(u, expected)
+    torch.testing.assert_close(coefficient(w), 1 / torch.sqrt(1 + (w ** 2).sum(1, keepdim=True)))
 
 
 def test_dynamic_weight_decay_reproduces_the_seed_table():
@@ -157,19 +154,18 @@ def test_dynamic_weight_decay_reproduces_the_seed_table():
 
 
 @pytest.mark.parametrize("align", [1, 64])
-def test_alora_row_scale_on_the_flat_pack_matches_per_tensor(align):
-    from library.hina.techniques.alora import row_scale_flat_
-
+def test_alora_row_coefficients_on_the_flat_pack_match_per_tensor(align):
+    """u_row / sqrt(1 + ||w_row||^2) for selected tensors of two dimensions or more, written out per tensor."""
     shapes = [(4, 32), (8, 32), (3, 5), (6, 5), (7,), (2, 3, 3, 3)]
     g = torch.Generator().manual_seed(7)
     weights = [torch.randn(s, generator=g) for s in shapes]
     updates = [torch.randn(s, generator=g) for s in shapes]
     pack = FlatPack(weights, list(range(len(shapes))), align=align)
     selected = [True, True, True, False, True, True]
-    flat_update = flat(pack, updates)
-    row_scale_flat_(flat_update, flat(pack, weights), pack, selected)
+    flat_update = flat(pack, updates) * row_coefficients(flat(pack, weights), pack, selected, torch.empty(pack.total))
     for got, u, w, chosen in zip(pack.views(flat_update), updates, weights, selected):
         expected = u.clone()
         if chosen and w.dim() >= 2:
-            row_scale_(expected, w)
+            rows = w.reshape(w.shape[0], -1)
+            expected = (u.reshape(rows.shape) / torch.sqrt(1 + (rows ** 2).sum(1, keepdim=True))).reshape(u.shape)
         torch.testing.assert_close(got, expected)

@@ -14,7 +14,7 @@ The recipe (DESIGN.md's pipeline), on top of HinaAdamW's (``hina_adamw.py``):
 Per chunk of the param group (base.py), ``fused_step`` runs the stages above and apply in one function,
 ``adaptive_chunk``, compiled with torch.compile when ``compile_step`` asks for it; 8-bit states are decoded into
 fp32 pool buffers before it and encoded after it (HinaAdamW's ``decode_states``/``encode_states``);
-``compute_update`` is the same recipe stage by stage on decoded buffers (the tests' reference).
+the tests compare it with a plain per-tensor reference (tests/_reference.py).
 
 HinaAdamW's LoRA+ ratio and ALLoRA row scaling (``use_alora``, roles from names or shapes) apply here too, on
 by default: without them this optimizer trailed plain AdamW on the benchmark tasks (``benchmarks/convergence.py``,
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import StepContext, decoupled_update
+from .base import decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
 from .hina_adamw import ADAM, HinaAdamW, adamw_math, decode_states, encode_states
@@ -81,8 +81,7 @@ class AdamW_HinaAdaptive(HinaAdamW):
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
         """One chunk: the recipe (module docstring) and apply in one (optionally compiled) function,
         ``adaptive_chunk``, on fp32 states (8-bit ones decoded into pool buffers before it and encoded after, each
-        one compiled function). ``compute_update`` below is the same recipe step by step on decoded buffers (the
-        tests' reference)."""
+        one compiled function). The tests compare it with a plain per-tensor reference (tests/_reference.py)."""
         codec = pack.codec
         names = [name for name, _ in self.state_specs(group, pack.roles)]
         states = {name: codec.storage(name) for name in names}
@@ -142,37 +141,6 @@ class AdamW_HinaAdaptive(HinaAdamW):
             value[torch.tensor([i for i, _ in external], device=pack.device)] = torch.stack([v for _, v in external])
         return torch.tensor(index, dtype=torch.int64, device=pack.device), value
 
-    def compute_update(self, ctx: StepContext, states, vectors):
-        group, pack, grad = ctx.group, ctx.pack, ctx.grad
-        adaptive = group["use_dynamic_adaptation"]
-        first = [i for i, s in enumerate(ctx.steps) if s == 0 and ctx.active[i]]
-        cosine = None
-        if adaptive:
-            slot = group["global_step"] % BALANCE_WINDOW
-            vectors[BALANCE_KEYS[slot]].copy_(pack.dot(ctx.weight, grad))  # raw gradient
-            cosine = imp.successive_cosine(grad, states["prev_grad"], pack)
-            states["prev_grad"].copy_(grad)
-            for i in first:
-                vectors["importance"][i] = 1.0
-        ratio = None
-        if group["use_lr_mask"]:
-            ratio = lr_mask.mask_ratio(pack, states["lr_mask"], grad, first, group, ctx.scratch("lr_ratio"))
-
-        update = super().compute_update(ctx, states, vectors)
-
-        if adaptive:
-            active = ctx.active_vector
-            score = imp.importance_score(cosine, update, ctx.weight, pack, active)
-            decay = group["importance_decay"]
-            vectors["importance"].mul_(decay).add_(score, alpha=1.0 - decay)
-        if update is None:
-            return None
-        if ratio is not None:
-            update.mul_(ratio)
-        if adaptive and group["adaptation_strength"] > 0.0:
-            pack.scale_(update, imp.importance_multiplier(self._joint_importance(pack, vectors), group["adaptation_strength"]))
-        return update
-
     # --- relationships -------------------------------------------------------------------------------------
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -192,19 +160,6 @@ class AdamW_HinaAdaptive(HinaAdamW):
                 mapping[id(params[a])], mapping[id(params[b])] = params[b], params[a]
             self._partner_cache = (rel, mapping)
         return self._partner_cache[1]
-
-    def _joint_importance(self, pack, vectors) -> torch.Tensor:
-        own = vectors["importance"]
-        partners = self._partners()
-        if not partners:
-            return own
-        other = own.clone()
-        for i, p in enumerate(pack.params):
-            partner = partners.get(id(p))
-            state = self.state[partner] if partner is not None else None
-            if state is not None and "importance" in state:
-                other[i] = state["importance"]
-        return (own * other).clamp_min_(0.0).sqrt_()
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -30,15 +30,13 @@ State lives per chunk (fp32 buffers, or 8-bit codes + absmax); ``optimizer.state
 buffers, so ``state_dict()`` is per parameter as in torch.optim, and ``load_state_dict()`` restores it exactly
 (dtypes included: torch's default would cast 8-bit codes to the parameter dtype).
 
-Two ways to run a chunk: an optimizer with ``fused_step`` (HinaAdamW) decodes, computes, applies and encodes
-a chunk in one function (compiled when ``compile_step`` asks for it); the others run ``compute_update`` on
-decoded fp32 buffers of the pool and let the core apply it.
+Each optimizer runs a chunk through its ``fused_step``: decode, the recipe, apply and encode in one or a few
+functions (compiled when ``compile_step`` asks for it). The tests hold the plain per-tensor references.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,11 +47,10 @@ import torch
 
 from . import naming
 from .codec import Blockwise8bitCodec, Fp32Codec
-from .compiled import AUTO_MIN_ELEMENTS, MaybeCompiled
+from .compiled import AUTO_MIN_ELEMENTS
 from .pack import FlatPack, WorkPool
-from .techniques.alora import row_scale_flat_
-from .stages import MIN_8BIT_SIZE, Recipe  # noqa: F401  (MIN_8BIT_SIZE: re-exported)
-from .techniques.spd import ZERO_ANCHOR_ROLES, spd_ratio  # noqa: F401
+from .stages import MIN_8BIT_SIZE, Recipe
+from .techniques.spd import spd_ratio
 from .techniques.weight_decay import weight_decay_ratio
 
 ADAPTER_MATRIX_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES)
@@ -126,34 +123,6 @@ class GroupLayout:
     """How one param group is laid out: its chunks."""
 
     chunks: list[FlatPack]
-
-
-@dataclass
-class StepContext:
-    """What ``compute_update`` sees for one chunk in one step."""
-
-    group: dict
-    pack: FlatPack
-    grad: torch.Tensor                       # flat fp32 gradient (zero for inactive tensors and padding)
-    steps: list[int]                         # completed steps per tensor, before this one
-    roles: list[str]
-    active: list[bool]
-    _weight: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Flat fp32 copy of the parameters (built on first use, in the work pool)."""
-        if self._weight is None:
-            self._weight = self.pack.gather([p.detach() for p in self.pack.params], self.pack.buffer("weight"))
-        return self._weight
-
-    @property
-    def active_vector(self) -> torch.Tensor:
-        """1.0 per active tensor, 0.0 for inactive tensors and spare slots: (slots,)."""
-        return self.pack.per_tensor([float(a) for a in self.active])
-
-    def scratch(self, name: str) -> torch.Tensor:
-        return self.pack.workspace(name)
 
 
 def _has_fp32_codec_state(state: dict, specs) -> bool:
@@ -263,13 +232,11 @@ class HinaOptimizer(torch.optim.Optimizer):
         """Per-tensor scalar states (one float per tensor) kept in fp32, as the recipe's stages declare them."""
         return self.recipe.vector_specs(group)
 
-    def compute_update(self, ctx: StepContext, states: dict[str, torch.Tensor],
-                       vectors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Return the flat update u (p <- p - lr_i * u), or None for no update this step."""
+    def fused_step(self, group: dict, pack: FlatPack, grad: torch.Tensor, weight: torch.Tensor, steps: list[int],
+                   active: list[bool]) -> torch.Tensor:
+        """One chunk's step: decode its states, run the recipe on the gathered ``grad`` and ``weight`` (which becomes
+        the new weights), encode. Returns the tensors skipped as non-finite, a bool per slot."""
         raise NotImplementedError
-
-    #: Optimizers that run a whole chunk (decode, math, apply, encode) in one function define ``fused_step``.
-    fused_step = None
 
     def lr_multipliers(self, group: dict, roles: list[str]) -> list[float]:
         return [1.0] * len(roles)
@@ -462,43 +429,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
         pack.begin_step()
         grad = pack.gather_present(grads, pack.buffer("grad"))
-        views = pack.views(grad)
-        if self.fused_step is not None:
-            self._run_fused(group, pack, grad, active)
-            return
-
-        # Non-finite gradients, or gradients whose square overflows: one host sync per chunk, skip those
-        # tensors like grad-None ones.
-        sums = pack.segments.dot(grad, grad)[:len(pack)]
-        if not bool(torch.isfinite(sums).all()):
-            for i, ok in enumerate(torch.isfinite(sums).tolist()):
-                if active[i] and not ok:
-                    active[i] = False
-                    views[i].zero_()
-                    group["skipped_updates"] = group.get("skipped_updates", 0) + 1
-            if not any(active):
-                return
-
-        states = [self.state[p] for p in pack.params]
-        specs = self.state_specs(group, pack.roles)
-        snapshot = None if all(active) else self._snapshot(pack, specs, states, active)
-        ctx = StepContext(group, pack, grad, [s["step"] for s in states], pack.roles, active)
-        decoded = {name: pack.codec.decode(name) for name, _ in specs}
-
-        if "spd_anchor" in decoded:
-            self._init_anchor(ctx, decoded)
-        update = self.compute_update(ctx, decoded, pack.vectors)
-        if update is not None:
-            self._apply(ctx, update, decoded)
-        for name, _ in specs:
-            pack.codec.encode(name, decoded[name])
-        if snapshot is not None:
-            self._restore(snapshot)
-        if pack.codec.bits == 8:
-            self._fall_back_to_fp32(group, pack, specs, states, decoded)
-        for state, is_active in zip(states, active):
-            if is_active:
-                state["step"] += 1
+        self._run_fused(group, pack, grad, active)
 
     def _run_fused(self, group: dict, pack: FlatPack, grad: torch.Tensor, active: list[bool]) -> None:
         """One chunk through ``fused_step``; it returns which tensors it skipped as non-finite (a bool per slot)."""
@@ -514,17 +445,16 @@ class HinaOptimizer(torch.optim.Optimizer):
             elif is_active:
                 state["step"] += 1
         if pack.codec.bits == 8:
-            self._fall_back_to_fp32(group, pack, self.state_specs(group, pack.roles), states)
+            self._fall_back_to_fp32(pack, self.state_specs(group, pack.roles), states)
 
     # --- 8-bit states that are not finite -----------------------------------------------------------------
-    def _fall_back_to_fp32(self, group, pack, specs, states, decoded: dict | None = None) -> None:
+    def _fall_back_to_fp32(self, pack, specs, states) -> None:
         """A non-finite value has no 8-bit code: such a tensor keeps its states in fp32 from now on, with a
         warning, instead of being corrupted.
 
-        Its decoded values go into ``optimizer.state`` in place of the codes; the layout is rebuilt at the
-        next step (``decoded``: this step's fp32 values, when the caller still has them; else the codes are
-        decoded, non-finite across the block), and ``_build_layout`` puts a tensor whose state is already fp32 into an fp32 chunk (so a
-        state_dict saved after a fallback loads the same way). The check reads the block absmax (NaN or inf
+        Its decoded values (non-finite across the block) go into ``optimizer.state`` in place of the codes; the
+        layout is rebuilt at the next step, and ``_build_layout`` puts a tensor whose state is already fp32 into an
+        fp32 chunk (so a state_dict saved after a fallback loads the same way). The check reads the block absmax (NaN or inf
         wherever a block holds a non-finite value): one small pass and one host sync per 8-bit state.
         """
         bad: dict[int, list[str]] = {}
@@ -541,29 +471,12 @@ class HinaOptimizer(torch.optim.Optimizer):
         for i, names in bad.items():
             state = states[i]
             for name, _ in specs:  # every codec state of that tensor moves to fp32 together
-                value = decoded[name] if decoded is not None else codec.decode(name)
-                state[name] = pack.views(value)[i].clone()
+                state[name] = pack.views(codec.decode(name))[i].clone()
                 state.pop(f"{name}_absmax", None)
             warnings.warn(f"{self.optimizer_type}: non-finite values in the 8-bit state(s) {', '.join(names)} of a "
                           f"tensor of shape {tuple(pack.shapes[i])}: that tensor keeps its states in fp32 from now on",
                           RuntimeWarning, stacklevel=4)
         self._rebuild_layouts = True  # at the next step: subclasses may still read this step's layout
-
-    # --- skipped tensors -------------------------------------------------------------------------------
-    def _snapshot(self, pack, specs, states, active):
-        saved = []
-        for i, is_active in enumerate(active):
-            if is_active:
-                continue
-            keys = [k for name, _ in specs for k in pack.codec.state_views(name)] + list(pack.vectors)
-            saved.append([(states[i][k], states[i][k].clone()) for k in keys])
-        return saved
-
-    @staticmethod
-    def _restore(snapshot) -> None:
-        for entries in snapshot:
-            for view, value in entries:
-                view.copy_(value)
 
     # --- apply ---------------------------------------------------------------------------------------------
     def _lr_vector(self, group: dict, pack: FlatPack, roles: list[str]) -> torch.Tensor:
@@ -579,35 +492,6 @@ class HinaOptimizer(torch.optim.Optimizer):
             wd *= weight_decay_ratio(group.get("global_step", 0), group["wd_transition_steps"],
                                      group["wd_decay_factor"], group["wd_min_ratio"])
         return wd
-
-    def _decay_vector(self, group: dict, pack: FlatPack, roles: list[str], lrs: torch.Tensor) -> torch.Tensor:
-        """1 - lr_i wd_i per tensor (decoupled, as AdamW), (slots,)."""
-        wd = self.current_weight_decay(group)
-        return 1.0 - lrs * pack.per_tensor([wd * m for m in self.weight_decay_multipliers(group, roles)])
-
-    def _apply(self, ctx: StepContext, update: torch.Tensor, decoded: dict) -> None:
-        """Row scaling, then p <- p * (1 - lr_i wd_i) - lr_i u, then SPD, computed on a flat fp32 copy."""
-        pack, group = ctx.pack, ctx.group
-        lr_t = self._lr_vector(group, pack, ctx.roles)
-        decay_t = self._decay_vector(group, pack, ctx.roles, lr_t)
-        scaled = self.row_scaled(group, ctx.roles)
-        if any(scaled):
-            row_scale_flat_(update, ctx.weight, pack, scaled)
-        # the new weights overwrite the flat weight copy in place, then are copied (rounded) into the params
-        _decoupled_step(self.use_compile(), ctx.weight, update, ctx.grad,
-                        decoded.get("spd_anchor"), ctx.weight, pack.segments, lr_t, decay_t,
-                        float(group.get("spd_lambda", 0.0)), spd=bool(group.get("use_spd", False)))
-        idx = [i for i, a in enumerate(ctx.active) if a]
-        new_views = pack.views(ctx.weight)
-        torch._foreach_copy_([pack.params[i] for i in idx], [new_views[i] for i in idx])
-        ctx._weight = None  # the flat copy no longer holds the parameters' old values
-
-    def _init_anchor(self, ctx: StepContext, decoded: dict) -> None:
-        """SPD's anchor p0 is the parameter as the optimizer first sees it (non-adapter tensors only)."""
-        anchor_views = ctx.pack.views(decoded["spd_anchor"])
-        for i, step in enumerate(ctx.steps):
-            if step == 0 and ctx.active[i]:
-                anchor_views[i].copy_(ctx.pack.params[i])
 
     # ------------------------------------------------------------------------------------------------
     # state dict
@@ -748,12 +632,3 @@ def decoupled_update(weight, update, grad, anchor, segments, lr, decay, spd_lamb
         factor = spd_ratio(grad_dot_dev, old_norm, new_norm, spd_lambda)
         new = new - new_deviation * segments.expand(factor)
     return new.view(-1)
-
-
-def decoupled_step(weight, update, grad, anchor, out, segments, lr, decay, spd_lambda: float, *, spd: bool):
-    """``decoupled_update`` into ``out`` (which may be ``weight`` itself)."""
-    out.copy_(decoupled_update(weight, update, grad, anchor, segments, lr, decay, spd_lambda, spd=spd))
-    return out
-
-
-_decoupled_step = MaybeCompiled(decoupled_step)

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import naming, techniques
-from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, StepContext, decoupled_update
+from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
 from .stages import CODEC, COMPILE, LR, Flag, Recipe, Stage, float_tuple, in_range, tuple_of
@@ -71,35 +71,21 @@ class HinaAdamW(HinaOptimizer):
     -0.3 % (LoKr, no clear difference). Its best lr was about 3x AdamW8bit's (equal on LoKr; the top of the
     tiny tasks' grid).
 
-    Args (seed names; defaults above):
-        lr, betas, eps, weight_decay: as torch.optim.AdamW.
-        use_spd, spd_lambda: Selective Projection Decay (arXiv 2411.01713). Off by default: no measurable
-            effect on any task (ablations in docs/BENCHMARKS.md).
-        use_cautious: Cautious mask (arXiv 2411.16085). Off by default: after Grams it cannot act (Grams gives
-            the update the gradient's sign).
-        use_orthogonal_grad: ⊥Grad (arXiv 2501.04697).
-        use_adopt_stability: ADOPT moment rule (arXiv 2411.02853). Off by default, unlike the seed: a
-            40-step ablation (3 seeds) found it hurt on the SD LoRA task (+1.1 % final eval loss), and the
-            120-step, 5-seed run (docs/BENCHMARKS.md) found no effect either way (SD LoRA with it on:
-            -0.04 %; LLM LoRA with it off: -0.18 %, 1 standard error). Off costs nothing; the LLM recipe
-            (configs/llm_lora.toml) keeps it on, as the seed does.
-        use_grams: Grams update direction (arXiv 2412.17107).
-        use_agr: Adaptive Gradient Regularization (arXiv 2407.16944). Off by default: no measurable effect.
-        use_tam, tam_beta: Torque-Aware Momentum (arXiv 2412.18790), tam_beta smooths the cosine. Off by
-            default: it damps the update; with the seed's set at LoRA+ ratio 1 (TAM, AGR, SPD, Cautious on) the
+    Arguments: the recipe's flags (``RECIPE`` above; each declared once beside its stage in techniques/, listed with
+    its default by ``help(HinaAdamW.__init__)``). Why the techniques that are off are off:
+        use_spd: no measurable effect on any task (ablations in docs/BENCHMARKS.md).
+        use_cautious: after Grams it cannot act (Grams gives the update the gradient's sign).
+        use_adopt_stability: unlike the seed: a 40-step ablation (3 seeds) found it hurt on the SD LoRA task
+            (+1.1 % final eval loss), and the 120-step, 5-seed run (docs/BENCHMARKS.md) found no effect either way
+            (SD LoRA with it on: -0.04 %; LLM LoRA with it off: -0.18 %, 1 standard error). Off costs nothing; the
+            LLM recipe (configs/llm_lora.toml) keeps it on, as the seed does.
+        use_agr: no measurable effect.
+        use_tam: it damps the update; with the seed's set at LoRA+ ratio 1 (TAM, AGR, SPD, Cautious on) the
             pretrained task ended 4 % behind Grams alone (seed 0, each at its best lr).
-        use_alora, alora_ratio: LoRA+ lr ratio for B-side tensors (arXiv 2402.12354), ALLoRA row scaling
-            (arXiv 2410.09692), and no weight decay on norm deltas / DoRA magnitudes. Off by default: on the
-            pretrained task every ratio measured lost to AdamW8bit (seed 0, each at its best lr;
-            docs/convergence_minilm_screen.json): with the seed's other techniques ratio 16 +10.9 %, 4 +5.4 %,
+        use_alora (alora_ratio): on the pretrained task every ratio measured lost to AdamW8bit (seed 0, each at its
+            best lr; docs/convergence_minilm_screen.json): with the seed's other techniques ratio 16 +10.9 %, 4 +5.4 %,
             2 +3.8 %, 1 +7.1 %; with Grams only, ratio 2 +7.8 %, 4 +6.2 %, none +2.8 % (that seed). The ratio
             helps only when training from scratch (tiny tasks, docs/convergence.json).
-        dynamic_weight_decay, wd_transition_steps, wd_decay_factor, wd_min_ratio: the decay schedule.
-        optim_bits: 8 (blockwise 8-bit states, ``quant.py``) or 32.
-        block_size: 8-bit quantisation block. min_8bit_size: smaller tensors keep fp32 states (1024: every
-            rank-4..64 LoRA/LoKr matrix is quantised; base.MIN_8BIT_SIZE).
-        compile_step: compile the chunk step with torch.compile: True, False, or None (auto: models of 1M+
-            elements, where compiling pays for itself).
     """
 
     optimizer_type = "HinaAdamW"
@@ -195,35 +181,6 @@ class HinaAdamW(HinaOptimizer):
             _encode_states(use_compile, stored, codes, qmaps, step_vectors, nonfinite, pack.segments, signs=signs)
         return nonfinite
 
-    def compute_update(self, ctx: StepContext, states, vectors):
-        """HinaAdamW's direction on decoded fp32 states, for subclasses that extend it (AdamW_HinaAdaptive)."""
-        group, pack, grad = ctx.group, ctx.pack, ctx.grad
-        adopt = group["use_adopt_stability"]
-        if adopt and all(s == 0 for s, a in zip(ctx.steps, ctx.active) if a):
-            # ADOPT's first step only initialises v = g^2; there is no parameter update.
-            if group["use_orthogonal_grad"]:
-                grad.copy_(techniques.orthogonalize(grad, ctx.weight, pack.segments))
-            if group["use_agr"]:
-                grad.copy_(techniques.agr(grad, pack.segments))
-            torch.mul(grad, grad, out=states["exp_avg_sq"])
-            return None
-        vec = self._step_vectors(group, pack, ctx.steps, ctx.active)
-        update = ctx.scratch("update")
-        weight = ctx.weight if group["use_orthogonal_grad"] else None
-        _direction(self.use_compile(), grad, states["exp_avg"], states["exp_avg_sq"], vectors.get("tam_smoothed"),
-                   weight, update, pack.segments, vec[2:5], beta1=group["betas"][0], beta2=group["betas"][1],
-                   eps=group["eps"], tam_beta=group["tam_beta"], orthogonal=group["use_orthogonal_grad"],
-                   agr=group["use_agr"], adopt=adopt, tam=group["use_tam"], grams=group["use_grams"],
-                   cautious=group["use_cautious"])
-        first = [i for i, s in enumerate(ctx.steps) if s == 0 and ctx.active[i]]
-        if adopt and first:
-            # Tensors seen for the first time among older ones: ADOPT's initialisation step for them.
-            for i in first:
-                pack.views(states["exp_avg_sq"])[i].copy_(pack.views(grad)[i].square())
-                pack.views(states["exp_avg"])[i].zero_()
-                pack.views(update)[i].zero_()
-        return update
-
 
 def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bias2_sqrt, clip, *, beta1: float,
                beta2: float, eps: float, tam_beta: float, orthogonal: bool, agr: bool, adopt: bool, tam: bool,
@@ -258,21 +215,6 @@ def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bi
     if cautious:
         u = techniques.cautious(u, g, segments)
     return g, m, v, u, tam_smoothed
-
-
-def adamw_direction(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, update, segments, step_vectors, **flags):
-    """``adamw_math`` writing its results in place (states, ``update``, and the transformed ``grad``)."""
-    bias1, bias2_sqrt, clip = step_vectors.unbind(0)
-    bias1, bias2_sqrt, clip = segments.expand(bias1, 1.0), segments.expand(bias2_sqrt, 1.0), segments.expand(clip)
-    g, m, v, u, smoothed = adamw_math(grad, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bias2_sqrt,
-                                      clip, **flags)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    update.copy_(u)
-    grad.copy_(g)  # the transformed gradient, for SPD's condition in the apply stage
-    if smoothed is not None and smoothed is not tam_smoothed:
-        tam_smoothed.copy_(smoothed)
-    return update
 
 
 def reduces_over_states(group) -> bool:
@@ -344,5 +286,4 @@ def encode_states(values, codes, qmaps, step_vectors, nonfinite, segments, *, si
 
 _decode_states = MaybeCompiled(decode_states)
 _encode_states = MaybeCompiled(encode_states)
-_direction = MaybeCompiled(adamw_direction)
 _fused = MaybeCompiled(hina_adamw_chunk)

@@ -15,33 +15,18 @@ import torch
 from ..stages import Flag, Stage, flag_bool, in_range
 
 
-def row_scale_(update_view: torch.Tensor, weight: torch.Tensor) -> None:
-    """ALLoRA coefficient, in place on one tensor's update (shaped like ``weight``)."""
-    rows = weight.reshape(weight.shape[0], -1)
-    coefficient = rows.float().square().sum(dim=1).add_(1.0).rsqrt_()
-    update_view.view(rows.shape).mul_(coefficient.unsqueeze(1))
-
-
 def coefficient(rows: torch.Tensor) -> torch.Tensor:
     """ALLoRA's coefficient 1 / sqrt(1 + ||w_row||^2) of each row of ``rows`` (..., rows, cols), as (..., rows, 1)."""
     return torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().add_(1.0).rsqrt_()
 
 
-def row_scale_flat_(update: torch.Tensor, weight: torch.Tensor, pack, selected: list[bool]) -> None:
-    """``row_scale_`` for every selected tensor (2-D or more) of a pack, on its flat buffers.
-
-    The pack orders tensors by row length (base.py), so a run of adjacent selected tensors with equal
-    row length and no padding between them is one (rows, cols) matrix of the flat buffer: its row norms
-    and scaling cost two passes, whatever the number of tensors. Other tensors are scaled one by one.
-    """
-    for start, length, cols in _row_runs(pack, selected):
-        rows = weight.narrow(0, start, length).view(-1, cols)
-        update.narrow(0, start, length).view(-1, cols).mul_(coefficient(rows))
-
-
 def row_coefficients(weight: torch.Tensor, pack, selected: list[bool], out: torch.Tensor) -> torch.Tensor:
     """ALLoRA's coefficient 1 / sqrt(1 + ||w_row||^2) per element of the flat buffer (1 where not selected),
-    written to ``out``; the fused step multiplies its update by it (runs of equal row length as above)."""
+    written to ``out``; the fused step multiplies its update by it.
+
+    The pack orders tensors by row length (base.py), so a run of adjacent selected tensors with equal row length
+    and no padding between them is one (rows, cols) matrix of the flat buffer: its row norms cost one pass,
+    whatever the number of tensors."""
     out.fill_(1.0)
     for start, length, cols in _row_runs(pack, selected):
         rows = weight.narrow(0, start, length).view(-1, cols)

@@ -35,25 +35,6 @@ from ..stages import Flag, Stage, flag_bool, in_range, int_at_least
 DEFAULT_MAX_RATIO = 10.0  # max_lr=None: the mask may raise an element's lr up to 10x the group's base lr
 
 
-def init_mask_(signed_mask: torch.Tensor, direction: torch.Tensor, initial_ratio: float) -> None:
-    """First step of a tensor: ratio = initial_ratio, polarity = sign of this step's direction."""
-    signed_mask.fill_(initial_ratio)
-    torch.where(direction > 0, signed_mask, -signed_mask, out=signed_mask)
-
-
-def lr_mask_step_(signed_mask: torch.Tensor, direction: torch.Tensor, bump: float, min_ratio: float,
-                  max_ratio: float, adapt: bool, out: torch.Tensor) -> torch.Tensor:
-    """Update the signed mask in place from ``direction``'s signs; write the lr ratio (>0) to ``out``."""
-    polarity = direction > 0
-    torch.abs(signed_mask, out=out)
-    if adapt:
-        agree = polarity == (signed_mask > 0)
-        # ratio + bump where the sign agrees, ratio - bump where it flipped
-        out.add_(agree.to(out.dtype).mul_(2.0 * bump).sub_(bump)).clamp_(min_ratio, max_ratio)
-    torch.where(polarity, out, -out, out=signed_mask)
-    return out
-
-
 def base_lr(group: dict) -> float:
     """The group's base lr lr0 (set at the mask's first step, with a warning when it is above max_lr)."""
     if "lr_mask_base_lr" not in group:
@@ -80,30 +61,15 @@ def step_constants(group: dict) -> tuple[float, float, float, float, float]:
 
 def mask_step(signed_mask: torch.Tensor, direction: torch.Tensor, first: torch.Tensor, adapt: torch.Tensor,
               bump: torch.Tensor, min_ratio: torch.Tensor, max_ratio: torch.Tensor, start: torch.Tensor):
-    """``lr_mask_step_`` and ``init_mask_`` functionally, over a flat buffer (for a compiled chunk step): every
-    argument after ``direction`` broadcasts against it (per-block columns or 0-d). Returns (ratio, new mask)."""
+    """One step of the signed mask over a flat buffer (the module docstring's rule; a tensor's first step starts its
+    ratio at ``start`` with the direction's polarity): every argument after ``direction`` broadcasts against it
+    (per-block columns or 0-d). Returns (ratio, new mask)."""
     polarity = direction > 0
     ratio = signed_mask.abs()
     bumped = torch.where(polarity == (signed_mask > 0), ratio + bump, ratio - bump)
     ratio = torch.where(adapt > 0, torch.minimum(torch.maximum(bumped, min_ratio), max_ratio), ratio)
     ratio = torch.where(first > 0, start, ratio)
     return ratio, torch.where(polarity, ratio, -ratio)
-
-
-def mask_ratio(pack, signed_mask: torch.Tensor, direction: torch.Tensor, first: list[int], group: dict,
-               out: torch.Tensor) -> torch.Tensor:
-    """One step of the mask for a pack; returns the per-element lr ratio (effective lr = group lr * ratio).
-
-    ``first``: tensors seen for the first time (their mask starts at ratio 1, clamped to the bounds).
-    """
-    adapt, bump, min_ratio, max_ratio, start = step_constants(group)
-    lr_mask_step_(signed_mask, direction, bump, min_ratio, max_ratio, bool(adapt), out)
-    if first:
-        masks, directions, ratios = pack.views(signed_mask), pack.views(direction), pack.views(out)
-        for i in first:
-            init_mask_(masks[i], directions[i], start)
-            ratios[i].fill_(start)
-    return out
 
 
 def bounds(group: dict, base: float) -> tuple[float, float]:

@@ -14,7 +14,6 @@ properties and reduces to the plain momentum for ``momentum_scales=[1]``.
 
 from __future__ import annotations
 
-import torch
 from ..stages import Flag, Stage
 
 
@@ -31,16 +30,6 @@ def scale_weights(scales) -> list[float]:
 def state_name(scale) -> str:
     """Flat-state name of a scale's buffer; scale 1 is the ordinary momentum ``exp_avg``."""
     return "exp_avg" if float(scale) == 1.0 else f"exp_avg_s{scale}"
-
-
-def multiscale_update_(buffers: list[torch.Tensor], x: torch.Tensor, beta1: float, scales,
-                       out: torch.Tensor) -> torch.Tensor:
-    """Update every buffer with ``x`` and write the weighted combination M to ``out``."""
-    torch._foreach_lerp_(buffers, [x] * len(buffers), [1.0 - b for b in scale_betas(beta1, scales)])
-    out.zero_()
-    for buf, w in zip(buffers, scale_weights(scales)):
-        out.add_(buf, alpha=w)
-    return out
 
 
 def _valid_scales(scales) -> bool:
