@@ -309,7 +309,7 @@ def overfitting_section(conv: dict, docs: Path | None = None, plots: bool = Fals
                 lines.append(f"| {o} | {r['lr']:g} | diverged in {r['diverged_runs']} of {len(r['final'])} seeds "
                              "| | | | |" + (" |" if split else "") + " |")
                 continue
-            spread = (f"{fmt(r.get('late_seed_std'))} | {fmt(r.get('late_time_std'))} |" if split
+            spread = (f"{fmt(r.get('late_seed_std'), 5)} | {fmt(r.get('late_time_std'), 5)} |" if split
                       else f"{fmt(r.get('last20_spread'))} |")
             lines.append(f"| {o} | {r['lr']:g} | {fmt(r['mean'])} ± {fmt(r['std'])} | {fmt(r['best_eval_mean'])} | "
                          f"{', '.join(str(x) for x in r['best_eval_step'])} | {r['mean'] - r['best_eval_mean']:+.4f} | "
@@ -374,14 +374,14 @@ def plot_stability(task: str, results: dict, path: Path) -> None:
     names.sort(key=lambda n: results[n]["mean"])
     seed = [results[n].get("late_seed_std") or 0.0 for n in names]
     time_ = [results[n]["late_time_std"] for n in names]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.6))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.8))
     y = range(len(names))
     ax.barh([i - 0.2 for i in y], seed, height=0.4, color="tab:blue", label="spread over seeds")
     ax.barh([i + 0.2 for i in y], time_, height=0.4, color="tab:orange", label="fluctuation within a run")
     ax.set_yticks(list(y), [f"{n} (lr {results[n]['lr']:g})" for n in names])
     ax.invert_yaxis()
-    ax.set_xlabel("standard deviation of the held-out loss over the last 20 % of steps (lower is steadier)")
-    ax.set_title(f"{TASK_TITLES.get(task, task)}: training stability")
+    ax.set_xlabel("std of the held-out loss, last 20 % of steps (lower is steadier)")
+    ax.set_title(f"{task}: training stability")
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
