@@ -175,6 +175,8 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
                   "):", "", "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
                   "|---|" + "---|" * width]
         for o, sweep in data["sweep"].items():
+            if o not in results:  # planned, but no run finished (a --cached-only gathering)
+                continue
             cells = []
             for lr, values in sweep.items():
                 shown = ", ".join("nan" if v is None else f"{v:.4f}" for v in values)
