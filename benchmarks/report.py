@@ -67,6 +67,21 @@ def compare(a: dict, b: dict) -> tuple[float | None, float | None, str]:
     return diff, se, "lower (better)" if diff < 0 else "higher (worse)"
 
 
+def _curve_style(name: str, res: dict, color) -> dict:
+    """One optimizer's line in a per-step plot: labelled with its lr; Hina optimizers solid and thicker."""
+    hina = name.startswith(HINA_PREFIXES)
+    return dict(label=f"{name} (lr {res['lr']:g})", color=color, lw=1.8 if hina else 1.4, ls="-" if hina else "--")
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Lay out, write atomically (a crash never leaves a truncated PNG), and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
 def plot_curves(task: str, data: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -78,10 +93,8 @@ def plot_curves(task: str, data: dict, path: Path) -> None:
     for i, (name, res) in enumerate(results.items()):
         if not res["mean_curve"]:
             continue
-        hina = name.startswith(HINA_PREFIXES)
         steps, mean, std = res["eval_steps"], res["mean_curve"], res["std_curve"]
-        ax.plot(steps, mean, label=f"{name} (lr {res['lr']:g})", color=cmap(i), lw=1.8 if hina else 1.4,
-                ls="-" if hina else "--")
+        ax.plot(steps, mean, **_curve_style(name, res, cmap(i)))
         ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=cmap(i), alpha=0.15)
     ax.set_xlabel("fine-tuning step")
@@ -89,9 +102,7 @@ def plot_curves(task: str, data: dict, path: Path) -> None:
     ax.set_title(f"{TASK_TITLES.get(task, task)}: mean ± std over seeds, best lr each")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def plot_ablation(task: str, ablation: dict, path: Path) -> None:
@@ -112,9 +123,7 @@ def plot_ablation(task: str, ablation: dict, path: Path) -> None:
     ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
     ax.set_xlabel("final held-out eval loss (mean ± std over seeds; lower is better)")
     ax.set_title(f"HinaAdamW ablation, {task}")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") -> list[str]:
@@ -351,18 +360,14 @@ def plot_gap(task: str, results: dict, path: Path) -> None:
         points = [(s, m - t) for s, m, t in zip(res["eval_steps"], res["mean_curve"], train) if t is not None]
         if not points:
             continue
-        hina = name.startswith(HINA_PREFIXES)
-        ax.plot(*zip(*points), label=f"{name} (lr {res['lr']:g})", color=cmap(i), lw=1.8 if hina else 1.4,
-                ls="-" if hina else "--")
+        ax.plot(*zip(*points), **_curve_style(name, res, cmap(i)))
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel("held-out − training loss (mean over seeds)")
     ax.set_title(f"{TASK_TITLES.get(task, task)}: train/held-out gap")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def plot_stability(task: str, results: dict, path: Path) -> None:
@@ -385,9 +390,7 @@ def plot_stability(task: str, results: dict, path: Path) -> None:
     ax.set_xlabel("std of the held-out loss, last 20 % of steps (lower is steadier)")
     ax.set_title(f"{task}: training stability")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def long_ablation_section(conv: dict) -> list[str]:
