@@ -358,6 +358,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                 chunk = FlatPack([group["params"][i] for i in members], members, align=align, total=total, slots=slots)
                 chunk.pool = self._work
                 chunk.roles = [roles[i] for i in members]
+                chunk.state_specs = list(specs)  # the chunk's states, fixed with its layout
                 chunk.codec = self.make_codec(chunk, eight_bit)
                 chunk.vectors = {name: torch.zeros(slots, device=chunk.device) for name in self.vector_specs(group)}
                 for name, signed in specs:
@@ -414,38 +415,60 @@ class HinaOptimizer(torch.optim.Optimizer):
                 continue  # nothing to do: global_step (dynamic weight decay, lr-mask warm-up) does not advance
             layout = self._layout(index, group)
             group["global_step"] = group.get("global_step", 0) + 1
-            for chunk in layout.chunks:
-                self._step_chunk(group, chunk)
+            stepped = [(chunk, self._step_chunk(group, chunk)) for chunk in layout.chunks]
+            self._finish_group(group, [(chunk, result) for chunk, result in stepped if result is not None])
         return loss
 
-    def _step_chunk(self, group: dict, pack: FlatPack) -> None:
+    def _step_chunk(self, group: dict, pack: FlatPack) -> tuple[list[bool], torch.Tensor] | None:
+        """One chunk through ``fused_step``; returns (which tensors had a gradient, which of them it skipped as
+        non-finite: a bool tensor per slot), or None when no tensor of the chunk has a gradient."""
         grads = [p.grad for p in pack.params]
         active = [g is not None for g in grads]
         if not any(active):
-            return
+            return None
         for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError(f"{self.optimizer_type} does not support sparse gradients; "
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
         pack.begin_step()
         grad = pack.gather_present(grads, pack.buffer("grad"))
-        self._run_fused(group, pack, grad, active)
-
-    def _run_fused(self, group: dict, pack: FlatPack, grad: torch.Tensor, active: list[bool]) -> None:
-        """One chunk through ``fused_step``; it returns which tensors it skipped as non-finite (a bool per slot)."""
-        states = [self.state[p] for p in pack.params]
         weight = pack.gather([p.detach() for p in pack.params], pack.buffer("weight"))
-        nonfinite = self.fused_step(group, pack, grad, weight, [s["step"] for s in states], active)
-        moved = [p for p, a in zip(pack.params, active) if a]
-        torch._foreach_copy_(moved, [v for v, a in zip(pack.views(weight), active) if a])
-        skipped = nonfinite[:len(pack)].tolist()  # the chunk's one host sync
-        for state, is_active, bad in zip(states, active, skipped):
-            if is_active and bad:
-                group["skipped_updates"] = group.get("skipped_updates", 0) + 1
-            elif is_active:
-                state["step"] += 1
-        if pack.codec.bits == 8:
-            self._fall_back_to_fp32(pack, self.state_specs(group, pack.roles), states)
+        nonfinite = self.fused_step(group, pack, grad, weight, [self.state[p]["step"] for p in pack.params], active)
+        if all(active):
+            torch._foreach_copy_(pack.params, pack.views(weight))
+        else:
+            torch._foreach_copy_([p for p, a in zip(pack.params, active) if a],
+                                 [v for v, a in zip(pack.views(weight), active) if a])
+        return active, nonfinite
+
+    def _finish_group(self, group: dict, stepped: list[tuple[FlatPack, tuple[list[bool], torch.Tensor]]]) -> None:
+        """After a group's chunks: count the steps and the skipped tensors, and move any 8-bit state that became
+        non-finite to fp32. One host read of the skipped flags per group and step (not one per chunk: on a GPU
+        each read waits for the device)."""
+        if not stepped:
+            return
+        device = stepped[0][0].device
+        skipped = torch.cat([nonfinite[:len(pack)].to(device) for pack, (_, nonfinite) in stepped]).tolist()
+        position = 0
+        for pack, (active, _) in stepped:
+            for p, is_active in zip(pack.params, active):
+                if is_active and skipped[position]:
+                    group["skipped_updates"] = group.get("skipped_updates", 0) + 1
+                elif is_active:
+                    self.state[p]["step"] += 1
+                position += 1
+        eight_bit = [pack for pack, _ in stepped if pack.codec.bits == 8]
+        if eight_bit and not self._eight_bit_finite(eight_bit):
+            for pack in eight_bit:
+                self._fall_back_to_fp32(pack, self.state_specs(group, pack.roles), [self.state[p] for p in pack.params])
+
+    @staticmethod
+    def _eight_bit_finite(packs: list[FlatPack]) -> bool:
+        """True when every block absmax of these chunks' 8-bit states is finite (a block holding a non-finite value
+        has a NaN or inf absmax): one concatenation and one host read for all of them."""
+        device = packs[0].device
+        absmax = [values.to(device) for pack in packs for values in pack.codec.absmax.values()]
+        return not absmax or bool(torch.isfinite(torch.cat(absmax)).all())
 
     # --- 8-bit states that are not finite -----------------------------------------------------------------
     def _fall_back_to_fp32(self, pack, specs, states) -> None:
@@ -454,8 +477,8 @@ class HinaOptimizer(torch.optim.Optimizer):
 
         Its decoded values (non-finite across the block) go into ``optimizer.state`` in place of the codes; the
         layout is rebuilt at the next step, and ``_build_layout`` puts a tensor whose state is already fp32 into an
-        fp32 chunk (so a state_dict saved after a fallback loads the same way). The check reads the block absmax (NaN or inf
-        wherever a block holds a non-finite value): one small pass and one host sync per 8-bit state.
+        fp32 chunk (so a state_dict saved after a fallback loads the same way). Called only when the step's combined
+        check (``_eight_bit_finite``) found a non-finite block absmax; this finds the tensors, state by state.
         """
         bad: dict[int, list[str]] = {}
         codec = pack.codec
@@ -478,7 +501,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                           RuntimeWarning, stacklevel=4)
         self._rebuild_layouts = True  # at the next step: subclasses may still read this step's layout
 
-    # --- apply ---------------------------------------------------------------------------------------------
+    # --- learning rate and weight decay per step -----------------------------------------------------------------
     def _lr_vector(self, group: dict, pack: FlatPack, roles: list[str]) -> torch.Tensor:
         """lr_i = group lr x role multiplier, (slots,) on the chunk's device (spare slots 0)."""
         lr = group["lr"]
