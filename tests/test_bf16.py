@@ -36,6 +36,25 @@ def test_stochastic_rounding_is_unbiased():
     assert torch.equal(stochastic_round(x, 123), rounded)  # the same seed, the same draws
 
 
+def test_random_bits_equal_the_exact_hash_eager_and_compiled():
+    """random_bits16 runs in int32 lanes (wrapping) and equals the hash written out in exact int64 arithmetic, for
+    seeds around 2^31 and 2^32 (as ints and as int64 tensors), eagerly and compiled."""
+    from library.hina.techniques.stochastic_rounding import random_bits16
+
+    def exact(index, seed):
+        h = (index.to(torch.int64) + seed) & 0xFFFFFFFF
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
+        return (((h >> 16) ^ h) & 0xFFFF).to(torch.int32)
+
+    index = torch.arange(1 << 18, dtype=torch.int32)
+    compiled = torch.compile(random_bits16, dynamic=False)
+    for seed in (0, 123, (1 << 31) - 1, 1 << 31, 0xDEADBEEF, (1 << 32) - 1):
+        expected = exact(index, seed)
+        assert torch.equal(random_bits16(index, seed), expected), seed
+        assert torch.equal(compiled(index, torch.tensor(seed, dtype=torch.int64)), expected), seed
+
+
 def test_shift_buffer_keeps_ten_thousand_tiny_updates():
     start, tiny, n = 1.0, 1e-5, 10_000  # 1e-5 is far below half a bf16 ulp at 1.0 (2^-8 = 0.0039)
     plain = torch.full((64,), start, dtype=torch.bfloat16)

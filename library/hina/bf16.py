@@ -14,8 +14,8 @@ Seed document 002. On top of AdamW_HinaAdaptive (``adaptive.py``):
   the optimizer's work pool (base.py: a few chunk-sized buffers by name, bounded by the chunk size).
 
 The step runs per chunk (``fused_step``): the bf16 states decoded to fp32 pool buffers, AdamW_HinaAdaptive's
-compiled chunk step on them, the delayed decay and the compensated write-back (``compensated_write``,
-compiled), the states stochastically rounded back (compiled). The random bits of stochastic rounding are a
+compiled chunk step on them, the delayed decay, then one compiled function (``write_back``) for the compensated
+write-back of the weights (``compensated_write``) and the states stochastically rounded back. The random bits of stochastic rounding are a
 hash of (seed, element) with the seed from (``sr_seed``, global step, call order within the step):
 reproducible, equal on every rank, and a resumed run continues to the bit.
 Parameters must be bfloat16 when the step runs (they may still be float32 when the optimizer is built,
@@ -41,13 +41,13 @@ from .techniques.stochastic_rounding import compensated_write, store_bf16
 
 
 class Bf16Codec:
-    """Flat bfloat16 storage; decode to a float32 workspace, encode with stochastic rounding."""
+    """Flat bfloat16 storage (``flat``, by state name); ``fused_step`` decodes it to float32 pool buffers and writes
+    it back with stochastic rounding (``write_back``)."""
 
     bits = 16
 
-    def __init__(self, pack: FlatPack, optimizer: "AdamWBF16_HinaAdaptive"):
+    def __init__(self, pack: FlatPack):
         self.pack = pack
-        self.optimizer = optimizer
         self.flat: dict[str, torch.Tensor] = {}
 
     def create(self, name: str, signed: bool = True) -> None:
@@ -55,14 +55,6 @@ class Bf16Codec:
 
     def state_views(self, name: str) -> dict[str, list[torch.Tensor]]:
         return {name: self.pack.views(self.flat[name])}
-
-    def decode(self, name: str) -> torch.Tensor:
-        out = self.pack.buffer(f"bf16_decoded_{name}")
-        return out.copy_(self.flat[name])
-
-    def encode(self, name: str, value: torch.Tensor) -> None:
-        seed = torch.tensor(self.optimizer._seed(name), dtype=torch.int64, device=value.device)
-        _store_bf16(self.optimizer.use_compile(), value, self.flat[name], seed)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.flat.values())
@@ -128,7 +120,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
     def make_codec(self, chunk, eight_bit):
         # bf16 flat states from the start: building fp32 ones first and swapping them kept the fp32 buffers alive
         # (the chunk's cached views of them), 20 B/param of the model (measured 36 vs 14 B/param at SD1.5 r16)
-        return Bf16Codec(chunk, self)
+        return Bf16Codec(chunk)
 
     def _seed(self, stream: str) -> int:
         """The stochastic-rounding seed of the next write: from (seed, step, call order, stream)."""
@@ -153,16 +145,17 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         bf16 params (round to nearest: ``compensated_write`` has kept what that loses in the shift buffer)."""
         codec = pack.codec
         names = [name for name, _ in self.state_specs(group, pack.roles)]
-        states = {name: codec.decode(name) for name in names}
+        stored = [codec.flat[name] for name in names]
+        states = {name: pack.buffer(f"bf16_decoded_{name}") for name in names}
+        torch._foreach_copy_(list(states.values()), stored)  # decode: bf16 -> fp32, one call for all states
         before = pack.buffer("bf16_weight_before")
         before.copy_(weight)
         step_vectors = self._step_vectors(group, pack, steps, active)
         nonfinite = self._adaptive_chunk(group, pack, grad, weight, step_vectors, states)
         live = (step_vectors[5] > 0) & ~nonfinite
-        _compensated_write(self.use_compile(), weight, before, states["shift"], self._delayed_decay(group, pack, live),
-                           live, pack.segments)
-        for name in names:
-            codec.encode(name, states[name])
+        seeds = torch.tensor([self._seed(name) for name in names], dtype=torch.int64, device=pack.device)
+        _write_back(self.use_compile(), weight, before, states["shift"], self._delayed_decay(group, pack, live), live,
+                    pack.segments, list(states.values()), stored, seeds)
         return nonfinite
 
     def _delayed_decay(self, group, pack, live: torch.Tensor) -> torch.Tensor:
@@ -192,5 +185,15 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         self._work.clear()
 
 
-_compensated_write = MaybeCompiled(compensated_write)
-_store_bf16 = MaybeCompiled(store_bf16)
+def write_back(weight, before, shift, decay, live, segments, values, stored, seeds) -> None:
+    """The end of a chunk's bf16 step in one function: ``compensated_write`` of the new weights (``shift`` is the
+    decoded compensation buffer, one of ``values``), then every fp32 state in ``values`` stochastically rounded into
+    its bf16 storage ``stored`` with its seed (``seeds``, (n,) int64). One compiled call per chunk instead of one per
+    state plus one for the weights (7 at the defaults): SD1.5 r16, 1 thread, thread CPU per step, the two interleaved
+    in one process, median 165 -> 151 ms."""
+    compensated_write(weight, before, shift, decay, live, segments)
+    for value, out, seed in zip(values, stored, seeds.unbind(0)):
+        store_bf16(value, out, seed)
+
+
+_write_back = MaybeCompiled(write_back)

@@ -27,24 +27,40 @@ from __future__ import annotations
 import torch
 
 _LOW_MASK = -65536  # 0xFFFF0000 as int32
+_HASH_K = 0x45D9F3B
 
 
 def random_bits16(index: torch.Tensor, seed) -> torch.Tensor:
     """16 uniformly distributed random bits per element (int32 in [0, 2^16)) from a 32-bit integer hash of
-    ``index + seed`` (``index`` int64, ``seed`` an int or a 0-d int64 tensor; two xorshift-multiply rounds, the
-    "lowbias32"-style mixer). Every intermediate stays below 2^59, so int64 arithmetic never overflows."""
-    h = (index + seed) & 0xFFFFFFFF
-    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
-    h = (h >> 16) ^ h
-    return (h & 0xFFFF).to(torch.int32)
+    ``index + seed`` modulo 2^32 (``index`` an integer tensor, ``seed`` an int or a 0-d integer tensor; two
+    xorshift-multiply rounds, the "lowbias32"-style mixer):
+
+        h = (index + seed) mod 2^32;  h = ((h >> 16) ^ h) K mod 2^32  (twice);  bits = ((h >> 16) ^ h) mod 2^16
+
+    computed in int32 lanes: a two's-complement sum or product wraps to the same low 32 bits as the exact one, and a
+    logical shift is the arithmetic shift masked to 16 bits, so the bits equal the exact hash (tested against it in
+    int64). int32 lanes are twice as many per vector as int64: a compiled ``store_bf16`` over 256K elements took
+    0.45-0.56 ms with the hash in int64 and 0.32-0.44 ms with this one (1 thread, thread CPU, the two interleaved
+    in one process, three runs)."""
+    h = index.to(torch.int32) + _wrap32(seed)
+    h = (((h >> 16) & 0xFFFF) ^ h) * _HASH_K
+    h = (((h >> 16) & 0xFFFF) ^ h) * _HASH_K
+    return (((h >> 16) & 0xFFFF) ^ h) & 0xFFFF
+
+
+def _wrap32(seed):
+    """``seed`` modulo 2^32 as a signed 32-bit value (an int, or an int32 tensor)."""
+    if isinstance(seed, torch.Tensor):
+        return (seed & 0xFFFFFFFF).to(torch.int32) if seed.dtype == torch.int64 else seed.to(torch.int32)
+    seed = int(seed) & 0xFFFFFFFF
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
 
 
 def stochastic_round(x: torch.Tensor, seed) -> torch.Tensor:
     """float32 ``x`` rounded stochastically to bf16 values (returned as float32): the 16 random bits are added
     to the low half of the bit pattern, which is then truncated, so x rounds up with probability equal to its
     distance from the lower neighbour in ulps (eq. 2 of arXiv 1502.02551). inf and NaN keep their bits."""
-    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape)
+    index = torch.arange(x.numel(), dtype=torch.int32, device=x.device).view(x.shape)
     bits = x.view(torch.int32)
     rounded = (bits + random_bits16(index, seed)).bitwise_and(_LOW_MASK).view(torch.float32)
     return torch.where(torch.isfinite(x), rounded, x)
