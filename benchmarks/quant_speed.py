@@ -1,11 +1,13 @@
 """8-bit blockwise codec speed: library.hina.quant (eager and torch.compile'd) vs bitsandbytes.
 
-Times one encode + decode round trip (or, with ``--encode-only``, one encode) of a flat float32 state
+Times one encode + decode round trip (or, with ``--encode-only`` / ``--decode-only``, one encode / one decode of
+codes encoded beforehand) of a flat float32 state
 (default 1M elements, unsigned map, like Adam's second moment) and prints nanoseconds per element, median of
 ``--repeats`` runs after warm-up:
 
     OMP_NUM_THREADS=2 python benchmarks/quant_speed.py [--n 1048576] [--block 2048] [--device cpu]
-                                                      [--signed] [--encode-only] [--threads N] [--repeats 30]
+                                                      [--signed] [--encode-only | --decode-only] [--threads N]
+                                                      [--repeats 30]
 
 Read the ratios between rows of one run, not the absolute figures.
 """
@@ -45,7 +47,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--signed", action="store_true", help="signed map (first moment); default unsigned")
-    parser.add_argument("--encode-only", action="store_true", help="time the encode alone, not the round trip")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--encode-only", action="store_true", help="time the encode alone, not the round trip")
+    only.add_argument("--decode-only", action="store_true", help="time the decode alone, not the round trip")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
@@ -59,7 +63,11 @@ def main() -> None:
         x = x.square()
     qmap = quant.dynamic_map(args.signed, args.device)
 
+    encoded = quant.encode(x, qmap, args.block, args.signed)  # what --decode-only decodes
+
     def ours(values):
+        if args.decode_only:
+            return quant.decode(*encoded, qmap, args.block)
         codes, absmax = quant.encode(values, qmap, args.block, args.signed)
         return codes if args.encode_only else quant.decode(codes, absmax, qmap, args.block)
 
@@ -67,7 +75,11 @@ def main() -> None:
     try:
         import bitsandbytes.functional as bnb_functional
 
+        bnb_encoded = bnb_functional.quantize_blockwise(x, code=qmap, blocksize=args.block)
+
         def theirs(values):
+            if args.decode_only:
+                return bnb_functional.dequantize_blockwise(*bnb_encoded)
             codes, state = bnb_functional.quantize_blockwise(values, code=qmap, blocksize=args.block)
             return codes if args.encode_only else bnb_functional.dequantize_blockwise(codes, state)
 
@@ -75,7 +87,7 @@ def main() -> None:
     except ImportError:
         print("bitsandbytes not installed: its row is skipped")
 
-    timed = "encode" if args.encode_only else "encode + decode"
+    timed = "encode" if args.encode_only else "decode" if args.decode_only else "encode + decode"
     print(f"device {args.device}, threads {torch.get_num_threads()}, n {args.n}, block {args.block}, "
           f"{'signed' if args.signed else 'unsigned'} map; {timed}, ns/element (median of {args.repeats})")
     for label, fn in rows:

@@ -264,3 +264,25 @@ def test_bad_block_size_is_a_clear_error():
         quant.encode(torch.zeros(256), qmap, 100, True)
     with pytest.raises(ValueError, match="block size 0"):
         quant.decode(torch.zeros(256, dtype=torch.uint8), torch.zeros(1), qmap, 0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_code_decodes_to_its_map_value_eager_and_compiled(signed):
+    """decode's unchecked lookup (aten._unsafe_index) gives qmap[code] * absmax to the bit, all 256 codes,
+    eager and compiled, including the zero, non-finite and huge absmax blocks."""
+    qmap = quant.dynamic_map(signed, "cpu")
+    absmax = torch.tensor([1.0, 3.7e-3, 0.0, 1e30, float("inf"), float("nan")])
+    codes = torch.arange(256, dtype=torch.uint8).repeat(len(absmax))
+    expected = (qmap[torch.arange(256)][None, :] * absmax[:, None]).reshape(-1)
+    eager = quant.decode(codes, absmax, qmap, 256)
+    compiled = torch.compile(quant.decode, dynamic=False, fullgraph=True)(codes, absmax, qmap, 256)
+    for decoded in (eager, compiled):
+        assert torch.equal(decoded.view(torch.int32), expected.view(torch.int32))
+
+
+def test_decode_rejects_codes_or_map_its_lookup_could_overrun():
+    qmap = quant.dynamic_map(True, "cpu")
+    with pytest.raises(ValueError, match="uint8 codes"):
+        quant.decode(torch.zeros(256, dtype=torch.int32), torch.zeros(1), qmap, 256)
+    with pytest.raises(ValueError, match="256-entry map"):
+        quant.decode(torch.zeros(256, dtype=torch.uint8), torch.zeros(1), qmap[:128], 256)
