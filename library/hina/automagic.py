@@ -138,7 +138,7 @@ class _AutomagicCame(HinaOptimizer):
                 views = {"exp_avg_sq_row": side.narrow(0, geometry.row_base[i], rows),
                          "exp_avg_res_row": side.narrow(0, geometry.res_base[i], rows),
                          "exp_avg_sq_col": side.narrow(0, geometry.col_base[i], cols),
-                         "exp_avg_res_col": side.narrow(0, geometry.col_base[i] + geometry.cols_total, cols)}
+                         "exp_avg_res_col": side.narrow(0, geometry.res_col_base[i], cols)}
             else:
                 views = {"exp_avg_sq": side.narrow(0, geometry.row_base[i], rows).view(p.shape)}
             state = self.state[p]
@@ -203,13 +203,14 @@ class _AutomagicCame(HinaOptimizer):
             orthogonal=group["use_orthogonal_grad"] and transformed is None,
             agr=group["use_agr"] and transformed is None)
         means = pack.pool.get("came_means", geometry.used, torch.float32, pack.device)
-        came.second_moment_factor(scratch, factor, pack.came_side, means, geometry, live, beta2)
+        entries = came.live_entries(geometry, live)
+        came.second_moment_factor(scratch, factor, pack.came_side, means, geometry, entries, beta2)
         moments, mask = (states[:-1], states[-1]) if group["use_lr_mask"] else (states, None)
         _moments(compile_step, grad, factor, geometry.block_valid, live, moments, mask,
                  pack.vectors.get("tam_smoothed"), vectors, segments, scratch, beta1=beta1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"], scales=scales,
                  tam=group["use_tam"])
-        came.confidence_factor(scratch, factor, pack.came_side, means, geometry, live, vectors[2], beta3)
+        came.confidence_factor(scratch, factor, pack.came_side, means, geometry, entries, vectors[2], beta3)
         multiplier = self.c_optim.multiplier_tensor() if self.contextual else None
         _apply(compile_step, grad, factor, moments, mask, row_coef, weight, geometry.block_valid, live,
                geometry.factored, vectors, segments, multiplier, codes, qmap, states if eight_bit else [],

@@ -39,8 +39,8 @@ Differences from the reference, documented:
 The factored states are O(n + m) per tensor; m is a flat state kept by the optimizer's codec.
 
 Over a chunk (many tensors in one flat buffer, base.py) the statistics of all tensors are one flat "side"
-vector, ``SideLayout``: [r of every tensor | R of the factored ones | c of the factored ones | C of the
-factored ones]. A 1-D tensor of n elements is a column (n rows of one element), so its r is its full v.
+vector, ``SideLayout``: [r of every tensor | c of the factored ones | R of the factored ones | C of the
+factored ones], so that each of the two EMAs (r, c with beta2; R, C with beta3) updates one contiguous slice. A 1-D tensor of n elements is a column (n rows of one element), so its r is its full v.
 The chunk orders tensors by shape (base.py), so a chunk is a few *runs* of adjacent tensors of one shape
 (``ShapeRun``; a LoRA chunk has a handful): a run's data is a batched (k, rows, cols) view of the flat buffer
 and its r, c, R, C are (k, rows) and (k, cols) views of the side vector, so the row and column means are
@@ -100,13 +100,16 @@ class ShapeRun:
 class SideLayout:
     """Where each tensor of a chunk keeps its statistics in the chunk's flat side vector, and its runs.
 
-    ``used``: side entries. ``entry_counts`` (4 n,) int64: how many entries each of the n tensors has in each of
-    the four regions r, R, c, C (region-major, as the vector is laid out), so a per-tensor flag becomes a flag
-    per entry with one ``repeat_interleave`` (``_entry_mask``), without a per-entry index kept in memory; ``factored`` (slots,) float 1/0;
+    ``used``: side entries; ``moment_entries``: how many of them (the r and c regions, at the start) belong to the
+    second moment, the rest (R, C) to the confidence. ``entry_counts`` (4 n,) int64: how many entries each of the
+    n tensors has in each of the four regions r, c, R, C (region-major, as the vector is laid out), so a per-tensor
+    flag becomes a flag per entry with one ``repeat_interleave`` (``live_entries``), without a per-entry index kept
+    in memory; ``factored`` (slots,) float 1/0;
     ``block_valid`` (blocks,) int32: real (unpadded) elements in each block of the chunk.
     """
 
     used: int
+    moment_entries: int
     runs: list[ShapeRun]
     entry_counts: torch.Tensor
     factored: torch.Tensor
@@ -116,7 +119,7 @@ class SideLayout:
     row_base: list[int]
     res_base: list[int]
     col_base: list[int]
-    cols_total: int
+    res_col_base: list[int]
     _cache: dict = field(default_factory=dict)
 
     def data_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -157,15 +160,16 @@ def side_layout(pack) -> SideLayout:
     rows_total = sum(rows)
     res_total = sum(r for r, f in zip(rows, factored) if f)
     cols_total = sum(c for c, f in zip(cols, factored) if f)
-    row_base, res_base, col_base = [], [], []
-    at_row, at_res, at_col = 0, rows_total, rows_total + res_total
+    row_base, res_base, col_base, res_col_base = [], [], [], []
+    at_row, at_col, at_res = 0, rows_total, rows_total + cols_total
     for r, c, f in zip(rows, cols, factored):
         row_base.append(at_row)
-        res_base.append(at_res if f else 0)
         col_base.append(at_col if f else 0)
+        res_base.append(at_res if f else 0)
+        res_col_base.append(at_col + cols_total + res_total if f else 0)
         at_row += r
-        at_res += r if f else 0
         at_col += c if f else 0
+        at_res += r if f else 0
     runs: list[ShapeRun] = []
     for i, shape in enumerate(shapes):
         if numels[i] == 0:
@@ -176,7 +180,7 @@ def side_layout(pack) -> SideLayout:
             runs[-1] = ShapeRun(last.slot, last.count + 1, *_run_tail(last))
         else:
             runs.append(ShapeRun(i, 1, pack.offsets[i], pack.padded[i], rows[i], cols[i], factored[i], row_base[i],
-                                 res_base[i], col_base[i], col_base[i] + cols_total))
+                                 res_base[i], col_base[i], res_col_base[i]))
     device = pack.device
     blocks = pack.total // pack.align
     valid = [0] * blocks
@@ -185,11 +189,11 @@ def side_layout(pack) -> SideLayout:
             valid[b] = min(pack.align, off + n - b * pack.align)
     factored_rows = [r if f else 0 for r, f in zip(rows, factored)]
     factored_cols = [c if f else 0 for c, f in zip(cols, factored)]
-    counts = torch.tensor(rows + factored_rows + factored_cols + factored_cols, dtype=torch.int64, device=device)
-    return SideLayout(rows_total + res_total + 2 * cols_total, runs, counts,
+    counts = torch.tensor(rows + factored_cols + factored_rows + factored_cols, dtype=torch.int64, device=device)
+    return SideLayout(rows_total + res_total + 2 * cols_total, rows_total + cols_total, runs, counts,
                       torch.tensor([float(f) for f in factored] + [0.0] * (slots - len(shapes)), device=device),
                       torch.tensor(valid, dtype=torch.int32, device=device),
-                      rows, cols, row_base, res_base, col_base, cols_total)
+                      rows, cols, row_base, res_base, col_base, res_col_base)
 
 
 def _run_tail(run: ShapeRun) -> tuple:
@@ -197,20 +201,24 @@ def _run_tail(run: ShapeRun) -> tuple:
             run.res_col_base)
 
 
-def _ema_(side: torch.Tensor, means: torch.Tensor, layout: SideLayout, live: torch.Tensor, regions: tuple,
-          beta: float) -> None:
-    """side <- beta side + (1 - beta) means, on the entries of ``regions`` (of r, R, c, C: 0..3) whose tensor is
-    ``live`` ((slots,) bool)."""
+def live_entries(layout: SideLayout, live: torch.Tensor) -> torch.Tensor:
+    """(used,) bool: whether each side entry's tensor is ``live`` ((slots,) bool). Computed once per chunk step and
+    shared by both EMAs (``second_moment_factor``, ``confidence_factor``)."""
     n = layout.entry_counts.numel() // 4
-    flags = live[:n].unsqueeze(0) & torch.tensor([k in regions for k in range(4)], device=live.device).unsqueeze(1)
-    live_entries = torch.repeat_interleave(flags.reshape(-1), layout.entry_counts, output_size=layout.used)
-    side.copy_(torch.where(live_entries, side * beta + means * (1.0 - beta), side))
+    return torch.repeat_interleave(live[:n].repeat(4), layout.entry_counts, output_size=layout.used)
+
+
+def _ema_(side: torch.Tensor, means: torch.Tensor, entries: torch.Tensor, span: slice, beta: float) -> None:
+    """side <- beta side + (1 - beta) means on the ``span`` of side entries, where ``entries`` (``live_entries``)
+    is set; in place."""
+    s, e = side[span], entries[span]
+    torch.where(e, s * beta + means[span] * (1.0 - beta), s, out=s)
 
 
 def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
-                         layout: SideLayout, live: torch.Tensor, beta2: float) -> None:
+                         layout: SideLayout, entries: torch.Tensor, beta2: float) -> None:
     """CAME's factored second moment over a chunk: r, c (v for a 1-D tensor) <- EMA of the row and column
-    means of ``square`` = V = G^2 + eps1 for ``live`` tensors; writes V_hat = r c^T / mean(r) (v) into ``out``,
+    means of ``square`` = V = G^2 + eps1 for live tensors (``entries``: ``live_entries``); writes V_hat = r c^T / mean(r) (v) into ``out``,
     so that U = G / sqrt(out). ``means`` (side-sized) is scratch for the means."""
     for run, v, (r, c, _, _) in zip(layout.runs, layout.data_views(square), layout.side_views(means)):
         if run.factored:
@@ -218,7 +226,7 @@ def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Te
             torch.mean(v, 1, out=c)
         else:
             r.copy_(v.view(run.count, run.rows))
-    _ema_(side, means, layout, live, (0, 2), beta2)
+    _ema_(side, means, entries, slice(0, layout.moment_entries), beta2)
     for run, target, (r, c, _, _) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
         if run.factored:
             torch.mul((r / r.mean(1, keepdim=True)).unsqueeze(2), c.unsqueeze(1), out=target)
@@ -227,16 +235,16 @@ def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Te
 
 
 def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
-                      layout: SideLayout, live: torch.Tensor, correction: torch.Tensor, beta3: float) -> None:
+                      layout: SideLayout, entries: torch.Tensor, correction: torch.Tensor, beta3: float) -> None:
     """CAME's confidence over a chunk: R, C <- EMA of the row and column means of ``res`` = (U - m)^2 + eps2
-    for ``live`` factored tensors; writes S = R C^T / mean(R) times ``correction`` ((slots,): 1 / (1 - b3^t),
+    for live factored tensors (``entries``: ``live_entries``); writes S = R C^T / mean(R) times ``correction`` ((slots,): 1 / (1 - b3^t),
     or 1) into ``out`` for factored tensors, so that update = m / sqrt(max(out, eps3)). 1-D tensors: untouched
     (their update is m)."""
     for run, rv, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(res), layout.side_views(means)):
         if run.factored:
             torch.mean(rv, 2, out=big_r)
             torch.mean(rv, 1, out=big_c)
-    _ema_(side, means, layout, live, (1, 3), beta3)
+    _ema_(side, means, entries, slice(layout.moment_entries, layout.used), beta3)
     for run, target, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
         if run.factored:
             big_c = big_c * correction.narrow(0, run.slot, run.count).unsqueeze(1)
