@@ -64,6 +64,10 @@ class AdamW_HinaAdaptive(HinaAdamW):
             max_lr=None (default) lets the mask reach 10x the base lr (an absolute max_lr below lr caps it).
         use_alora: off by default (issue 16): on pretrained all-MiniLM-L6-v2 the LoRA+ ratio 16 ended 3.7 %
             (SE 1.6 %) above off, worse on every one of 5 paired seeds (docs/convergence_minilm_adaptive.json).
+        lr: like HinaAdamW, give it about 3x AdamW8bit's lr for a long run. At 1,500 steps with warm-up + cosine
+            (the tiny tasks, 5 paired seeds) its best 120-step lr, 3e-3, left it 6.5-8.5 % behind AdamW8bit
+            (docs/convergence_long.json); at 1e-2 it was +1.2 % (SD LoRA), +3.3 % (LoKr), +0.5 % (LLM LoRA, no
+            clear difference) (docs/convergence_long_adaptive_1e-2.json).
 
     The importance score's relative terms compare a tensor with the tensors stepped together with it, i.e.
     the tensors of its chunk (base.py: up to 2^20 elements), not the whole param group: the step stays
