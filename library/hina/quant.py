@@ -198,8 +198,8 @@ def encode_int32(x: torch.Tensor, qmap: torch.Tensor, block: int, signed: bool) 
 
     Inside a fused 8-bit step this is the largest cost: HinaAdamW 8-bit defaults, SD1.5 r16, 1 thread, thread CPU
     per step with the encode swapped step by step in one process: a trivial stand-in encode (wrong codes) 0.52x
-    the step; this same arithmetic rewritten so every intermediate is used once (same codes) 1.04x, i.e. the
-    region chain itself, not inductor's buffering of the float codes, is what costs."""
+    the step; this same arithmetic rewritten so every intermediate is used once (same codes; meant to keep inductor
+    from writing the float codes to a buffer and reading them back) 1.04x, so that rewrite is not kept."""
     _check_block(x.numel(), block)
     blocks = x.reshape(-1, block).to(torch.float32)
     absmax = blocks.abs().amax(dim=1)  # NaN if the block holds a NaN, inf if it holds ±inf
