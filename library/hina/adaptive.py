@@ -87,13 +87,13 @@ class AdamW_HinaAdaptive(HinaAdamW):
         ``adaptive_chunk``, on fp32 states (8-bit ones decoded into pool buffers before it and encoded after, each
         one compiled function). The tests compare it with a plain per-tensor reference (tests/_reference.py)."""
         codec = pack.codec
-        names = [name for name, _ in self.state_specs(group, pack.roles)]
+        names = [name for name, _ in pack.state_specs]
         states = {name: codec.storage(name) for name in names}
         use_compile = self.use_compile()
         if codec.bits == 8:
             # 8-bit: decode into fp32 pool buffers, run the recipe on them, encode after. Decoded inside the recipe's
             # graph, every per-tensor reduction (cosines, importance, norms) would recompute the decode.
-            signs = tuple(signed for _, signed in self.state_specs(group, pack.roles))
+            signs = tuple(signed for _, signed in pack.state_specs)
             qmaps = [dynamic_map(signed, pack.device) for signed in signs]
             codes = [states[name] for name in names]
             states = {name: pack.buffer(f"decoded_{name}") for name in names}

@@ -434,11 +434,8 @@ class HinaOptimizer(torch.optim.Optimizer):
         grad = pack.gather_present(grads, pack.buffer("grad"))
         weight = pack.gather([p.detach() for p in pack.params], pack.buffer("weight"))
         nonfinite = self.fused_step(group, pack, grad, weight, [self.state[p]["step"] for p in pack.params], active)
-        if all(active):
-            torch._foreach_copy_(pack.params, pack.views(weight))
-        else:
-            torch._foreach_copy_([p for p, a in zip(pack.params, active) if a],
-                                 [v for v, a in zip(pack.views(weight), active) if a])
+        torch._foreach_copy_([p for p, a in zip(pack.params, active) if a],
+                             [v for v, a in zip(pack.views(weight), active) if a])
         return active, nonfinite
 
     def _finish_group(self, group: dict, stepped: list[tuple[FlatPack, tuple[list[bool], torch.Tensor]]]) -> None:
@@ -460,7 +457,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         eight_bit = [pack for pack, _ in stepped if pack.codec.bits == 8]
         if eight_bit and not self._eight_bit_finite(eight_bit):
             for pack in eight_bit:
-                self._fall_back_to_fp32(pack, self.state_specs(group, pack.roles), [self.state[p] for p in pack.params])
+                self._fall_back_to_fp32(pack, pack.state_specs, [self.state[p] for p in pack.params])
 
     @staticmethod
     def _eight_bit_finite(packs: list[FlatPack]) -> bool:

@@ -144,7 +144,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         stochastically rounded back to bf16. ``weight`` holds the new weights, which the core rounds into the
         bf16 params (round to nearest: ``compensated_write`` has kept what that loses in the shift buffer)."""
         codec = pack.codec
-        names = [name for name, _ in self.state_specs(group, pack.roles)]
+        names = [name for name, _ in pack.state_specs]
         stored = [codec.flat[name] for name in names]
         states = {name: pack.buffer(f"bf16_decoded_{name}") for name in names}
         torch._foreach_copy_(list(states.values()), stored)  # decode: bf16 -> fp32, one call for all states
