@@ -123,6 +123,22 @@ def test_zero_block_encodes_to_zero_absmax_and_decodes_to_zeros(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+def test_subnormal_block_is_scaled_by_smallest_normal_and_decodes_close(signed):
+    """Encoding multiplies by 1 / absmax; a subnormal absmax (1e-40: its reciprocal overflows float32) is stored as
+    2^-126, and the block decodes within half the widest code gap of that scale, eager and compiled."""
+    qmap = quant.dynamic_map(signed, "cpu")
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.linspace(-1e-40 if signed else 0.0, 1e-40, 256)
+    for encode in (quant.encode, torch.compile(quant.encode, dynamic=False)):
+        codes, absmax = encode(x, qmap, 256, signed)
+        assert absmax.tolist() == [tiny]
+        decoded = quant.decode(codes, absmax, qmap, 256)
+        assert torch.isfinite(decoded).all()
+        assert (decoded - x).abs().max().item() <= 0.005 * tiny
+        assert len(set(codes.tolist())) > 1  # not every value pushed to the largest code
+
+
+@pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_non_finite_block_shows_in_absmax_and_decodes_non_finite(signed, bad):
     qmap = quant.dynamic_map(signed, "cpu")

@@ -278,7 +278,7 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
     """
     block = segments.block
     expand = segments.expand
-    lr, decay, bias1, bias2_sqrt, clip, active, first = step_vectors.unbind(0)
+    lr, decay, inv_bias1, inv_bias2_sqrt, clip, active, first = step_vectors.unbind(0)
     adapt, bump, min_ratio, max_ratio, start = mask_vector.unbind(0)
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
@@ -298,8 +298,8 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
     if anchor is not None:
         anchor_value = torch.where(expand(first > 0), weight.view(-1, block),
                                    anchor.view(-1, block)).view(-1)
-    g_t, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1, 1.0),
-                                                expand(bias2_sqrt, 1.0), expand(clip), beta1=beta1, beta2=beta2,
+    g_t, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(inv_bias1, 1.0),
+                                                expand(inv_bias2_sqrt, 1.0), expand(clip), beta1=beta1, beta2=beta2,
                                                 eps=eps, tam_beta=tam_beta, **flags)
     if flags["adopt"]:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (its lr is 0)
         starting = expand(first > 0)

@@ -109,7 +109,7 @@ class HinaAdamW(HinaOptimizer):
 
     # --- the update -----------------------------------------------------------------------------------------
     def _step_vectors(self, group, pack, steps, active) -> torch.Tensor:
-        """Per-tensor inputs of a chunk's step, one (7, slots) tensor: lr, 1 - lr wd, 1 - b1^t, sqrt(1 - b2^t),
+        """Per-tensor inputs of a chunk's step, one (7, slots) tensor: lr, 1 - lr wd, 1 / (1 - b1^t), 1 / sqrt(1 - b2^t),
         ADOPT's clip t^(1/4) (t: completed steps), active, first step. Computed on the host in Python floats
         (float64; the powers once per distinct step count, usually one per chunk) and copied to the device once per
         chunk; the role multipliers are cached per chunk. (List comprehensions: the earlier loop of appends cost
@@ -124,7 +124,8 @@ class HinaAdamW(HinaOptimizer):
         lr = float(group["lr"])
         wd = self.current_weight_decay(group)
         steps = list(steps) + [0] * (pack.slots - len(steps))
-        powers = {t: (1.0 - beta1 ** (t + 1), math.sqrt(1.0 - beta2 ** (t + 1)), max(t, 1) ** 0.25) for t in set(steps)}
+        powers = {t: (1.0 / (1.0 - beta1 ** (t + 1)), 1.0 / math.sqrt(1.0 - beta2 ** (t + 1)), max(t, 1) ** 0.25)
+                  for t in set(steps)}
         first = [1.0 if t == 0 else 0.0 for t in steps]
         lrs = [m * lr for m in lr_mult]
         if group["use_adopt_stability"]:  # ADOPT's first step only initialises v: no parameter change at all
@@ -174,7 +175,7 @@ class HinaAdamW(HinaOptimizer):
         return nonfinite
 
 
-def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bias2_sqrt, clip, *, beta1: float,
+def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, inv_bias1, inv_bias2_sqrt, clip, *, beta1: float,
                beta2: float, eps: float, tam_beta: float, orthogonal: bool, agr: bool, adopt: bool, tam: bool,
                grams: bool, cautious: bool):
     """HinaAdamW's direction over a chunk's flat fp32 buffers, purely functional.
@@ -182,7 +183,8 @@ def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bi
     Order (each stage's paper in its module): ⊥Grad, AGR on g; the moment input x = g (Adam) or ADOPT's
     clip(g / max(sqrt(v), eps), t^(1/4)); TAM damps x by the smoothed cosine of (m, x); m = lerp(m, x, 1 - b1);
     v from g; u = Adam's bias-corrected m / (sqrt(v) + eps) (ADOPT: u = m); Grams, then Cautious.
-    ``bias1``, ``bias2_sqrt``, ``clip`` are per-block columns (``segments.expand`` of per-tensor values).
+    ``inv_bias1`` = 1 / (1 - b1^t), ``inv_bias2_sqrt`` = 1 / sqrt(1 - b2^t) and ``clip`` are per-block columns
+    (``segments.expand`` of per-tensor values).
     Returns (g, m, v, u, tam_smoothed): the transformed gradient (SPD reads it), the new states, the update.
     """
     block = segments.block
@@ -199,9 +201,12 @@ def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, bias1, bi
     if adopt:
         u = m  # ADOPT uses the raw momentum, no bias correction; v is updated after (above, from g)
     else:
-        # u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps), in torch.optim.AdamW's order.
-        denom = v.view(-1, block).sqrt() / bias2_sqrt + eps
-        u = (m.view(-1, block) / denom / bias1).view(-1)
+        # u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps), in torch.optim.AdamW's order, with the bias
+        # corrections' reciprocals (computed once per tensor on the host) multiplied in: one vector division per
+        # element instead of three (measured: 0.96x the whole HinaAdamW 8-bit step, SD1.5 r16, 1 thread);
+        # torch.optim.AdamW's results to a few float32 ulps (tests/test_hina_adamw.py)
+        denom = v.view(-1, block).sqrt() * inv_bias2_sqrt + eps
+        u = (m.view(-1, block) / denom * inv_bias1).view(-1)
     if grams:
         u = techniques.grams(u, g)
     if cautious:
@@ -230,7 +235,7 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
     """
     block = segments.block
     qmaps = qmaps or (None, None, None)
-    lr, decay, bias1, bias2_sqrt, clip, active, first = step_vectors.unbind(0)
+    lr, decay, inv_bias1, inv_bias2_sqrt, clip, active, first = step_vectors.unbind(0)
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
     keep = ~segments.expand(live)                      # (blocks, 1): blocks whose tensor does not step
@@ -242,8 +247,8 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
                                    load_state(anchor, qmaps[2], block).view(-1, block)).view(-1)
     expand = segments.expand
     flags_adopt = flags["adopt"]
-    g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(bias1, 1.0),
-                                              expand(bias2_sqrt, 1.0), expand(clip), **flags)
+    g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(inv_bias1, 1.0),
+                                              expand(inv_bias2_sqrt, 1.0), expand(clip), **flags)
     if flags_adopt:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (lr is 0 for it)
         starting = expand(first > 0)
         v_new = torch.where(starting, (g * g).view(-1, block), v_new.view(-1, block)).view(-1)
