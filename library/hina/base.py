@@ -432,7 +432,7 @@ class HinaOptimizer(torch.optim.Optimizer):
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
         pack.begin_step()
         grad = pack.gather_present(grads, pack.buffer("grad"))
-        weight = pack.gather([p.detach() for p in pack.params], pack.buffer("weight"))
+        weight = pack.gather(pack.params, pack.buffer("weight"))  # the step runs under no_grad: no detach needed
         nonfinite = self.fused_step(group, pack, grad, weight, [self.state[p]["step"] for p in pack.params], active)
         torch._foreach_copy_([p for p, a in zip(pack.params, active) if a],
                              [v for v, a in zip(pack.views(weight), active) if a])

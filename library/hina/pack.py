@@ -99,7 +99,7 @@ class FlatPack:
         self.pool: "WorkPool | None" = None
         self._workspace: dict[str, torch.Tensor] = {}
         self._fresh: set[str] = set()
-        self._view_cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._view_cache: dict[tuple[str, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._gaps: list[tuple[int, int]] = [(off + n, size - n) for off, n, size in
                                              zip(self.offsets, self.numels, self.padded) if size > n]
         if self.total > used:
@@ -155,13 +155,24 @@ class FlatPack:
         more than the arithmetic on them. A cached list is only reused for the same tensor object, so a new
         buffer never gets stale views.
         """
-        cached = self._view_cache.get(id(flat))
+        return self._cached_views("params", flat)
+
+    def _gap_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the padding of ``flat`` (after each tensor and after the last), cached like ``views``."""
+        return self._cached_views("gaps", flat)
+
+    def _cached_views(self, kind: str, flat: torch.Tensor) -> list[torch.Tensor]:
+        cached = self._view_cache.get((kind, id(flat)))
         if cached is not None and cached[0] is flat:
             return cached[1]
-        views = [flat.narrow(0, off, n).view(shape) for off, n, shape in zip(self.offsets, self.numels, self.shapes)]
-        if len(self._view_cache) >= 32:  # bounded: a pack sees a handful of long-lived buffers
+        if kind == "params":
+            views = [flat.narrow(0, off, n).view(shape)
+                     for off, n, shape in zip(self.offsets, self.numels, self.shapes)]
+        else:
+            views = [flat.narrow(0, off, n) for off, n in self._gaps]
+        if len(self._view_cache) >= 64:  # bounded: a pack sees a handful of long-lived buffers
             self._view_cache.clear()
-        self._view_cache[id(flat)] = (flat, views)
+        self._view_cache[(kind, id(flat))] = (flat, views)
         return views
 
     def padded_views(self, flat: torch.Tensor, scale: int = 1) -> list[torch.Tensor]:
@@ -172,7 +183,7 @@ class FlatPack:
         """Copy ``tensors`` (shaped like the params) into ``out`` and zero its padding."""
         torch._foreach_copy_(self.views(out), tensors)
         if self._gaps:
-            torch._foreach_zero_([out.narrow(0, off, n) for off, n in self._gaps])
+            torch._foreach_zero_(self._gap_views(out))
         return out
 
     def gather_present(self, tensors: list, out: torch.Tensor) -> torch.Tensor:
@@ -183,7 +194,7 @@ class FlatPack:
         present = [i for i, t in enumerate(tensors) if t is not None]
         torch._foreach_copy_([views[i] for i in present], [tensors[i] for i in present])
         torch._foreach_zero_([views[i] for i, t in enumerate(tensors) if t is None] +
-                             [out.narrow(0, off, n) for off, n in self._gaps])
+                             self._gap_views(out))
         return out
 
     # --- per-tensor reductions and broadcasts (see Segments) -----------------------------------------------
