@@ -211,7 +211,9 @@ def test_codes_next_to_decade_thresholds_are_the_exact_nearest(signed):
     assert ((decoded - x).abs() <= (best - x).abs() * (1 + 1e-6))[~kept_off_zero].all()
 
 
-NEAR_TIE_ULPS = 4  # encode's arithmetic rounding may pick the other neighbour only this close to a midpoint
+# encode's arithmetic (a * inverse spacing + offset, float32) may pick the other neighbour only this close to a
+# midpoint, in spacings between the two codes: its rounding errors add up to ~4e-5 of a spacing (quant._build_regions)
+NEAR_TIE_SPACINGS = 1e-4
 
 
 def _steps_from(values: torch.Tensor, towards: float, count: int) -> torch.Tensor:
@@ -232,14 +234,17 @@ def _in_blocks_of_max_one(a: torch.Tensor, block: int = 256) -> torch.Tensor:
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_differ_from_exact_nearest_only_at_near_ties(signed):
     """encode rounds arithmetically within a decade, so at a float near-tie it may pick the other neighbour:
-    every code is the exact nearest (argmin over the map) except within NEAR_TIE_ULPS float32 steps of the
-    midpoint between two codes, and there it is one of those two. Probed densely: every midpoint +- 32 steps,
-    every code, and 2^16 log-uniform values over 10^-9..1."""
+    every code is the exact nearest (argmin over the map) except within NEAR_TIE_SPACINGS of the midpoint between
+    two codes (in units of their spacing), and there it is one of those two. Probed densely: every midpoint +- 32
+    float32 steps and +- 1e-6..1e-3 spacings, every code, and 2^16 log-uniform values over 10^-9..1."""
     qmap = quant.dynamic_map(signed, "cpu")
     mid = quant.midpoints(signed, "cpu")
+    spacing = qmap[1:] - qmap[:-1]
     g = torch.Generator().manual_seed(11)
-    a = torch.cat([mid, _steps_from(mid, 0.0, 32).reshape(-1), _steps_from(mid, 2.0, 32).reshape(-1), qmap.abs(),
-                   torch.pow(10.0, -9 * torch.rand(1 << 16, generator=g))]).clamp(0.0, 1.0)
+    fractions = torch.logspace(-6, -3, 16)
+    near = [mid + sign * f * spacing for f in fractions for sign in (-1.0, 1.0)]
+    a = torch.cat([mid, _steps_from(mid, 0.0, 32).reshape(-1), _steps_from(mid, 2.0, 32).reshape(-1), *near,
+                   qmap.abs(), torch.pow(10.0, -9 * torch.rand(1 << 16, generator=g))]).clamp(0.0, 1.0)
     x = _in_blocks_of_max_one(a)
     if signed:
         x = x * torch.where(torch.rand(x.numel(), generator=g) < 0.5, -1.0, 1.0)
@@ -247,11 +252,13 @@ def test_codes_differ_from_exact_nearest_only_at_near_ties(signed):
     codes = quant.encode(x, qmap, 256, signed)[0].long()
     exact = (qmap[None, :].double() - x[:, None].double()).abs().argmin(dim=1)  # absmax is 1.0: no scaling
     exact = torch.where((x > 0) & (exact == 0) & (not signed), 1, exact)  # the unsigned no-zero-point rule
-    ulps_to_midpoint = ((x.abs()[:, None].double() - mid[None, :].double()).abs().min(dim=1).values
-                        / (torch.nextafter(x.abs(), torch.full_like(x, 2.0)) - x.abs()).double())
+    distance = (x.abs()[:, None].double() - mid[None, :].double()).abs()
+    nearest_mid = distance.argmin(dim=1)
+    spacings_to_midpoint = distance.min(dim=1).values / spacing[nearest_mid].double()
     differs = codes != exact
     assert differs.any(), "the probe should reach some near-ties"
-    assert (ulps_to_midpoint[differs] <= NEAR_TIE_ULPS).all(), x[differs][ulps_to_midpoint[differs] > NEAR_TIE_ULPS]
+    too_far = spacings_to_midpoint[differs] > NEAR_TIE_SPACINGS
+    assert not too_far.any(), (x[differs][too_far], spacings_to_midpoint[differs][too_far])
     assert ((codes - exact).abs() <= 1).all()
 
 
