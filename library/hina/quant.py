@@ -131,7 +131,8 @@ def _build_regions(signed: bool) -> list[tuple[float, float, float, float]]:
         first, last = qmap[start].item(), qmap[start + items - 1].item()
         inverse_spacing = _float32((items - 1) / (last - first) if items > 1 else 0.0)
         threshold = float("-inf") if not regions else mid[start - 1].item()
-        regions.append((threshold, inverse_spacing, _float32(start - first * inverse_spacing), float(start + items - 1)))
+        offset = _float32(start - first * inverse_spacing)
+        regions.append((threshold, inverse_spacing, offset, float(start + items - 1)))
     return regions
 
 
