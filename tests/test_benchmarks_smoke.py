@@ -236,3 +236,35 @@ def test_pretrained_task_quick_run_resumes_from_cached_runs(tmp_path):
     assert "2 of 2 runs cached" in again.stdout and "6 of 6 runs cached" in again.stdout
     second = json.loads(out.read_text())
     assert second["tasks"]["minilm_cls"]["results"] == block["results"]
+
+
+def test_merge_convergence_replaces_whole_rows_and_records_where_they_came_from(tmp_path):
+    """A later run's rows replace the target's (never averaged), meta.merged_from names the source run, and the
+    runs meta.missing_runs listed for a merged row are no longer listed as missing."""
+    merge = _bench_module("merge_convergence")
+
+    def row(final):
+        return {"lr": 1e-3, "seeds": [0, 1], "final": final, "mean": sum(final) / 2}
+
+    meta = {"command": "c", "date": "d", "machine": {"git_commit": "abc"}}
+    target = {"meta": dict(meta, missing_runs=[
+        {"task": "t", "optimizer": "A", "variant": "A: no x", "lr": 1e-3, "seed": 2},
+        {"task": "t", "optimizer": "B", "variant": None, "lr": 1e-3, "seed": 4}]),
+        "tasks": {"t": {"results": {"A": row([1.0, 2.0]), "B": row([3.0, 4.0])}, "lr_grid": {"A": [1e-3], "B": [1e-3]},
+                        "ablation": {"A: no x": row([5.0, 6.0])}}}}
+    source = {"meta": dict(meta, command="later"),
+              "tasks": {"t": {"results": {"A": row([7.0, 8.0])}, "lr_grid": {"A": [3e-3]},
+                              "ablation": {"A: no x": row([9.0, 10.0])}}}}
+    into, src = tmp_path / "into.json", tmp_path / "source.json"
+    into.write_text(json.dumps(target))
+    src.write_text(json.dumps(source))
+    merge.main(["--into", str(into), "--source", str(src), "--results", "A", "--ablation"])
+    merged = json.loads(into.read_text())
+    block = merged["tasks"]["t"]
+    assert block["results"]["A"]["final"] == [7.0, 8.0] and block["results"]["B"]["final"] == [3.0, 4.0]
+    assert block["lr_grid"]["A"] == [3e-3] and block["ablation"]["A: no x"]["final"] == [9.0, 10.0]
+    record = merged["meta"]["merged_from"][-1]
+    assert record["command"] == "later" and record["rows"] == {"t": ["A", "ablation: A: no x"]}
+    assert merged["meta"]["missing_runs"] == [{"task": "t", "optimizer": "B", "variant": None, "lr": 1e-3, "seed": 4}]
+    with pytest.raises(SystemExit, match="'C' has no row for t"):
+        merge.main(["--into", str(into), "--source", str(src), "--results", "C"])

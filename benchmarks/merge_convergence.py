@@ -1,0 +1,73 @@
+"""Merge the rows of one ``benchmarks/convergence.py`` JSON into another, saying so in the target's meta.
+
+A long run is split over sessions (the machine cannot run the whole ``--long`` scope at once), so a later run
+of some optimizers or ablation variants replaces their rows in ``docs/convergence_long.json``. Rows are
+replaced whole (every seed of a row comes from one run), never averaged across runs; the target's
+``meta.merged_from`` records which rows came from which command, date, machine and commit, and runs that
+``meta.missing_runs`` listed as not finished are dropped from that list once a merged row covers them.
+
+    python benchmarks/merge_convergence.py --into docs/convergence_long.json --source run.json \\
+        --results HinaAdamW Automagic_CameAMP --ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from library.hina_train.saving import atomic_write  # noqa: E402
+
+
+def merge(target: dict, source: dict, results: list[str], ablation: bool) -> dict:
+    """Replace ``results`` rows (and, with ``ablation``, every ablation row) of ``target`` by ``source``'s."""
+    replaced: dict[str, list[str]] = {}
+    for task, block in source["tasks"].items():
+        if task not in target["tasks"]:
+            raise SystemExit(f"task {task!r} of the source is not in the target (it has {', '.join(target['tasks'])})")
+        into = target["tasks"][task]
+        for name in results:
+            if name not in block["results"]:
+                raise SystemExit(f"{name!r} has no row for {task} in the source (it has {', '.join(block['results'])})")
+            into["results"][name] = block["results"][name]
+            into["lr_grid"][name] = block["lr_grid"][name]
+            replaced.setdefault(task, []).append(name)
+        if ablation:
+            for name, row in (block.get("ablation") or {}).items():
+                into.setdefault("ablation", {})[name] = row
+                replaced.setdefault(task, []).append(f"ablation: {name}")
+    meta, smeta = target["meta"], source["meta"]
+    meta.setdefault("merged_from", []).append(
+        {"command": smeta["command"], "date": smeta["date"], "machine": smeta["machine"], "rows": replaced})
+    covered = {(task, row.removeprefix("ablation: ")) for task, rows in replaced.items() for row in rows}
+    if meta.get("missing_runs"):
+        meta["missing_runs"] = [m for m in meta["missing_runs"]
+                                if (m["task"], m["variant"] or m["optimizer"]) not in covered] or None
+    return target
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--into", type=Path, required=True, help="the JSON whose rows are replaced (rewritten)")
+    parser.add_argument("--source", type=Path, required=True, help="the JSON of the later run")
+    parser.add_argument("--results", nargs="*", default=[], help="optimizer rows to take from the source")
+    parser.add_argument("--ablation", action="store_true", help="take every ablation row of the source too")
+    args = parser.parse_args(argv)
+    if not args.results and not args.ablation:
+        parser.error("nothing to merge: give --results NAME... and/or --ablation")
+    target = json.loads(args.into.read_text())
+    source = json.loads(args.source.read_text())
+    merged = merge(target, source, args.results, args.ablation)
+    merged["meta"]["merged_from"][-1]["merge_command"] = "python benchmarks/merge_convergence.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    text = json.dumps(merged, indent=1) + "\n"
+    atomic_write(args.into, lambda temporary: Path(temporary).write_text(text))
+    print(f"merged into {args.into}: {merged['meta']['merged_from'][-1]['rows']}")
+
+
+if __name__ == "__main__":
+    main()
