@@ -97,3 +97,16 @@ def test_garbage_of_each_compile_is_collected_once(monkeypatch):
     assert len(collections) == 1
     f(True, torch.ones(6), 2.0)  # a new shape: a new version
     assert len(collections) == 2
+
+
+def test_inductor_options_keep_only_keys_this_torch_knows(monkeypatch):
+    """The encode-inlining threshold reaches torch.compile where inductor has the setting; an unknown key is dropped
+    instead of making every compile fail (and the step run eagerly)."""
+    from library.hina import compiled
+
+    assert compiled.inductor_options() == {"realize_opcount_threshold": 400}
+    monkeypatch.setitem(compiled.INDUCTOR_OPTIONS, "no_such_inductor_setting", 1)
+    assert "no_such_inductor_setting" not in compiled.inductor_options()
+    step = compiled.MaybeCompiled(lambda x: x * 2.0 + 1.0)
+    out = step(True, torch.ones(8))
+    assert torch.equal(out, torch.full((8,), 3.0)) and step.failed is None and step.compiled_calls == 1

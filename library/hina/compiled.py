@@ -32,6 +32,14 @@ AUTO_MIN_ELEMENTS = 1 << 20
 # 2.49 bytes; Automagic_CameAMP8bit 4.60 -> 4.03 (one run); step time unchanged (paired in-process A/B at SD1.5 r16:
 # 0.99-1.01x for HinaAdamW 8-bit, Automagic_CameAMP8bit and AdamW_HinaAdaptive).
 INDUCTOR_OPTIONS = {"realize_opcount_threshold": 400}
+
+
+def inductor_options() -> dict:
+    """``INDUCTOR_OPTIONS`` that this torch's inductor knows (an unknown key would make every compile fail and
+    the step run eagerly)."""
+    import torch._inductor.config as config
+
+    return {key: value for key, value in INDUCTOR_OPTIONS.items() if hasattr(config, key)}
 _INSTANCES: list["MaybeCompiled"] = []
 
 
@@ -63,7 +71,7 @@ class MaybeCompiled:
         signature = _signature((args, kwargs)) if use_compile and not self.failed else None
         if signature is not None and self._within_limit(signature):
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=False, options=INDUCTOR_OPTIONS)
+                self._compiled = torch.compile(self.fn, dynamic=False, options=inductor_options())
             compiling = signature not in self._compiled_signatures
             try:
                 result = self._compiled(*args, **kwargs)
