@@ -525,6 +525,16 @@ def steps_to_reach(curve_steps: list[int], curve: list[float], target: float) ->
     return None
 
 
+def add_steps_to_adamw_final(results: dict) -> None:
+    """Each row's ``steps_to_adamw_final``: the first evaluation step at which its mean curve reaches the AdamW row's
+    mean final loss (rows of one file; nothing without an AdamW row)."""
+    adamw = results.get("AdamW")
+    if adamw is None or adamw["mean"] is None:
+        return
+    for row in results.values():
+        row["steps_to_adamw_final"] = steps_to_reach(row["eval_steps"], row["mean_curve"], adamw["mean"])
+
+
 def long_grids(best_from: list[Path], tasks, optimizers, error, below: bool = True) -> dict:
     """--long: per (task, optimizer), the best lr of the short runs ``best_from`` (a later file wins where two
     hold the same optimizer: a newer sweep of some optimizers over an older one of all) and, with ``below``, its
@@ -760,10 +770,7 @@ def main(argv=None) -> dict:
                     and r["lr"] == best[(t, o)] and r["seed"] < seeds}
             if runs:  # none only with --cached-only
                 results[o] = summarize([runs[s] for s in sorted(runs)])
-        if "AdamW" in results and results["AdamW"]["mean"] is not None:
-            target = results["AdamW"]["mean"]
-            for o, res in results.items():
-                res["steps_to_adamw_final"] = steps_to_reach(res["eval_steps"], res["mean_curve"], target)
+        add_steps_to_adamw_final(results)
         ablation = {}
         if t in ablation_tasks and variants[t]:
             full = {r["seed"]: r for r in all_runs if r["task"] == t and r["optimizer"] == ablated and r["variant"] is None

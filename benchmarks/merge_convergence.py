@@ -20,18 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from convergence import steps_to_reach  # noqa: E402  (this folder is first on sys.path when run as a script)
+from convergence import add_steps_to_adamw_final  # noqa: E402  (run as a script: this folder is on sys.path)
 from library.hina_train.saving import atomic_write  # noqa: E402
-
-
-def _steps_to_adamw(results: dict) -> None:
-    """``steps_to_adamw_final`` against the target's own AdamW row: a merged row's came from its source run, which
-    may have had no AdamW (convergence.py computes it the same way, from the rows of one file)."""
-    adamw = results.get("AdamW")
-    if adamw is None or adamw.get("mean") is None:
-        return
-    for row in results.values():
-        row["steps_to_adamw_final"] = steps_to_reach(row["eval_steps"], row["mean_curve"], adamw["mean"])
 
 
 def merge(target: dict, source: dict, results: list[str], ablation: bool) -> dict:
@@ -47,7 +37,7 @@ def merge(target: dict, source: dict, results: list[str], ablation: bool) -> dic
             into["results"][name] = dict(block["results"][name])
             into["lr_grid"][name] = block["lr_grid"][name]
             replaced.setdefault(task, []).append(name)
-        _steps_to_adamw(into["results"])
+        add_steps_to_adamw_final(into["results"])  # against the target's AdamW row: the source may have none
         if ablation:
             for name, row in (block.get("ablation") or {}).items():
                 into.setdefault("ablation", {})[name] = row

@@ -40,6 +40,8 @@ def inductor_options() -> dict:
     import torch._inductor.config as config
 
     return {key: value for key, value in INDUCTOR_OPTIONS.items() if hasattr(config, key)}
+
+
 _INSTANCES: list["MaybeCompiled"] = []
 
 

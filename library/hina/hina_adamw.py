@@ -112,8 +112,8 @@ class HinaAdamW(HinaOptimizer):
         """Per-tensor inputs of a chunk's step, one (7, slots) tensor: lr, 1 - lr wd, 1 / (1 - b1^t),
         1 / sqrt(1 - b2^t), ADOPT's clip t^(1/4) (t: completed steps), active, first step. Computed on the host in
         Python floats (float64; the powers once per distinct step count, usually one per chunk) and copied to the
-        device once per chunk; the role multipliers are cached per chunk. (List comprehensions: the earlier loop of appends cost
-        ~0.1 ms per chunk, 2.8 ms of a 69 ms SD1.5 r16 step at 1 thread, cProfile.)"""
+        device once per chunk; the role multipliers are cached per chunk. (List comprehensions: the earlier loop of
+        appends cost ~0.1 ms per chunk, 2.8 ms of a 69 ms SD1.5 r16 step at 1 thread, cProfile.)"""
         beta1, beta2 = group["betas"]
         cached = getattr(pack, "_multipliers", None)
         if cached is None or cached[0] is not group:
