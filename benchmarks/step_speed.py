@@ -271,6 +271,7 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
     for _ in range(2):  # warm-up: ADOPT's first steps
         optimizer.step()
     first_peak = peak_bytes(device)
+    held = current_bytes(device)  # what stays in use between steps: state, work pool, loaded kernels
     # steady steps: peak tracking restarts after the warm-up, so one-time costs (compiling) drop out
     steady = reset_peak(device) and in_use_before is not None
     times = []
@@ -284,13 +285,28 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
     paired = paired_ratio(optimizer, named, steps, sync) if label != "torch AdamW (fused)" else 1.0
     from library.hina.compiled import compiled_graph_count
     info = optimizer.get_optimization_info()["training_stats"] if hasattr(optimizer, "get_optimization_info") else {}
+    state, workspace = state_bytes(optimizer), info.get("workspace_bytes", 0)
     return {"optimizer": label, "median_ms": statistics.median(times), "first_step_s": first_step_s,
             "compiled_graphs": compiled_graph_count(), "paired_ratio_to_fused": paired,
-            "workspace_bytes_per_param": info["workspace_bytes"] / total if "workspace_bytes" in info else None,
-            "state_bytes_per_param": state_bytes(optimizer) / total,
+            "workspace_bytes_per_param": workspace / total if "workspace_bytes" in info else None,
+            "state_bytes_per_param": state / total,
             "peak_growth_bytes_per_param": max(0, first_peak - before) / total,
             "steady_peak_bytes_per_param": None if steady_peak is None else max(0, steady_peak - in_use_before) / total,
+            **memory_split(in_use_before, held, steady_peak if steady else None, state, workspace, total),
             "compiler_runtime_bytes": compiler_bytes}
+
+
+def memory_split(in_use_before, held, steady_peak, state: int, workspace: int, total: int) -> dict:
+    """The steady peak in two parts: what is *held* between steps (in use after the warm-up: state, the work
+    pool, and the rest, which on CPU is the compiled kernels and the memory the allocator keeps, an amount
+    per process, so in MiB), and the *step transient*: how far the timed steps' peak rose above that (the step's
+    own temporaries). Nones where the platform reports no current memory."""
+    if in_use_before is None or held is None:
+        return {"held_bytes_per_param": None, "step_transient_bytes_per_param": None, "held_other_mib": None}
+    held_growth = held - in_use_before
+    return {"held_bytes_per_param": held_growth / total,
+            "step_transient_bytes_per_param": None if steady_peak is None else max(0, steady_peak - held) / total,
+            "held_other_mib": (held_growth - state - workspace) / 2 ** 20}
 
 
 def paired_ratio(optimizer, named, steps: int, sync) -> float:
@@ -381,24 +397,39 @@ def markdown(report: dict, argv: list[str]) -> str:
         "median ratio of step times with the optimizer and torch AdamW (fused) stepping alternately in the same "
         "process: on a shared, loaded machine it is the figure to read (the other ratio divides medians "
         "taken minutes apart, under whatever load each process met).",
+        "",
+        "Where the steady peak goes: *work pool* is the optimizer's chunk-sized work buffers "
+        "(`workspace_bytes`, bounded by the chunk size, base.py); *step transient* is how far the timed steps' "
+        "peak rose above the memory held after the warm-up (the step's own temporaries); *other held MiB* is "
+        "what stays in use between steps besides state and work pool: on CPU the compiled kernels and the "
+        "memory the allocator keeps after compiling, an amount per process (compare it across the two "
+        "parameter sets), not per parameter. So steady peak = state + work pool + other held + step transient.",
     ]
     for block in report["models"]:
         lines += ["", f"## {block['model']} (rank/dim {block['rank']}, {block['tensors']} tensors, "
                       f"{block['params'] / 1e6:.2f}M params)", "",
                   "| optimizer | median ms/step | x torch AdamW fused | x fused, paired | state B/param "
-                  "| steady peak B/param | first-steps peak B/param | first step s | compiled graphs |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| steady peak B/param | work pool B/param | step transient B/param | other held MiB "
+                  "| first-steps peak B/param | first step s | compiled graphs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in block["results"]:
             if "error" in r:
-                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | | | | |")
+                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | | | | | | | |")
                 continue
             ratio = f"{r['ratio_to_fused']:.2f}" if r.get("ratio_to_fused") else "-"
             steady = r.get("steady_peak_bytes_per_param")
             paired = f"{r['paired_ratio_to_fused']:.2f}" if r.get("paired_ratio_to_fused") else "-"
             lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {ratio} | {paired} | {r['state_bytes_per_param']:.2f} "
-                         f"| {'-' if steady is None else f'{steady:.1f}'} | {r['peak_growth_bytes_per_param']:.1f} "
+                         f"| {_figure(steady, 2)} | {_figure(r.get('workspace_bytes_per_param'), 2)} "
+                         f"| {_figure(r.get('step_transient_bytes_per_param'), 2)} "
+                         f"| {_figure(r.get('held_other_mib'), 0)} "
+                         f"| {r['peak_growth_bytes_per_param']:.1f} "
                          f"| {r.get('first_step_s', float('nan')):.1f} | {r.get('compiled_graphs', '-')} |")
     return "\n".join(lines) + "\n"
+
+
+def _figure(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def plot(report: dict, path: Path) -> None:

@@ -137,9 +137,25 @@ def test_step_speed_writes_json_table_and_chart(tmp_path):
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["ratio_to_fused"] > 0 and r["state_bytes_per_param"] > 0
         assert r["steady_peak_bytes_per_param"] is None or r["steady_peak_bytes_per_param"] >= 0
+        if r["step_transient_bytes_per_param"] is not None:  # Linux: the steady peak is held + transient
+            assert r["steady_peak_bytes_per_param"] == pytest.approx(
+                r["held_bytes_per_param"] + r["step_transient_bytes_per_param"], abs=1e-9) or \
+                r["step_transient_bytes_per_param"] == 0
     assert block["results"][0]["ratio_to_fused"] == 1.0
     assert "| HinaAdamW (all off, 32-bit) |" in md_out.read_text()
     assert png_out.stat().st_size > 0
+
+
+def test_step_speed_memory_split_adds_up():
+    """The steady peak's parts: held after warm-up (state + work pool + the rest, in MiB) and the step's transient."""
+    split = _bench_module("step_speed").memory_split
+    mib = 2 ** 20
+    parts = split(in_use_before=100 * mib, held=130 * mib, steady_peak=140 * mib, state=20 * mib, workspace=4 * mib,
+                  total=10 * mib)
+    assert parts == {"held_bytes_per_param": 3.0, "step_transient_bytes_per_param": 1.0, "held_other_mib": 6.0}
+    # a peak below what was held (the allocator returned memory during the steps): no negative transient
+    assert split(100 * mib, 130 * mib, 120 * mib, 20 * mib, 4 * mib, 10 * mib)["step_transient_bytes_per_param"] == 0
+    assert split(None, 130 * mib, 140 * mib, 0, 0, 1)["held_bytes_per_param"] is None
 
 
 def _bench_module(name):
@@ -268,3 +284,26 @@ def test_merge_convergence_replaces_whole_rows_and_records_where_they_came_from(
     assert merged["meta"]["missing_runs"] == [{"task": "t", "optimizer": "B", "variant": None, "lr": 1e-3, "seed": 4}]
     with pytest.raises(SystemExit, match="'C' has no row for t"):
         merge.main(["--into", str(into), "--source", str(src), "--results", "C"])
+
+
+def test_merge_convergence_sweep_adds_neighbour_lrs_and_names_a_better_one(tmp_path, capsys):
+    """--sweep puts a later run's swept lrs beside the target's (lr grid united, sorted), keeps the rows, and names
+    a swept lr that beats the row's lr over the same seeds."""
+    merge = _bench_module("merge_convergence")
+    meta = {"command": "c", "date": "d", "machine": {}}
+    target = {"meta": dict(meta), "tasks": {"t": {
+        "results": {"A": {"lr": 0.003, "final": [1.0, 2.0, 3.0]}, "B": {"lr": 0.01, "final": [1.0, 1.0, 1.0]}},
+        "lr_grid": {"A": [0.003], "B": [0.01]}, "sweep": {"A": {"0.003": [1.0, 2.0]}, "B": {"0.01": [1.0, 1.0]}}}}}
+    source = {"meta": dict(meta, command="neighbours"), "tasks": {"t": {
+        "results": {}, "lr_grid": {}, "sweep": {"A": {"0.001": [1.5, 2.5]}, "B": {"0.03": [0.5, 1.0]}}}}}
+    into, src = tmp_path / "into.json", tmp_path / "source.json"
+    into.write_text(json.dumps(target))
+    src.write_text(json.dumps(source))
+    merge.main(["--into", str(into), "--source", str(src), "--sweep"])
+    block = json.loads(into.read_text())["tasks"]["t"]
+    assert block["sweep"]["A"] == {"0.001": [1.5, 2.5], "0.003": [1.0, 2.0]} and list(block["sweep"]["A"]) == \
+        ["0.001", "0.003"]
+    assert block["lr_grid"] == {"A": [0.001, 0.003], "B": [0.01, 0.03]}
+    assert block["results"]["A"]["final"] == [1.0, 2.0, 3.0]
+    out = capsys.readouterr().out
+    assert "t B: lr 0.03 (0.75000) beats the row's lr 0.01 (1.00000)" in out and "t A:" not in out
