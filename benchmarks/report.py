@@ -176,12 +176,16 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
                   "median over steps of RMS(θ_new − θ_old) / lr, the size of a step in units of the lr it was given "
                   "(Adam: below 1).", ""]
         width = max(len(sw) for sw in data["sweep"].values())
-        lines += ["Learning-rate sweep (final eval loss per seed, "
-                  f"{meta['sweep_seeds']} seed(s) per value; grid ×" + ", ×".join(f"{f:.3g}" for f in
-                                                                                 meta["sweep_factors"]) +
-                  " the optimizer's typical lr" + (", plus ×" + " and ×".join(f"{f:g}" for f in meta["refine_factors"])
-                                                  + " its best grid value" if meta.get("refine_factors") else "") +
-                  "):", "", "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
+        if meta["mode"] == "long":
+            grid = ("each optimizer's best lr of the short sweep (`--best-from`) and, where they were run, the short "
+                    "grid's values on either side of it (×3 or ×1/3 past the grid's edge), 2 seeds each; **(best)** "
+                    "marks the lr of the table's row")
+        else:
+            grid = ("grid ×" + ", ×".join(f"{f:.3g}" for f in meta["sweep_factors"]) + " the optimizer's typical lr"
+                    + (", plus ×" + " and ×".join(f"{f:g}" for f in meta["refine_factors"]) + " its best grid value"
+                       if meta.get("refine_factors") else ""))
+        lines += [f"Learning-rate sweep (final eval loss per seed, {meta['sweep_seeds']} seed(s) per value; {grid}):",
+                  "", "| optimizer | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " |",
                   "|---|" + "---|" * width]
         for o, sweep in data["sweep"].items():
             if o not in results:  # planned, but no run finished (a --cached-only gathering)
@@ -497,8 +501,17 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
                      "cached to fit the 2-core budget) and a few hundred training sentences: a real fine-tune, but "
                      "one model and one task.")
     if meta["mode"] == "long":
-        lines += ["- Each optimizer runs at the best lr of a short (120-step, constant-lr) sweep (`--best-from`), not "
-                  "at an lr swept at this horizon; the best lr of a long warm-up + cosine run can differ.", ""]
+        checked = sum(len(d["sweep"].get(o, {})) >= 3 for d in conv["tasks"].values() for o in d["results"])
+        rows = sum(len(d["results"]) for d in conv["tasks"].values())
+        if checked == rows:
+            lines += ["- Each optimizer's lr comes from a short (120-step, constant-lr) sweep (`--best-from`) and was "
+                      "checked at this horizon against the short grid's neighbours on both sides with 2 seeds (the "
+                      "sweep table of each task), not swept over a full grid here.", ""]
+        else:
+            lines += [f"- Each optimizer runs at the best lr of a short (120-step, constant-lr) sweep (`--best-from`); "
+                      f"{checked} of the {rows} rows were checked against neighbouring lrs at this horizon (the sweep "
+                      "tables: a lower and a higher one), the others not: the best lr of a long warm-up + cosine run "
+                      "can differ.", ""]
     else:
         lines += ["- Optimizers whose recipes assume long runs (Automagic's lr-mask warm-up of 500 steps, the "
                   "adaptive optimizers' relationship discovery every 100 steps, the dynamic weight-decay transition "
