@@ -41,7 +41,8 @@ def merge(target: dict, source: dict, results: list[str], ablation: bool, sweep:
             if name not in block["results"]:
                 raise SystemExit(f"{name!r} has no row for {task} in the source (it has {', '.join(block['results'])})")
             into["results"][name] = dict(block["results"][name])
-            into["lr_grid"][name] = block["lr_grid"][name]
+            # the lrs tried stay listed (the target's sweep table keeps them): the grid is the union
+            into["lr_grid"][name] = sorted(set(into["lr_grid"].get(name, [])) | set(block["lr_grid"][name]))
             replaced.setdefault(task, []).append(name)
         add_steps_to_adamw_final(into["results"])  # against the target's AdamW row: the source may have none
         if ablation:

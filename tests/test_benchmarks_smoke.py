@@ -52,7 +52,7 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
         assert (docs / "ablation_quick_llm_lora.png").stat().st_size > 0
 
         # the long-horizon mode (issue 15) at tiny settings: the quick run's best lr, warm-up + cosine, the
-        # long-horizon features switched off in turn (the lower-neighbour grid: test_long_grids_merge_...)
+        # long-horizon features switched off in turn (the upper-neighbour grid: test_long_grids_merge_...)
         # 10 steps, evaluated every step, 2 seeds: three evaluations in the last 20 %, so the stability figures exist
         long_out = tmp_path / "convergence_long_quick.json"
         long_args = ["--long", "--quick", "--long-best-only", "--steps", "10", "--eval-every", "1", "--workers", "1",
@@ -92,15 +92,15 @@ def test_convergence_quick_writes_valid_json_and_report(tmp_path):
         torch.set_num_threads(threads)  # main() sets one thread per process
 
 
-def test_long_grids_merge_short_runs_and_add_the_lower_neighbour(tmp_path):
+def test_long_grids_merge_short_runs_and_add_the_upper_neighbour(tmp_path):
     """--best-from files merge (a later file wins per optimizer); the long grid is the best lr and the grid value
-    below it (x1/3 at the grid's bottom), or the best alone with --long-best-only; a missing optimizer is an error."""
+    above it (x3 at the grid's top), or the best alone with --long-best-only; a missing optimizer is an error."""
     conv = _bench_module("convergence")
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(json.dumps({"tasks": {"sd_lora": {
-        "results": {"AdamW": {"lr": 0.003}, "HinaAdamW": {"lr": 0.003}, "CAME": {"lr": 0.0001}},
+        "results": {"AdamW": {"lr": 0.003}, "HinaAdamW": {"lr": 0.003}, "CAME": {"lr": 0.001}},
         "lr_grid": {"AdamW": [0.001, 0.003, 0.01], "HinaAdamW": [0.001, 0.003, 0.01], "CAME": [0.0001, 0.001]}}}}))
-    new.write_text(json.dumps({"tasks": {"sd_lora": {"results": {"HinaAdamW": {"lr": 0.03}},
+    new.write_text(json.dumps({"tasks": {"sd_lora": {"results": {"HinaAdamW": {"lr": 0.01}},
                                                      "lr_grid": {"HinaAdamW": [0.003, 0.01, 0.03]}}}}))
 
     def error(message):
@@ -108,9 +108,9 @@ def test_long_grids_merge_short_runs_and_add_the_lower_neighbour(tmp_path):
 
     names = ["AdamW", "HinaAdamW", "CAME"]
     grids = conv.long_grids([old, new], ["sd_lora"], names, error)
-    assert grids == {("sd_lora", "AdamW"): [0.001, 0.003], ("sd_lora", "HinaAdamW"): [0.01, 0.03],
-                     ("sd_lora", "CAME"): [3.33e-05, 0.0001]}
-    assert conv.long_grids([new, old], ["sd_lora"], ["HinaAdamW"], error, below=False) == {
+    assert grids == {("sd_lora", "AdamW"): [0.003, 0.01], ("sd_lora", "HinaAdamW"): [0.01, 0.03],
+                     ("sd_lora", "CAME"): [0.001, 0.003]}
+    assert conv.long_grids([new, old], ["sd_lora"], ["HinaAdamW"], error, neighbour=False) == {
         ("sd_lora", "HinaAdamW"): [0.003]}
     with pytest.raises(ValueError, match="no result for Prodigy on sd_lora"):
         conv.long_grids([old, new], ["sd_lora"], ["Prodigy"], error)
@@ -278,7 +278,7 @@ def test_merge_convergence_replaces_whole_rows_and_records_where_they_came_from(
     merged = json.loads(into.read_text())
     block = merged["tasks"]["t"]
     assert block["results"]["A"]["final"] == [7.0, 8.0] and block["results"]["B"]["final"] == [3.0, 4.0]
-    assert block["lr_grid"]["A"] == [3e-3] and block["ablation"]["A: no x"]["final"] == [9.0, 10.0]
+    assert block["lr_grid"]["A"] == [1e-3, 3e-3] and block["ablation"]["A: no x"]["final"] == [9.0, 10.0]
     record = merged["meta"]["merged_from"][-1]
     assert record["command"] == "later" and record["rows"] == {"t": ["A", "ablation: A: no x"]}
     assert merged["meta"]["missing_runs"] == [{"task": "t", "optimizer": "B", "variant": None, "lr": 1e-3, "seed": 4}]
