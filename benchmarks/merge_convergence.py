@@ -60,6 +60,8 @@ def merge(target: dict, source: dict, results: list[str], ablation: bool, sweep:
                 into["sweep"][name] = dict(sorted(into["sweep"][name].items(), key=lambda item: float(item[0])))
                 into["lr_grid"][name] = sorted(set(into["lr_grid"][name]) | {float(lr) for lr in values})
                 replaced.setdefault(task, []).extend(f"sweep: {name} lr {float(lr):g}" for lr in values)
+    for block in target["tasks"].values():
+        sync_sweep_with_rows(block, target["meta"].get("sweep_seeds", 2))
     meta, smeta = target["meta"], source["meta"]
     meta.setdefault("merged_from", []).append(
         {"command": smeta["command"], "date": smeta["date"], "machine": smeta["machine"], "rows": replaced})
@@ -69,6 +71,15 @@ def merge(target: dict, source: dict, results: list[str], ablation: bool, sweep:
         meta["missing_runs"] = [m for m in meta["missing_runs"]
                                 if (m["task"], m["variant"] or m["optimizer"]) not in covered] or None
     return target
+
+
+def sync_sweep_with_rows(block: dict, sweep_seeds: int) -> None:
+    """The sweep value at a row's lr is the row's first ``sweep_seeds`` seeds (the protocol runs the sweep seeds
+    first and reuses them), so a replaced row replaces that sweep entry too."""
+    for name, row in block["results"].items():
+        entry = block.get("sweep", {}).get(name, {})
+        if str(row["lr"]) in entry and row.get("seeds", [])[:sweep_seeds] == list(range(sweep_seeds)):
+            entry[str(row["lr"])] = row["final"][:sweep_seeds]
 
 
 def sweep_winners(conv: dict) -> list[str]:

@@ -292,8 +292,11 @@ def test_merge_convergence_sweep_adds_neighbour_lrs_and_names_a_better_one(tmp_p
     merge = _bench_module("merge_convergence")
     meta = {"command": "c", "date": "d", "machine": {}}
     target = {"meta": dict(meta), "tasks": {"t": {
-        "results": {"A": {"lr": 0.003, "final": [1.0, 2.0, 3.0]}, "B": {"lr": 0.01, "final": [1.0, 1.0, 1.0]}},
-        "lr_grid": {"A": [0.003], "B": [0.01]}, "sweep": {"A": {"0.003": [1.0, 2.0]}, "B": {"0.01": [1.0, 1.0]}}}}}
+        "results": {"A": {"lr": 0.003, "seeds": [0, 1, 2], "final": [1.0, 2.0, 3.0]},
+                    "B": {"lr": 0.01, "seeds": [0, 1, 2], "final": [1.0, 1.0, 1.0]}},
+        "lr_grid": {"A": [0.003], "B": [0.01]},
+        # B's sweep value is stale (an earlier run's): the sweep seeds are the row's first seeds, so it is resynced
+        "sweep": {"A": {"0.003": [1.0, 2.0]}, "B": {"0.01": [1.2, 1.2]}}}}}
     source = {"meta": dict(meta, command="neighbours"), "tasks": {"t": {
         "results": {}, "lr_grid": {}, "sweep": {"A": {"0.001": [1.5, 2.5]}, "B": {"0.03": [0.5, 1.0]}}}}}
     into, src = tmp_path / "into.json", tmp_path / "source.json"
@@ -304,6 +307,6 @@ def test_merge_convergence_sweep_adds_neighbour_lrs_and_names_a_better_one(tmp_p
     assert block["sweep"]["A"] == {"0.001": [1.5, 2.5], "0.003": [1.0, 2.0]} and list(block["sweep"]["A"]) == \
         ["0.001", "0.003"]
     assert block["lr_grid"] == {"A": [0.001, 0.003], "B": [0.01, 0.03]}
-    assert block["results"]["A"]["final"] == [1.0, 2.0, 3.0]
+    assert block["results"]["A"]["final"] == [1.0, 2.0, 3.0] and block["sweep"]["B"]["0.01"] == [1.0, 1.0]
     out = capsys.readouterr().out
     assert "t B: lr 0.03 (0.75000) beats the row's lr 0.01 (1.00000)" in out and "t A:" not in out
