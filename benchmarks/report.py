@@ -178,8 +178,8 @@ def convergence_section(conv: dict, docs: Path, plots: bool, variant: str = "") 
         width = max(len(sw) for sw in data["sweep"].values())
         if meta["mode"] == "long":
             grid = ("each optimizer's best lr of the short sweep (`--best-from`) and, where they were run, the short "
-                    "grid's values on either side of it (×3 or ×1/3 past the grid's edge), 2 seeds each; **(best)** "
-                    "marks the lr of the table's row")
+                    "grid's values on either side of it (×3 or ×1/3 past the grid's edge); **(best)** marks the lr of "
+                    "the table's row")
         else:
             grid = ("grid ×" + ", ×".join(f"{f:.3g}" for f in meta["sweep_factors"]) + " the optimizer's typical lr"
                     + (", plus ×" + " and ×".join(f"{f:g}" for f in meta["refine_factors"]) + " its best grid value"
@@ -505,8 +505,8 @@ def run_sections(conv_path: Path, docs: Path, plots: bool, with_speed: bool) -> 
         rows = sum(len(d["results"]) for d in conv["tasks"].values())
         if checked == rows:
             lines += ["- Each optimizer's lr comes from a short (120-step, constant-lr) sweep (`--best-from`) and was "
-                      "checked at this horizon against the short grid's neighbours on both sides with 2 seeds (the "
-                      "sweep table of each task), not swept over a full grid here.", ""]
+                      f"checked at this horizon against the short grid's neighbours on both sides with {meta['sweep_seeds']} "
+                      "seed(s) (the sweep table of each task), not swept over a full grid here.", ""]
         else:
             lines += [f"- Each optimizer runs at the best lr of a short (120-step, constant-lr) sweep (`--best-from`); "
                       f"{checked} of the {rows} rows were checked against neighbouring lrs at this horizon (the sweep "

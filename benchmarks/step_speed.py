@@ -292,7 +292,7 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
             "state_bytes_per_param": state / total,
             "peak_growth_bytes_per_param": max(0, first_peak - before) / total,
             "steady_peak_bytes_per_param": None if steady_peak is None else max(0, steady_peak - in_use_before) / total,
-            **memory_split(in_use_before, held, steady_peak if steady else None, state, workspace, total),
+            **memory_split(in_use_before, held, steady_peak, state, workspace, total),
             "compiler_runtime_bytes": compiler_bytes}
 
 
