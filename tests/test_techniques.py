@@ -169,3 +169,28 @@ def test_alora_row_coefficients_on_the_flat_pack_match_per_tensor(align):
             rows = w.reshape(w.shape[0], -1)
             expected = (u.reshape(rows.shape) / torch.sqrt(1 + (rows ** 2).sum(1, keepdim=True))).reshape(u.shape)
         torch.testing.assert_close(got, expected)
+
+
+def test_chunk_math_keeps_the_block_shape_and_its_values():
+    """The fused steps compute in ``Segments.blocks``' (num_blocks, block) shape, so that inductor fuses a chunk's
+    step into one loop: every technique applied to a chunk buffer returns the shape it was given, with the same
+    values either way (flat in, flat out)."""
+    from library.hina.base import decoupled_update
+
+    pack, _ = make(3, align=4)
+    _, other = make(4, align=4)
+    segments, block = pack.segments, pack.segments.block
+    g, w = flat(pack, make(5, align=4)[1]), flat(pack, other)
+    per_tensor = torch.tensor([0.5, 0.25, 2.0])
+    cases = {
+        "agr": lambda g, w: agr(g, segments),
+        "orthogonalize": lambda g, w: orthogonalize(g, w, segments),
+        "cautious": lambda g, w: cautious(g, w, segments),
+        "adopt": lambda g, w: adopt_normalize(g, w.abs(), 1e-8, torch.tensor(2.0), block),
+        "decoupled_update+spd": lambda g, w: decoupled_update(w, g, g, None, segments, per_tensor, 1 - per_tensor,
+                                                              0.06, spd=True),
+    }
+    for name, fn in cases.items():
+        on_flat, on_blocks = fn(g, w), fn(segments.blocks(g), segments.blocks(w))
+        assert on_flat.shape == g.shape and on_blocks.shape == (g.numel() // block, block), name
+        assert torch.equal(on_blocks.reshape(-1), on_flat), name

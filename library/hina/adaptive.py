@@ -278,34 +278,34 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
     """
     block = segments.block
     expand = segments.expand
+    grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_grad, mask = map(
+        segments.blocks, (grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_grad, mask))
     lr, decay, inv_bias1, inv_bias2_sqrt, clip, active, first = step_vectors.unbind(0)
     adapt, bump, min_ratio, max_ratio, start = mask_vector.unbind(0)
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
     keep = ~expand(live)
-    g = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
+    g = torch.where(keep, 0.0, grad)
     adaptive = importance is not None
     if adaptive:
         balance_new = segments.sum(weight * g)
         cosine = imp.successive_cosine(g, prev_grad, segments)
         importance_new = torch.where((first > 0) & live, 1.0, importance)
     if mask is not None:
-        ratio, mask_new = lr_mask.mask_step(mask.view(-1, block), g.view(-1, block),
-                                            expand(first), adapt, bump, min_ratio, max_ratio, start)
+        ratio, mask_new = lr_mask.mask_step(mask, g, expand(first), adapt, bump, min_ratio, max_ratio, start)
 
     m, v = exp_avg, exp_avg_sq
     anchor_value = None
     if anchor is not None:
-        anchor_value = torch.where(expand(first > 0), weight.view(-1, block),
-                                   anchor.view(-1, block)).view(-1)
+        anchor_value = torch.where(expand(first > 0), weight, anchor)
     g_t, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(inv_bias1, 1.0),
                                                 expand(inv_bias2_sqrt, 1.0), expand(clip), beta1=beta1, beta2=beta2,
                                                 eps=eps, tam_beta=tam_beta, **flags)
     if flags["adopt"]:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (its lr is 0)
         starting = expand(first > 0)
-        v_new = torch.where(starting, (g_t * g_t).view(-1, block), v_new.view(-1, block)).view(-1)
-        m_new = torch.where(starting, 0.0, m_new.view(-1, block)).view(-1)
-        u = torch.where(starting, 0.0, u.view(-1, block)).view(-1)
+        v_new = torch.where(starting, g_t * g_t, v_new)
+        m_new = torch.where(starting, 0.0, m_new)
+        u = torch.where(starting, 0.0, u)
 
     if adaptive:
         stepping = live.to(weight.dtype)
@@ -316,12 +316,12 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
         importance_new = torch.where(live, importance_new * importance_decay + score * (1.0 - importance_decay),
                                      importance_new)
     if mask is not None:
-        u = (u.view(-1, block) * ratio).view(-1)
+        u = u * ratio
     if adaptive and partner_index is not None:
         other = torch.where(partner_index >= 0, importance_new[partner_index.clamp_min(0)],
                             torch.where(torch.isnan(partner_value), importance_new, partner_value))
         joint = (importance_new * other).clamp_min(0.0).sqrt()
-        u = (u.view(-1, block) * expand(imp.importance_multiplier(joint, strength))).view(-1)
+        u = u * expand(imp.importance_multiplier(joint, strength))
     if row_coef is not None:
         u = u * row_coef
     new_weight = decoupled_update(weight, u, g_t, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
@@ -331,14 +331,14 @@ def adaptive_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, prev_gra
     if anchor is not None:
         store_state(anchor, anchor_value, keep, None, block)
     if mask is not None:
-        store_state(mask, mask_new.view(-1), keep, None, block)
+        store_state(mask, mask_new, keep, None, block)
     if adaptive:
         store_state(prev_grad, g, keep, None, block)
         balance.copy_(torch.where(live, balance_new, balance))
         importance.copy_(importance_new)
     if tam_smoothed is not None:
         tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
-    weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
+    weight.copy_(torch.where(keep, weight, new_weight))
     return (active > 0) & ~finite
 
 

@@ -195,7 +195,7 @@ def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, inv_bias1
     x = adopt_normalize(g, exp_avg_sq, eps, clip, block) if adopt else g
     if tam:
         damping, tam_smoothed = tam_step(exp_avg, x, tam_smoothed, tam_beta, segments)
-        x = (x.view(-1, block) * segments.expand(damping)).view(-1)
+        x = (x.view(-1, block) * segments.expand(damping)).view_as(g)
     m = torch.lerp(exp_avg, x, 1.0 - beta1)
     v = exp_avg_sq * beta2 + (1.0 - beta2) * g * g
     if adopt:
@@ -206,7 +206,7 @@ def adamw_math(g, exp_avg, exp_avg_sq, tam_smoothed, weight, segments, inv_bias1
         # element instead of three (measured: 0.96x the whole HinaAdamW 8-bit step, SD1.5 r16, 1 thread);
         # torch.optim.AdamW's results to a few float32 ulps (tests/test_hina_adamw.py)
         denom = v.view(-1, block).sqrt() * inv_bias2_sqrt + eps
-        u = (m.view(-1, block) / denom * inv_bias1).view(-1)
+        u = (m.view(-1, block) / denom * inv_bias1).view_as(m)
     if grams:
         u = techniques.grams(u, g)
     if cautious:
@@ -235,25 +235,26 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
     """
     block = segments.block
     qmaps = qmaps or (None, None, None)
+    grad, weight, row_coef, exp_avg, exp_avg_sq, anchor = map(segments.blocks, (grad, weight, row_coef, exp_avg,
+                                                                                exp_avg_sq, anchor))
     lr, decay, inv_bias1, inv_bias2_sqrt, clip, active, first = step_vectors.unbind(0)
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
     keep = ~segments.expand(live)                      # (blocks, 1): blocks whose tensor does not step
     m, v = load_state(exp_avg, qmaps[0], block), load_state(exp_avg_sq, qmaps[1], block)
-    g = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
+    g = torch.where(keep, 0.0, grad)
     anchor_value = None
     if anchor is not None:
-        anchor_value = torch.where(segments.expand(first > 0), weight.view(-1, block),
-                                   load_state(anchor, qmaps[2], block).view(-1, block)).view(-1)
+        anchor_value = torch.where(segments.expand(first > 0), weight, load_state(anchor, qmaps[2], block))
     expand = segments.expand
     flags_adopt = flags["adopt"]
     g, m_new, v_new, u, smoothed = adamw_math(g, m, v, tam_smoothed, weight, segments, expand(inv_bias1, 1.0),
                                               expand(inv_bias2_sqrt, 1.0), expand(clip), **flags)
     if flags_adopt:  # a tensor's first ADOPT step: v = g^2, m stays 0, no update (lr is 0 for it)
         starting = expand(first > 0)
-        v_new = torch.where(starting, (g * g).view(-1, block), v_new.view(-1, block)).view(-1)
-        m_new = torch.where(starting, 0.0, m_new.view(-1, block)).view(-1)
-        u = torch.where(starting, 0.0, u.view(-1, block)).view(-1)
+        v_new = torch.where(starting, g * g, v_new)
+        m_new = torch.where(starting, 0.0, m_new)
+        u = torch.where(starting, 0.0, u)
     if row_coef is not None:
         u = u * row_coef
     new_weight = decoupled_update(weight, u, g, anchor_value, segments, lr, decay, spd_lambda, spd=spd)
@@ -262,7 +263,7 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
         store_state(stored, value, keep, qmap, block, signed)
     if tam_smoothed is not None:
         tam_smoothed.copy_(torch.where(live, smoothed, tam_smoothed))
-    weight.copy_(torch.where(keep, weight.view(-1, block), new_weight.view(-1, block)).view(-1))
+    weight.copy_(torch.where(keep, weight, new_weight))
     return (active > 0) & ~finite
 
 

@@ -2,9 +2,9 @@
 
 A ``FlatPack`` lays a few parameters (same device, same state codec) end to end in one flat buffer, each
 tensor padded to a multiple of ``align`` (the block size: every tensor owns whole blocks, which are also the
-8-bit quantisation blocks). Elementwise math runs once over the flat buffer; per-tensor quantities (norms,
-dot products, cosines) are block sums followed by a small index_add over blocks; per-tensor scalars are
-broadcast per block. ``Segments`` carries just the tensors that this needs, so the same technique code runs
+8-bit quantisation blocks). Elementwise math runs once over the buffer, viewed ``(num_blocks, block)``
+(``Segments.blocks``); per-tensor quantities (norms, dot products, cosines) are block sums followed by a small
+index_add over blocks; per-tensor scalars are broadcast per block. ``Segments`` carries just the tensors that this needs, so the same technique code runs
 eagerly or inside ``torch.compile``.
 
 The optimizer core (base.py) cuts each param group into *chunks*: FlatPacks of at most a bounded number of
@@ -44,6 +44,22 @@ class Segments(NamedTuple):
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-tensor inner products <a_i, b_i>."""
         return self.sum(a * b)
+
+    def blocks(self, stored):
+        """A chunk buffer viewed as ``(num_blocks, block)``, the shape a fused step computes in; 8-bit
+        ``(codes, absmax)`` storage with its codes so viewed; None as it is.
+
+        Every elementwise value of a chunk step is computed in this one shape, because ``expand`` broadcasts per
+        block: inductor fuses into one loop only values of the same loop shape, so a value computed over the flat
+        buffer beside one computed per block made it write the new weights to a temporary, copy them back and
+        read the gradient and states twice. Measured (HinaAdamW all off, 32-bit, SD1.5 r16, 1 thread, thread CPU
+        per step, paired in one process): 0.79x the step with the whole step in this shape.
+        """
+        if stored is None:
+            return None
+        if isinstance(stored, tuple):
+            return (stored[0].view(-1, self.block), stored[1])
+        return stored.view(-1, self.block)
 
     def expand(self, per_tensor: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """(num_blocks, 1) view of per-tensor values, to broadcast over ``flat.view(-1, block)``.

@@ -21,13 +21,14 @@ def load_state(stored, qmap, block: int) -> torch.Tensor:
 
 
 def store_state(stored, value: torch.Tensor, keep: torch.Tensor, qmap, block: int, signed: bool = True) -> None:
-    """Write ``value`` into fp32 or 8-bit storage in place; blocks where ``keep`` ((blocks, 1) bool) stay."""
+    """Write ``value`` into fp32 or 8-bit storage in place; blocks where ``keep`` ((blocks, 1) bool) stay. Storage and
+    value may be flat or viewed ``(num_blocks, block)`` (``Segments.blocks``)."""
     if isinstance(stored, tuple):
         codes, absmax = quant.encode_int32(value, qmap, block, signed)
         # Select in int32, not uint8: CPU inductor vectorises a uint8 select lane by lane (measured 2x slower
         # encode); the codes are the same.
         kept = torch.where(keep, quant.code_indices(stored[0]).view(-1, block), codes.view(-1, block))
-        stored[0].copy_(kept.to(torch.uint8).view(-1))
+        stored[0].copy_(kept.to(torch.uint8).view_as(stored[0]))
         stored[1].copy_(torch.where(keep.squeeze(1), stored[1], absmax))
     else:
-        stored.copy_(torch.where(keep, stored.view(-1, block), value.view(-1, block)).view(-1))
+        stored.copy_(torch.where(keep, stored.view(-1, block), value.view(-1, block)).view_as(stored))

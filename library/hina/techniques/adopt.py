@@ -16,13 +16,13 @@ from ..stages import Stage, flag_bool
 
 def adopt_normalize(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, clip: torch.Tensor,
                     block: int = 1) -> torch.Tensor:
-    """x = clip(g / max(sqrt(v), eps), c) over flat buffers, with c = t^(1/4) (t: completed steps).
+    """x = clip(g / max(sqrt(v), eps), c) over a chunk's buffers (flat or ``(num_blocks, block)``, kept), with c = t^(1/4) (t: completed steps).
 
     ``clip`` is a 0-d tensor, or a per-block column (``(num_blocks, 1)``, blocks of ``block`` elements)
     when the tensors of a pack are at different steps.
     """
     x = (grad / exp_avg_sq.sqrt().clamp_min(eps)).view(-1, block)
-    return torch.maximum(torch.minimum(x, clip), -clip).view(-1)
+    return torch.maximum(torch.minimum(x, clip), -clip).view_as(grad)
 
 
 ADOPT = Stage("ADOPT", (flag_bool("use_adopt_stability", False, "ADOPT moment rule in place of Adam's "

@@ -20,11 +20,11 @@ from ..stages import Stage, flag_bool
 
 
 def agr(grad: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """g * (1 - |g| / sum|g|) per tensor, over a flat buffer."""
+    """g * (1 - |g| / sum|g|) per tensor, over a chunk buffer (flat or ``(num_blocks, block)``, kept)."""
     magnitude = grad.abs()
     total = segments.sum(magnitude).clamp_min(torch.finfo(torch.float32).tiny)
     alpha = magnitude.view(-1, segments.block) / segments.expand(total, fill=1.0)
-    return (grad.view(-1, segments.block) * (1.0 - alpha)).view(-1)
+    return (grad.view(-1, segments.block) * (1.0 - alpha)).view_as(grad)
 
 
 AGR = Stage("AGR", (flag_bool("use_agr", False, "Adaptive Gradient Regularization (arXiv 2407.16944)"),))

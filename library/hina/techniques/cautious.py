@@ -19,7 +19,7 @@ from ..stages import Stage, flag_bool
 def cautious(update: torch.Tensor, grad: torch.Tensor, segments: Segments) -> torch.Tensor:
     mask = (update * grad > 0).to(update.dtype)
     scale = segments.numel_tensor / (segments.sum(mask) + 1.0)
-    return ((update * mask).view(-1, segments.block) * segments.expand(scale)).view(-1)
+    return ((update * mask).view(-1, segments.block) * segments.expand(scale)).view_as(update)
 
 
 CAUTIOUS = Stage("Cautious", (flag_bool("use_cautious", False, "Cautious mask, after Grams (arXiv 2411.16085)"),))

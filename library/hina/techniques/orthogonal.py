@@ -16,13 +16,14 @@ EPS = 1e-30
 
 
 def orthogonalize(grad: torch.Tensor, weight: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Flat ``grad`` with its per-tensor component along the flat ``weight`` removed, norm restored."""
+    """``grad`` with its per-tensor component along ``weight`` removed, norm restored (chunk buffers, flat or
+    ``(num_blocks, block)``; the shape is kept)."""
     block = segments.block
     projection = segments.sum(weight * grad) / (segments.sum(weight * weight) + EPS)
     g_norm = segments.sum(grad * grad).sqrt()
     perp = grad.view(-1, block) - weight.view(-1, block) * segments.expand(projection)
-    perp_norm = segments.sum(perp.reshape(-1) * perp.reshape(-1)).sqrt()
-    return (perp * segments.expand(g_norm / (perp_norm + EPS))).view(-1)
+    perp_norm = segments.sum(perp * perp).sqrt()
+    return (perp * segments.expand(g_norm / (perp_norm + EPS))).view_as(grad)
 
 
 ORTHOGONAL_GRAD = Stage("⊥Grad", (flag_bool("use_orthogonal_grad", False, "⊥Grad (arXiv 2501.04697)"),))

@@ -74,7 +74,7 @@ def store_bf16(value: torch.Tensor, out: torch.Tensor, seed) -> None:
 
 def compensated_write(weight: torch.Tensor, before: torch.Tensor, shift: torch.Tensor, decay: torch.Tensor,
                       live: torch.Tensor, segments) -> None:
-    """Compensated accumulation (module docstring) over a chunk's flat fp32 buffers, functionally (it compiles):
+    """Compensated accumulation (module docstring) over a chunk's fp32 buffers (flat or ``(num_blocks, block)``), functionally (it compiles):
     ``before`` holds the bf16 params as they are, ``weight`` the new weights without weight decay, ``shift`` the
     decoded compensation buffer, ``decay`` (slots,) the weight decay due per tensor. With
     delta = (weight - before) - decay * before:
@@ -89,8 +89,8 @@ def compensated_write(weight: torch.Tensor, before: torch.Tensor, shift: torch.T
     old = before.view(-1, block)
     target = weight.view(-1, block) + shift.view(-1, block) - old * segments.expand(decay)
     rounded = round_to_bf16(target)
-    shift.copy_(torch.where(live_blocks, target - rounded, shift.view(-1, block)).view(-1))
-    weight.copy_(torch.where(live_blocks, rounded, old).view(-1))
+    shift.copy_(torch.where(live_blocks, target - rounded, shift.view(-1, block)).view_as(shift))
+    weight.copy_(torch.where(live_blocks, rounded, old).view_as(weight))
 
 
 def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
