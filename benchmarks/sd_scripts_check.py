@@ -106,7 +106,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "hook-AdEMAMix8bit": ("hook", _lora() + ["--optimizer_type", "AdEMAMix8bit"]),
     "hook-save-state": ("hook", _lora("--save_state") + _hina("HinaAdamW")),
     "hook-resume": ("hook", _lora() + _hina("HinaAdamW")),  # --resume added from hook-save-state's output
+    # weight residency (params moved into the optimizer's buffers): accelerate's save_state must keep every param
+    "hook-resident-save-state": ("hook", _lora("--save_state") + _hina("HinaAdamW", "resident_weights=True")),
+    "hook-resident-resume": ("hook", _lora() + _hina("HinaAdamW", "resident_weights=True")),
 }
+# a resume case -> the case whose saved state it resumes
+RESUMES = {"hook-resume": "hook-save-state", "hook-resident-resume": "hook-resident-save-state"}
 CONFIG_RECIPE = """# what --config_file carries in the delegate-config case
 optimizer_type = "HinaAdamW"
 optimizer_args = ["use_spd=True", "spd_lambda=0.06"]
@@ -311,7 +316,7 @@ def common_args(work: Path, name: str, steps: int) -> list[str]:
 def run_case(name: str, python: Path, checkout: Path, work: Path, steps: int, timeout: int) -> dict:
     route, case_args = CASES[name]
     # the resumed run starts at the saved step (sd-scripts restores it), so it runs to twice the steps
-    argv = common_args(work, name, steps * 2 if name == "hook-resume" else steps) + case_args
+    argv = common_args(work, name, steps * 2 if name in RESUMES else steps) + case_args
     if route in ("delegate", "delegate-config"):
         entry, hook = str(REPO / "train_network_hina.py"), False
         argv = ["--sd_scripts", str(checkout), *argv]
@@ -321,8 +326,9 @@ def run_case(name: str, python: Path, checkout: Path, work: Path, steps: int, ti
             argv += ["--config_file", str(config)]
     else:
         entry, hook = str(checkout / "train_network.py"), route == "hook"
-    if name == "hook-resume":
-        argv += ["--resume", str(work / "out" / "hook-save-state" / "hook-save-state-state")]
+    if name in RESUMES:
+        saved = RESUMES[name]
+        argv += ["--resume", str(work / "out" / saved / f"{saved}-state")]
     for folder in (work / "out" / name, work / "tb" / name):
         shutil.rmtree(folder, ignore_errors=True)
     report_path = work / "reports" / f"{name}.json"
@@ -414,8 +420,9 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
-    if "hook-resume" in names and "hook-save-state" not in names:
-        names.insert(names.index("hook-resume"), "hook-save-state")
+    for resume, saved in RESUMES.items():
+        if resume in names and saved not in names:
+            names.insert(names.index(resume), saved)
     source = Path(os.environ["SD_SCRIPTS_PATH"]).expanduser().resolve()
     python = ensure_venv(args.venv, source)
     args.work.mkdir(parents=True, exist_ok=True)

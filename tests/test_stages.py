@@ -32,18 +32,19 @@ _AUTOMAGIC_8BIT = {"block_size": 4096, "min_8bit_size": 1024, "blocksize": None}
 _CONTEXT = {"context_window": 100, "edge_threshold": 0.95, "adaptation_rate": 0.1, "momentum_scales": (1, 5, 10, 25),
             "verbose": False}
 _COMPILE = {"compile_step": None}
+_RESIDENT = {"resident_weights": False}  # opt-in, CPU (not in the bf16 optimizer: bf16 params)
 SEED_SIGNATURES = {
-    "HinaAdamW": {**_ADAMW, **_CODEC, **_COMPILE},
-    "AdamW_HinaAdaptive": {**_ADAPTIVE, **_CODEC, **_COMPILE},
+    "HinaAdamW": {**_ADAMW, **_CODEC, **_COMPILE, **_RESIDENT},
+    "AdamW_HinaAdaptive": {**_ADAPTIVE, **_CODEC, **_COMPILE, **_RESIDENT},
     "AdamWBF16_HinaAdaptive": {**_ADAPTIVE, "lr": 1e-4, "delayed_wd_threshold": 1e-4, "sr_seed": 0, **_COMPILE},
-    "Automagic_CameAMP": {**_AUTOMAGIC, **_COMPILE},
-    "Automagic_CameAMP8bit": {**_AUTOMAGIC, **_AUTOMAGIC_8BIT, **_COMPILE},
-    "Automagic_CameAMP_COptim": {**_AUTOMAGIC, **_CONTEXT, **_COMPILE},
-    "Automagic_CameAMP_COptim8bit": {**_AUTOMAGIC, **_CONTEXT, **_AUTOMAGIC_8BIT, **_COMPILE},
+    "Automagic_CameAMP": {**_AUTOMAGIC, **_COMPILE, **_RESIDENT},
+    "Automagic_CameAMP8bit": {**_AUTOMAGIC, **_AUTOMAGIC_8BIT, **_COMPILE, **_RESIDENT},
+    "Automagic_CameAMP_COptim": {**_AUTOMAGIC, **_CONTEXT, **_COMPILE, **_RESIDENT},
+    "Automagic_CameAMP_COptim8bit": {**_AUTOMAGIC, **_CONTEXT, **_AUTOMAGIC_8BIT, **_COMPILE, **_RESIDENT},
 }
 # optimizer-wide settings and the core's own arguments: not param-group features
 NOT_FEATURES = {"lr", "betas", "eps", "weight_decay", "optim_bits", "block_size", "min_8bit_size", "blocksize",
-                "compile_step", "sr_seed", "context_window", "edge_threshold", "adaptation_rate", "verbose"}
+                "compile_step", "resident_weights", "sr_seed", "context_window", "edge_threshold", "adaptation_rate", "verbose"}
 
 
 @pytest.mark.parametrize("name", list(SEED_SIGNATURES))

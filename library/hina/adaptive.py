@@ -34,7 +34,7 @@ from .base import decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
 from .hina_adamw import ADAM, HinaAdamW, adamw_math, decode_states, encode_states
-from .stages import CODEC, COMPILE, LR, Recipe
+from .stages import CODEC, COMPILE, LR, RESIDENT_WEIGHTS, Recipe
 from .state_io import store_state
 from .techniques import importance as imp
 from .techniques import lr_mask
@@ -49,7 +49,7 @@ from .techniques.relationships import BALANCE_KEYS, BALANCE_WINDOW, discover_pai
 RECIPE = Recipe(
     "AdamW_HinaAdaptive",
     (LR, ORTHOGONAL_GRAD, AGR, ADAM, ADOPT, TAM, GRAMS, CAUTIOUS, LORA_PLUS, DECOUPLED_WEIGHT_DECAY,
-     WEIGHT_DECAY_SCHEDULE, SPD, IMPORTANCE, RELATIONSHIPS, LR_MASK, CODEC, COMPILE),
+     WEIGHT_DECAY_SCHEDULE, SPD, IMPORTANCE, RELATIONSHIPS, LR_MASK, CODEC, COMPILE, RESIDENT_WEIGHTS),
     defaults={"use_spd": True, "use_cautious": True, "use_adopt_stability": True, "use_grams": True, "use_agr": True,
               "use_tam": True},
 )

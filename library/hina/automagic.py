@@ -48,7 +48,7 @@ from . import techniques
 from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
-from .stages import BLOCK_SIZES, COMPILE, LR, Flag, Recipe, Stage, codec_flags, is_number
+from .stages import BLOCK_SIZES, COMPILE, LR, RESIDENT_WEIGHTS, Flag, Recipe, Stage, codec_flags, is_number
 from .state_io import load_state, store_state
 from .techniques import (AGR, ALLORA_ROWS, CAME, CAME_MOMENTUM, CAUTIOUS, CONTEXT, DECOUPLED_WEIGHT_DECAY,
                          FFT_SUPPRESSION, GRAMS, LOWRANK_PENALTY, LR_MASK, MULTISCALE_MOMENTUM, ORTHOGONAL_GRAD, TAM)
@@ -94,7 +94,7 @@ def automagic_recipe(name: str, *, contextual: bool, eight_bit: bool) -> Recipe:
     return Recipe(name, (
         LR, *((CONTEXT,) if contextual else ()), ORTHOGONAL_GRAD, AGR, FFT_SUPPRESSION, LOWRANK_PENALTY, CAME, TAM,
         MULTISCALE_MOMENTUM if contextual else CAME_MOMENTUM, GRAMS, CAUTIOUS, LR_MASK, ALLORA_ROWS,
-        DECOUPLED_WEIGHT_DECAY, *((CODEC_8BIT,) if eight_bit else ()), COMPILE,
+        DECOUPLED_WEIGHT_DECAY, *((CODEC_8BIT,) if eight_bit else ()), COMPILE, RESIDENT_WEIGHTS,
     ), defaults=SEED_DEFAULTS, fixed={"optim_bits": 8 if eight_bit else 32})
 
 

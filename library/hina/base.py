@@ -130,6 +130,43 @@ def _has_fp32_codec_state(state: dict, specs) -> bool:
     return any(isinstance(state.get(name), torch.Tensor) and state[name].is_floating_point() for name, _ in specs)
 
 
+def release_freed_host_memory() -> None:
+    """Hand memory that the process freed back to the OS (glibc ``malloc_trim``; elsewhere nothing). After params
+    move into the chunk buffers their old storages are free, but glibc keeps small freed blocks in the heap, where
+    they count in the resident set until something reuses them. Measured (benchmarks/step_speed.py, SDXL r32,
+    HinaAdamW 8-bit defaults with resident_weights, 1 thread): steady peak 5.85 B/param without this call, 3.0 with
+    it (2.6 without residency; with a fixed glibc mmap threshold, MALLOC_MMAP_THRESHOLD_=131072: 2.44 vs 2.51)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _storage_key(p: torch.Tensor) -> int:
+    return p.untyped_storage().data_ptr()
+
+
+def _owns_storage(p: torch.Tensor) -> bool:
+    """True when ``p`` is a plain dense tensor that is all of its storage (not a view into a larger one)."""
+    return (type(p.data) is torch.Tensor and p.layout == torch.strided and p.device.type != "meta"
+            and p.storage_offset() == 0 and p.is_contiguous()
+            and p.untyped_storage().nbytes() == p.numel() * p.element_size())
+
+
+def _shared_storages(params: list[torch.Tensor]) -> set[int]:
+    """Storages that more than one distinct param of the list uses (those params must keep their storage)."""
+    seen: dict[int, int] = {}
+    shared = set()
+    for p in {id(p): p for p in params}.values():
+        key = _storage_key(p)
+        if key in seen and seen[key] != id(p):
+            shared.add(key)
+        seen[key] = id(p)
+    return shared
+
+
 def _row_length(p: torch.Tensor) -> int:
     return p.numel() // p.shape[0] if p.dim() >= 2 and p.shape[0] else 0
 
@@ -217,6 +254,7 @@ class HinaOptimizer(torch.optim.Optimizer):
         self.block_size = self.settings.get("block_size", 256)
         self.min_8bit_size = self.settings.get("min_8bit_size", MIN_8BIT_SIZE)
         self.compile_step = self.settings.get("compile_step")
+        self.resident_weights = self.settings.get("resident_weights", False)
         self._layouts: dict[int, GroupLayout] = {}
         self._work = WorkPool()
         super().__init__(_normalize_param_groups(params), {name: settings[name] for name in group_flags})
@@ -338,6 +376,7 @@ class HinaOptimizer(torch.optim.Optimizer):
             key = (str(p.device), eight_bit, tuple(self.state_specs(group, [roles[index]])))
             buckets.setdefault(key, []).append(index)
         chunks = []
+        shared = _shared_storages(group["params"])
         for (_, eight_bit, specs), indices in buckets.items():
             align = self.block_size if eight_bit else FP32_ALIGN
             sizes = {i: -(-max(group["params"][i].numel(), 1) // align) * align for i in indices}
@@ -364,7 +403,10 @@ class HinaOptimizer(torch.optim.Optimizer):
                 for name, signed in specs:
                     chunk.codec.create(name, signed)
                 self._adopt_state(chunk, [name for name, _ in specs])
+                self._make_resident(chunk, shared)
                 chunks.append(chunk)
+        if any(chunk.weights is not None for chunk in chunks):
+            release_freed_host_memory()
         return GroupLayout(chunks)
 
     def make_codec(self, chunk: FlatPack, eight_bit: bool):
@@ -432,11 +474,70 @@ class HinaOptimizer(torch.optim.Optimizer):
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
         pack.begin_step()
         grad = pack.gather_present(grads, pack.buffer("grad"))
-        weight = pack.gather(pack.params, pack.buffer("weight"))  # the step runs under no_grad: no detach needed
+        weight = self._resident_weight(pack)
+        resident = weight is not None
+        if not resident:
+            weight = pack.gather(pack.params, pack.buffer("weight"))  # the step runs under no_grad: no detach needed
         nonfinite = self.fused_step(group, pack, grad, weight, [self.state[p]["step"] for p in pack.params], active)
-        torch._foreach_copy_([p for p, a in zip(pack.params, active) if a],
-                             [v for v, a in zip(pack.views(weight), active) if a])
+        if not resident:
+            torch._foreach_copy_([p for p, a in zip(pack.params, active) if a],
+                                 [v for v, a in zip(pack.views(weight), active) if a])
         return active, nonfinite
+
+    # --- weight residency -------------------------------------------------------------------------------------
+    def _make_resident(self, pack: FlatPack, shared: set[int]) -> None:
+        """With ``resident_weights``: the chunk's fp32 params move into one flat buffer of the chunk's layout (the
+        Parameter objects stay; each one's ``.data`` becomes a tensor over its slice of the buffer), so
+        ``fused_step`` updates the weights where they live: no gather before the step and no copy back after it
+        (two passes over the weights out of a handful).
+
+        Each param gets a storage of its own over that memory (``torch.frombuffer``), not a view of the buffer:
+        savers that keep one tensor per storage (accelerate's ``save_state``, which kohya's ``--save_state`` uses,
+        drops the others) must see separate tensors. With plain views the real sd-scripts' saved state lost all
+        but one param per chunk (benchmarks/sd_scripts_check.py, hook-resume). That needs host memory: on other
+        devices the chunk gathers and writes back as before. Only float32 params that own their storage (not
+        views of a larger tensor, not sharing it with another param of the group: ``shared``) move.
+        ``pack.weights`` is the buffer, or None.
+        """
+        pack.weights = None
+        if not self.resident_weights or not all(
+                p.device.type == "cpu" and p.dtype == torch.float32 and p.numel() > 0 and _owns_storage(p)
+                and _storage_key(p) not in shared for p in pack.params):
+            return
+        buffer = pack.zeros()
+        for i, p in enumerate(pack.params):
+            self._move_into(pack, buffer, i, p)
+        pack.weights = buffer
+        pack.weight_pointers = [p.data_ptr() for p in pack.params]
+
+    @staticmethod
+    def _move_into(pack: FlatPack, buffer: torch.Tensor, index: int, p: torch.Tensor) -> None:
+        """``p``'s values into its slice of the chunk's ``buffer``, and ``p.data`` onto that slice, as a tensor that
+        is its whole storage (it keeps the buffer alive)."""
+        offset, numel = pack.offsets[index], pack.numels[index]
+        resident = torch.frombuffer(buffer.numpy()[offset:offset + numel], dtype=torch.float32).view(pack.shapes[index])
+        resident.copy_(p.detach())
+        p.data = resident
+
+    def _resident_weight(self, pack: FlatPack) -> torch.Tensor | None:
+        """The chunk's weight buffer when its params live there, else None (gather). A param whose ``.data`` was
+        replaced since (``Module.to``, a ``.data`` assignment) is moved back in if it is still a float32 tensor of
+        its own on the chunk's device; otherwise (kohya's ``--full_bf16`` cast it to bf16) the chunk gathers from
+        then on."""
+        buffer = pack.weights
+        if buffer is None:
+            return None
+        if [p.data_ptr() for p in pack.params] != pack.weight_pointers:
+            if not all(p.data_ptr() == pointer or p.dtype == torch.float32 and p.device == buffer.device
+                       and _owns_storage(p) for p, pointer in zip(pack.params, pack.weight_pointers)):
+                pack.weights = None
+                return None
+            for i, (p, pointer) in enumerate(zip(pack.params, pack.weight_pointers)):
+                if p.data_ptr() != pointer:
+                    self._move_into(pack, buffer, i, p)
+        if pack._gaps:  # padding stays zero (per-tensor sums over blocks include it)
+            torch._foreach_zero_(pack._gap_views(buffer))
+        return buffer
 
     def _finish_group(self, group: dict, stepped: list[tuple[FlatPack, tuple[list[bool], torch.Tensor]]]) -> None:
         """After a group's chunks: count the steps and the skipped tensors, and move any 8-bit state that became

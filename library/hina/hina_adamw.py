@@ -29,7 +29,7 @@ from . import naming, techniques
 from .base import ADAPTER_MATRIX_ROLES, HinaOptimizer, decoupled_update
 from .codec import dynamic_map
 from .compiled import MaybeCompiled
-from .stages import CODEC, COMPILE, LR, Flag, Recipe, Stage, float_tuple, in_range, tuple_of
+from .stages import CODEC, COMPILE, LR, RESIDENT_WEIGHTS, Flag, Recipe, Stage, float_tuple, in_range, tuple_of
 from .state_io import load_state, store_state
 from .techniques import (ADOPT, AGR, CAUTIOUS, DECOUPLED_WEIGHT_DECAY, GRAMS, LORA_PLUS, ORTHOGONAL_GRAD, SPD, TAM,
                          WEIGHT_DECAY_SCHEDULE)
@@ -54,7 +54,7 @@ ADAM = Stage(
 RECIPE = Recipe(
     "HinaAdamW",
     (LR, ORTHOGONAL_GRAD, AGR, ADAM, ADOPT, TAM, GRAMS, CAUTIOUS, LORA_PLUS, DECOUPLED_WEIGHT_DECAY,
-     WEIGHT_DECAY_SCHEDULE, SPD, CODEC, COMPILE),
+     WEIGHT_DECAY_SCHEDULE, SPD, CODEC, COMPILE, RESIDENT_WEIGHTS),
     defaults={"use_grams": True},
 )
 
