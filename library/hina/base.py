@@ -30,6 +30,9 @@ State lives per chunk (fp32 buffers, or 8-bit codes + absmax); ``optimizer.state
 buffers, so ``state_dict()`` is per parameter as in torch.optim, and ``load_state_dict()`` restores it exactly
 (dtypes included: torch's default would cast 8-bit codes to the parameter dtype).
 
+With ``resident_weights`` (CPU, float32 params) the params themselves live in their chunk's flat buffer
+(``_make_resident``), so the step updates them in place instead of gathering them and copying the result back.
+
 Each optimizer runs a chunk through its ``fused_step``: decode, the recipe, apply and encode in one or a few
 functions (compiled when ``compile_step`` asks for it). The tests hold the plain per-tensor references.
 """
