@@ -111,3 +111,17 @@ def test_a_module_with_resident_params_saves_and_loads(tmp_path):
     fresh.load_state_dict(load_file(tmp_path / "lora.safetensors"))
     module.load_state_dict(fresh.state_dict())  # loading into resident params writes into the chunk buffer
     assert all(shares_buffer(p, chunk_buffers(opt)) for p in module.parameters())
+
+
+def test_without_numpy_the_chunks_gather_and_say_so(monkeypatch):
+    def no_numpy(self, *args, **kwargs):
+        raise RuntimeError("Numpy is not available")
+
+    params = make()
+    pointers = [p.data_ptr() for p in params]
+    opt = HinaAdamW(list(zip(NAMES, params)), compile_step=False, optim_bits=32, resident_weights=True)
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    with pytest.warns(RuntimeWarning, match="resident_weights needs NumPy.*pip install numpy"):
+        run(opt, params, 2)
+    assert chunk_buffers(opt) == [None] * len(chunk_buffers(opt))
+    assert [p.data_ptr() for p in params] == pointers

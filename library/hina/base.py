@@ -508,6 +508,14 @@ class HinaOptimizer(torch.optim.Optimizer):
                 and _storage_key(p) not in shared for p in pack.params):
             return
         buffer = pack.zeros()
+        try:
+            buffer.numpy()
+        except RuntimeError as error:  # torch built without NumPy: the chunk gathers, said once
+            if not self.__dict__.get("_warned_resident"):
+                self._warned_resident = True
+                warnings.warn(f"{self.optimizer_type}: resident_weights needs NumPy ({error}); the weights are "
+                              "gathered each step instead (pip install numpy)", RuntimeWarning, stacklevel=4)
+            return
         for i, p in enumerate(pack.params):
             self._move_into(pack, buffer, i, p)
         pack.weights = buffer
