@@ -1,8 +1,8 @@
-"""Weight residency (``resident_weights=True``, CPU; base.py ``_make_resident``): fp32 params live in their chunk's flat buffer, so a step updates
-them in place instead of gathering and copying them back. Same results to the bit as params that keep their own
-storage; a param whose ``.data`` is replaced later (``Module.to``, ``--full_bf16``, an assignment) keeps training;
-params that share storage, or are views of a larger tensor, are left where they are; a module whose params are
-resident saves (safetensors, torch.save) and loads like any other."""
+"""Weight residency (``resident_weights=True``, CPU; base.py ``_make_resident``): fp32 params live in their chunk's
+flat buffer, so a step updates them in place instead of gathering and copying them back. Same results to the bit
+as params that keep their own storage; a param whose ``.data`` is replaced later (``Module.to``, ``--full_bf16``, an
+assignment) keeps training; params that share storage, or are views of a larger tensor, are left where they are; a
+module whose params are resident saves (safetensors, torch.save) and loads like any other."""
 
 import pytest
 import torch
@@ -59,6 +59,7 @@ def test_a_param_whose_data_is_replaced_keeps_training():
         run(opt, ps, 2)
         ps[0].data = ps[0].data.clone() + 1.0  # a new float32 storage with new values
         run(opt, ps, 2, seed=2)
+
     for a, b in zip(reference, replaced):
         assert torch.equal(a, b)
     assert shares_buffer(replaced[0], chunk_buffers(opts[1]))

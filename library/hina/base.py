@@ -539,8 +539,9 @@ class HinaOptimizer(torch.optim.Optimizer):
         if buffer is None:
             return None
         if [p.data_ptr() for p in pack.params] != pack.weight_pointers:
-            if not all(p.data_ptr() == pointer or p.dtype == torch.float32 and p.device == buffer.device
-                       and _owns_storage(p) for p, pointer in zip(pack.params, pack.weight_pointers)):
+            if not all(p.data_ptr() == pointer or (p.dtype == torch.float32 and p.device == buffer.device
+                                                   and p.shape == shape and _owns_storage(p))
+                       for p, pointer, shape in zip(pack.params, pack.weight_pointers, pack.shapes)):
                 pack.weights = None
                 return None
             for i, (p, pointer) in enumerate(zip(pack.params, pack.weight_pointers)):

@@ -4,8 +4,8 @@ A ``FlatPack`` lays a few parameters (same device, same state codec) end to end 
 tensor padded to a multiple of ``align`` (the block size: every tensor owns whole blocks, which are also the
 8-bit quantisation blocks). Elementwise math runs once over the buffer, viewed ``(num_blocks, block)``
 (``Segments.blocks``); per-tensor quantities (norms, dot products, cosines) are block sums followed by a small
-index_add over blocks; per-tensor scalars are broadcast per block. ``Segments`` carries just the tensors that this needs, so the same technique code runs
-eagerly or inside ``torch.compile``.
+index_add over blocks; per-tensor scalars are broadcast per block. ``Segments`` carries just the tensors that this
+needs, so the same technique code runs eagerly or inside ``torch.compile``.
 
 The optimizer core (base.py) cuts each param group into *chunks*: FlatPacks of at most a bounded number of
 elements, padded to a few fixed shapes (``total`` elements, ``slots`` per-tensor entries) so that a compiled
