@@ -126,3 +126,20 @@ def test_without_numpy_the_chunks_gather_and_say_so(monkeypatch):
         run(opt, params, 2)
     assert chunk_buffers(opt) == [None] * len(chunk_buffers(opt))
     assert [p.data_ptr() for p in params] == pointers
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_asking_for_residency_where_it_cannot_apply_says_why(dtype):
+    """resident_weights on params it does not apply to (kohya's --full_bf16 casts them before the first step) is
+    not silently ignored: one warning names the reason; the step runs as without it."""
+    params = make(dtype=dtype)
+    opt = HinaAdamW(list(zip(NAMES, params)), compile_step=False, optim_bits=32, resident_weights=True)
+    with pytest.warns(UserWarning, match=rf"resident_weights: 1 of 1 chunks keep gathering.*{str(dtype)[6:]} param"):
+        run(opt, params, 1)
+    assert chunk_buffers(opt) == [None]
+    tied = torch.nn.Parameter(torch.randn(8, 8))
+    opt = HinaAdamW([tied, torch.nn.Parameter(tied.data)], compile_step=False, optim_bits=32, resident_weights=True)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match="share storage"):
+        opt.step()

@@ -158,6 +158,17 @@ def _owns_storage(p: torch.Tensor) -> bool:
             and p.untyped_storage().nbytes() == p.numel() * p.element_size())
 
 
+def _why_not_resident(p: torch.Tensor) -> str | None:
+    """Why ``p`` cannot live in a chunk buffer (``resident_weights``), or None when it can (storage sharing aside)."""
+    if p.device.type != "cpu":
+        return f"parameters on {p.device.type}"
+    if p.dtype != torch.float32:
+        return f"{str(p.dtype).replace('torch.', '')} parameters"
+    if not _owns_storage(p) or p.numel() == 0:
+        return "parameters that view a larger tensor or are empty"
+    return None
+
+
 def _shared_storages(params: list[torch.Tensor]) -> set[int]:
     """Storages that more than one distinct param of the list uses (those params must keep their storage)."""
     seen: dict[int, int] = {}
@@ -410,7 +421,26 @@ class HinaOptimizer(torch.optim.Optimizer):
                 chunks.append(chunk)
         if any(chunk.weights is not None for chunk in chunks):
             release_freed_host_memory()
+        self._say_why_not_resident(chunks)
         return GroupLayout(chunks)
+
+    def _say_why_not_resident(self, chunks: list[FlatPack]) -> None:
+        """With ``resident_weights`` asked for, say once when chunks keep gathering their weights, and why (the flag
+        applies to float32 params on CPU that own their storage)."""
+        if not self.resident_weights or self.__dict__.get("_warned_resident"):
+            return
+        reasons = set()
+        for chunk in chunks:
+            if chunk.weights is None:
+                reasons |= ({_why_not_resident(p) for p in chunk.params} - {None}
+                            or {"parameters that share storage with another"})
+        reasons = sorted(reasons)
+        if reasons:
+            self._warned_resident = True
+            left = sum(chunk.weights is None for chunk in chunks)
+            warnings.warn(f"{self.optimizer_type}: resident_weights: {left} of {len(chunks)} chunks keep gathering "
+                          f"their weights each step ({'; '.join(reasons)}); it applies to float32 parameters on CPU "
+                          "that own their storage", UserWarning, stacklevel=4)
 
     def make_codec(self, chunk: FlatPack, eight_bit: bool):
         """The state storage of one chunk: 8-bit blockwise or fp32 (a subclass may store its states otherwise)."""
