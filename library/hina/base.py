@@ -153,9 +153,8 @@ def _storage_key(p: torch.Tensor) -> int:
 
 def _owns_storage(p: torch.Tensor) -> bool:
     """True when ``p`` is a plain dense tensor that is all of its storage (not a view into a larger one)."""
-    return (type(p.data) is torch.Tensor and p.layout == torch.strided and p.device.type != "meta"
-            and p.storage_offset() == 0 and p.is_contiguous()
-            and p.untyped_storage().nbytes() == p.numel() * p.element_size())
+    return (type(p.data) is torch.Tensor and p.layout == torch.strided and p.storage_offset() == 0
+            and p.is_contiguous() and p.untyped_storage().nbytes() == p.numel() * p.element_size())
 
 
 def _why_not_resident(p: torch.Tensor) -> str | None:
@@ -169,15 +168,24 @@ def _why_not_resident(p: torch.Tensor) -> str | None:
     return None
 
 
+def _move_into(pack: FlatPack, memory, index: int, p: torch.Tensor) -> None:
+    """``p``'s values into its slice of the chunk buffer (``memory``: the buffer as a NumPy array), and ``p.data``
+    onto that slice, as a tensor that is its whole storage (it keeps the buffer alive)."""
+    offset, numel = pack.offsets[index], pack.numels[index]
+    resident = torch.frombuffer(memory[offset:offset + numel], dtype=torch.float32).view(pack.shapes[index])
+    resident.copy_(p.detach())
+    p.data = resident
+
+
 def _shared_storages(params: list[torch.Tensor]) -> set[int]:
     """Storages that more than one distinct param of the list uses (those params must keep their storage)."""
-    seen: dict[int, int] = {}
+    seen: set[int] = set()
     shared = set()
-    for p in {id(p): p for p in params}.values():
+    for p in {id(p): p for p in params}.values():  # a param listed twice is one param
         key = _storage_key(p)
-        if key in seen and seen[key] != id(p):
+        if key in seen:
             shared.add(key)
-        seen[key] = id(p)
+        seen.add(key)
     return shared
 
 
@@ -533,13 +541,11 @@ class HinaOptimizer(torch.optim.Optimizer):
         ``pack.weights`` is the buffer, or None.
         """
         pack.weights = None
-        if not self.resident_weights or not all(
-                p.device.type == "cpu" and p.dtype == torch.float32 and p.numel() > 0 and _owns_storage(p)
-                and _storage_key(p) not in shared for p in pack.params):
+        if not self.resident_weights or any(_why_not_resident(p) or _storage_key(p) in shared for p in pack.params):
             return
         buffer = pack.zeros()
         try:
-            buffer.numpy()
+            memory = buffer.numpy()
         except RuntimeError as error:  # torch built without NumPy: the chunk gathers, said once
             if not self.__dict__.get("_warned_resident"):
                 self._warned_resident = True
@@ -547,18 +553,8 @@ class HinaOptimizer(torch.optim.Optimizer):
                               "gathered each step instead (pip install numpy)", RuntimeWarning, stacklevel=4)
             return
         for i, p in enumerate(pack.params):
-            self._move_into(pack, buffer, i, p)
+            _move_into(pack, memory, i, p)
         pack.weights = buffer
-        pack.weight_pointers = [p.data_ptr() for p in pack.params]
-
-    @staticmethod
-    def _move_into(pack: FlatPack, buffer: torch.Tensor, index: int, p: torch.Tensor) -> None:
-        """``p``'s values into its slice of the chunk's ``buffer``, and ``p.data`` onto that slice, as a tensor that
-        is its whole storage (it keeps the buffer alive)."""
-        offset, numel = pack.offsets[index], pack.numels[index]
-        resident = torch.frombuffer(buffer.numpy()[offset:offset + numel], dtype=torch.float32).view(pack.shapes[index])
-        resident.copy_(p.detach())
-        p.data = resident
 
     def _resident_weight(self, pack: FlatPack) -> torch.Tensor | None:
         """The chunk's weight buffer when its params live there, else None (gather). A param whose ``.data`` was
@@ -568,15 +564,16 @@ class HinaOptimizer(torch.optim.Optimizer):
         buffer = pack.weights
         if buffer is None:
             return None
-        if [p.data_ptr() for p in pack.params] != pack.weight_pointers:
-            if not all(p.data_ptr() == pointer or (p.dtype == torch.float32 and p.device == buffer.device
-                                                   and p.shape == shape and _owns_storage(p))
-                       for p, pointer, shape in zip(pack.params, pack.weight_pointers, pack.shapes)):
+        start = buffer.data_ptr()
+        moved = [i for i, (p, offset) in enumerate(zip(pack.params, pack.offsets))
+                 if p.data_ptr() != start + offset * buffer.element_size()]
+        if moved:
+            if any(_why_not_resident(pack.params[i]) or pack.params[i].shape != pack.shapes[i] for i in moved):
                 pack.weights = None
                 return None
-            for i, (p, pointer) in enumerate(zip(pack.params, pack.weight_pointers)):
-                if p.data_ptr() != pointer:
-                    self._move_into(pack, buffer, i, p)
+            memory = buffer.numpy()
+            for i in moved:
+                _move_into(pack, memory, i, pack.params[i])
         if pack._gaps:  # padding stays zero (per-tensor sums over blocks include it)
             torch._foreach_zero_(pack._gap_views(buffer))
         return buffer
