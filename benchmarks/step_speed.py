@@ -240,6 +240,11 @@ def steady_peak_bytes(device: str) -> int | None:
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else _proc_status_bytes("VmHWM")
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far (host memory mapped in fresh, each page zeroed by the OS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def load_compiler(device: str) -> int | None:
     """Compile and run a one-line function, so that torch.compile's own runtime (dynamo, inductor and their
     Python modules: ~150 MiB of host memory, once per process, whatever the model) is loaded before the
@@ -278,12 +283,14 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
     # steady steps: peak tracking restarts after the warm-up, so one-time costs (compiling) drop out
     steady = reset_peak(device) and in_use_before is not None
     times = []
+    faults_before = minor_faults()
     for _ in range(steps):
         sync()
         start = time.perf_counter()
         optimizer.step()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
+    fresh_pages = (minor_faults() - faults_before) / steps
     steady_peak = steady_peak_bytes(device) if steady else None
     paired = paired_ratio(optimizer, named, steps, sync) if label != "torch AdamW (fused)" else 1.0
     from library.hina.compiled import compiled_graph_count
@@ -296,6 +303,7 @@ def measure(label: str, model: str, rank: int, steps: int, device: str) -> dict:
             "peak_growth_bytes_per_param": max(0, first_peak - before) / total,
             "steady_peak_bytes_per_param": None if steady_peak is None else max(0, steady_peak - in_use_before) / total,
             **memory_split(in_use_before, held, steady_peak, state, workspace, total),
+            "fresh_page_mib_per_step": fresh_pages * resource.getpagesize() / 2 ** 20,
             "compiler_runtime_bytes": compiler_bytes}
 
 
@@ -407,17 +415,24 @@ def markdown(report: dict, argv: list[str]) -> str:
         "what stays in use between steps besides state and work pool: on CPU the compiled kernels and the "
         "memory the allocator keeps after compiling, an amount per process (compare it across the two "
         "parameter sets), not per parameter. So steady peak = state + work pool + other held + step transient.",
+        "",
+        "*fresh pages MiB/step*: host memory the process mapped in anew per timed step (minor page faults x page "
+        "size): memory the allocator gave back to the OS and took again within a step, each page faulted in and "
+        "zeroed, which costs CPU time. On CPU it comes from the chunk-sized temporaries of the compiled steps and "
+        "eager ops: glibc returns the top of its heap to the OS once more than twice its (adaptive) mmap threshold "
+        "is free there, so whether a step pays for it depends on what else sits in the heap, and it differs "
+        "between identical runs. Where it is large, the step time includes it.",
     ]
     for block in report["models"]:
         lines += ["", f"## {block['model']} (rank/dim {block['rank']}, {block['tensors']} tensors, "
                       f"{block['params'] / 1e6:.2f}M params)", "",
                   "| optimizer | median ms/step | x torch AdamW fused | x fused, paired | state B/param "
                   "| steady peak B/param | work pool B/param | step transient B/param | other held MiB "
-                  "| first-steps peak B/param | first step s | compiled graphs |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| fresh pages MiB/step | first-steps peak B/param | first step s | compiled graphs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in block["results"]:
             if "error" in r:
-                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | | | | | | | |")
+                lines.append(f"| {r['optimizer']} | not run: {r['error']} | | | | | | | | | | | |")
                 continue
             ratio = f"{r['ratio_to_fused']:.2f}" if r.get("ratio_to_fused") else "-"
             steady = r.get("steady_peak_bytes_per_param")
@@ -426,6 +441,7 @@ def markdown(report: dict, argv: list[str]) -> str:
                          f"| {_figure(steady, 2)} | {_figure(r.get('workspace_bytes_per_param'), 2)} "
                          f"| {_figure(r.get('step_transient_bytes_per_param'), 2)} "
                          f"| {_figure(r.get('held_other_mib'), 0)} "
+                         f"| {_figure(r.get('fresh_page_mib_per_step'), 1)} "
                          f"| {r['peak_growth_bytes_per_param']:.1f} "
                          f"| {r.get('first_step_s', float('nan')):.1f} | {r.get('compiled_graphs', '-')} |")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ the ablation on the cheapest task keep it shorter still.
 import importlib.util
 import json
 import math
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,7 @@ def test_step_speed_writes_json_table_and_chart(tmp_path):
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["ratio_to_fused"] > 0 and r["state_bytes_per_param"] > 0
         assert r["steady_peak_bytes_per_param"] is None or r["steady_peak_bytes_per_param"] >= 0
+        assert r["fresh_page_mib_per_step"] >= 0
         if r["step_transient_bytes_per_param"] is not None:  # Linux: the steady peak is held + transient
             assert r["steady_peak_bytes_per_param"] == pytest.approx(
                 r["held_bytes_per_param"] + r["step_transient_bytes_per_param"], abs=1e-9) or \
@@ -144,6 +146,18 @@ def test_step_speed_writes_json_table_and_chart(tmp_path):
     assert block["results"][0]["ratio_to_fused"] == 1.0
     assert "| HinaAdamW (all off, 32-bit) |" in md_out.read_text()
     assert png_out.stat().st_size > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux minor page faults")
+def test_step_speed_counts_fresh_pages():
+    """``minor_faults`` sees host memory mapped in anew: a fresh 64 MiB tensor, written once, faults in (nearly) all
+    of its pages (glibc serves an allocation that large with its own mmap)."""
+    step_speed = _bench_module("step_speed")
+    pages = (64 << 20) // resource.getpagesize()
+    before = step_speed.minor_faults()
+    fresh = torch.ones(64 << 20, dtype=torch.uint8)
+    assert step_speed.minor_faults() - before >= 0.9 * pages
+    del fresh
 
 
 def test_step_speed_memory_split_adds_up():
