@@ -110,3 +110,20 @@ def test_inductor_options_keep_only_keys_this_torch_knows(monkeypatch):
     step = compiled.MaybeCompiled(lambda x: x * 2.0 + 1.0)
     out = step(True, torch.ones(8))
     assert torch.equal(out, torch.full((8,), 3.0)) and step.failed is None and step.compiled_calls == 1
+
+
+def test_a_step_function_adds_its_own_inductor_options(monkeypatch):
+    """A function's own options go on top of the shared ones (AdamW_HinaAdaptive's chunk step recomputes its
+    many-input intermediates instead of storing them: adaptive.ADAPTIVE_INDUCTOR_OPTIONS), reach torch.compile,
+    and are filtered like the shared ones."""
+    from library.hina import adaptive, compiled
+
+    assert compiled.inductor_options({"realize_reads_threshold": 64, "no_such_inductor_setting": 1}) == {
+        "realize_opcount_threshold": 400, "realize_reads_threshold": 64}
+    assert adaptive._fused.options == adaptive.ADAPTIVE_INDUCTOR_OPTIONS == {"realize_reads_threshold": 64}
+    seen = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs["options"]) or real_compile(fn, **kwargs))
+    step = compiled.MaybeCompiled(lambda x: x * 2.0 + 1.0, options={"realize_reads_threshold": 64})
+    assert torch.equal(step(True, torch.ones(8)), torch.full((8,), 3.0)) and step.compiled_calls == 1
+    assert seen == [{"realize_opcount_threshold": 400, "realize_reads_threshold": 64}]

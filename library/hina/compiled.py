@@ -34,12 +34,12 @@ AUTO_MIN_ELEMENTS = 1 << 20
 INDUCTOR_OPTIONS = {"realize_opcount_threshold": 400}
 
 
-def inductor_options() -> dict:
-    """``INDUCTOR_OPTIONS`` that this torch's inductor knows (an unknown key would make every compile fail and
-    the step run eagerly)."""
+def inductor_options(extra: dict | None = None) -> dict:
+    """``INDUCTOR_OPTIONS`` (and ``extra`` on top) that this torch's inductor knows (an unknown key would make every
+    compile fail and the step run eagerly)."""
     import torch._inductor.config as config
 
-    return {key: value for key, value in INDUCTOR_OPTIONS.items() if hasattr(config, key)}
+    return {key: value for key, value in {**INDUCTOR_OPTIONS, **(extra or {})}.items() if hasattr(config, key)}
 
 
 _INSTANCES: list["MaybeCompiled"] = []
@@ -51,10 +51,12 @@ def compiled_graph_count() -> int:
 
 
 class MaybeCompiled:
-    """Calls ``fn`` through ``torch.compile`` when asked to, falling back to eager on a compile error."""
+    """Calls ``fn`` through ``torch.compile`` when asked to, falling back to eager on a compile error. ``options``:
+    inductor options of this function on top of ``INDUCTOR_OPTIONS``."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, options: dict | None = None):
         self.fn = fn
+        self.options = options or {}
         self._compiled = None
         self.failed: str | None = None
         self.compiled_calls = 0
@@ -73,7 +75,7 @@ class MaybeCompiled:
         signature = _signature((args, kwargs)) if use_compile and not self.failed else None
         if signature is not None and self._within_limit(signature):
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=False, options=inductor_options())
+                self._compiled = torch.compile(self.fn, dynamic=False, options=inductor_options(self.options))
             compiling = signature not in self._compiled_signatures
             try:
                 result = self._compiled(*args, **kwargs)
