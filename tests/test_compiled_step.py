@@ -123,7 +123,8 @@ def test_a_step_function_adds_its_own_inductor_options(monkeypatch):
     assert adaptive._fused.options == adaptive.ADAPTIVE_INDUCTOR_OPTIONS == {"realize_reads_threshold": 64}
     seen = []
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs["options"]) or real_compile(fn, **kwargs))
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kwargs: seen.append(kwargs["options"]) or real_compile(fn, **kwargs))
     step = compiled.MaybeCompiled(lambda x: x * 2.0 + 1.0, options={"realize_reads_threshold": 64})
     assert torch.equal(step(True, torch.ones(8)), torch.full((8,), 3.0)) and step.compiled_calls == 1
     assert seen == [{"realize_opcount_threshold": 400, "realize_reads_threshold": 64}]

@@ -44,7 +44,8 @@ SEED_SIGNATURES = {
 }
 # optimizer-wide settings and the core's own arguments: not param-group features
 NOT_FEATURES = {"lr", "betas", "eps", "weight_decay", "optim_bits", "block_size", "min_8bit_size", "blocksize",
-                "compile_step", "resident_weights", "sr_seed", "context_window", "edge_threshold", "adaptation_rate", "verbose"}
+                "compile_step", "resident_weights", "sr_seed", "context_window", "edge_threshold", "adaptation_rate",
+                "verbose"}
 
 
 @pytest.mark.parametrize("name", list(SEED_SIGNATURES))

@@ -209,8 +209,9 @@ COMPILE = Stage("execution", (
 #: fp32 params kept in the optimizer's chunk buffers (base.py ``HinaOptimizer._make_resident``), on CPU. Off by default:
 #: without the weights' gather and copy-back a step is 1.1x (8-bit states) to 1.4x (fp32) faster there, but glibc
 #: then serves the step's chunk-sized temporaries from its heap (freeing the params' old storages raises its mmap
-#: threshold), which held +0.4 B/param more at SDXL r32 (docs/step_speed_1thread.md). The bf16 optimizer (bf16
-#: params, fp32 work copies) lacks it.
+#: threshold), which held 0.2-0.45 B/param more at SDXL r32 (docs/step_speed_1thread.md: 3.00 against 2.79;
+#: docs/step_speed.md: 3.0 against 2.7; session 11's run: 3.02 against 2.57). The bf16 optimizer (bf16 params, fp32
+#: work copies) lacks it.
 RESIDENT_WEIGHTS = Stage("weight residency", (
     flag_bool("resident_weights", False, "CPU: keep fp32 params in the optimizer's chunk buffers (each param's data "
               "moves into one, as a tensor of its own), so a step neither gathers nor copies back the weights; faster, "

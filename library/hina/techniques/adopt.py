@@ -16,7 +16,8 @@ from ..stages import Stage, flag_bool
 
 def adopt_normalize(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float, clip: torch.Tensor,
                     block: int = 1) -> torch.Tensor:
-    """x = clip(g / max(sqrt(v), eps), c) over a chunk's buffers (flat or ``(num_blocks, block)``, kept), with c = t^(1/4) (t: completed steps).
+    """x = clip(g / max(sqrt(v), eps), c) over a chunk's buffers (flat or ``(num_blocks, block)``, kept), with
+    c = t^(1/4) (t: completed steps).
 
     ``clip`` is a 0-d tensor, or a per-block column (``(num_blocks, 1)``, blocks of ``block`` elements)
     when the tensors of a pack are at different steps.

@@ -75,8 +75,8 @@ def store_bf16(value: torch.Tensor, out: torch.Tensor, seed) -> None:
 def compensated_write(weight: torch.Tensor, before: torch.Tensor, shift: torch.Tensor, decay: torch.Tensor,
                       live: torch.Tensor, segments) -> None:
     """Compensated accumulation (module docstring) over a chunk's fp32 buffers (flat or ``(num_blocks, block)``),
-    functionally (it compiles): ``before`` holds the bf16 params as they are, ``weight`` the new weights without weight decay, ``shift`` the
-    decoded compensation buffer, ``decay`` (slots,) the weight decay due per tensor. With
+    functionally (it compiles): ``before`` holds the bf16 params as they are, ``weight`` the new weights without
+    weight decay, ``shift`` the decoded compensation buffer, ``decay`` (slots,) the weight decay due per tensor. With
     delta = (weight - before) - decay * before:
 
         target = before + shift + delta          weight <- round_to_nearest_bf16(target)
