@@ -1,7 +1,7 @@
 """The chunked core (base.py): chunk size does not change results, work memory is bounded, step counting.
 
 Chunked == unchunked to the bit (eager, fp32 and 8-bit: a per-tensor reduction adds the same blocks in the
-same order whatever chunk holds the tensor); the work pool is sized by the chunk, at most a sixteenth of the
+same order whatever chunk holds the tensor); the work pool is sized by the chunk, at most an eighth of the
 model and never more than CHUNK_ELEMENTS (counted and measured by RSS); global_step counts steps that had a gradient; a param listed twice steps once.
 """
 
@@ -159,7 +159,7 @@ def _reset_peak() -> bool:
 
 def test_work_memory_is_bounded_by_the_chunk_and_small_beside_the_model():
     """2M vs 20M elements (a whole-model fp32 buffer of the larger is 80 MB): the pool is a few chunk-sized
-    buffers, the chunk is at most a sixteenth of the model (so the pool stays under 1 byte per parameter at
+    buffers, the chunk is at most an eighth of the model (so the pool stays under 1 byte per parameter at
     either size) and at most CHUNK_ELEMENTS; a steady step's resident-set growth stays below one model-sized
     buffer. 32-bit (the faster eager step; the 8-bit step draws the same buffers and its codes are state, not
     work memory)."""
@@ -193,24 +193,25 @@ def test_work_memory_is_bounded_by_the_chunk_and_small_beside_the_model():
 
 
 def test_chunk_size_follows_the_model():
-    """A sixteenth of the model, rounded down to a power of two, within [2^16, 2^20]: SD1.5 LoRA rank 16 (6.8M
-    elements) gets 256K-element chunks, SDXL rank 32 (85M) the largest, a small model the smallest; an explicit
+    """An eighth of the model, rounded down to a power of two, within [2^16, 2^20]: SD1.5 LoRA rank 16 (6.8M
+    elements) gets 512K-element chunks, SDXL rank 32 (85M) the largest, a small model the smallest; an explicit
     ``chunk_elements`` wins."""
-    assert model_chunk_elements(6_782_976) == 1 << 18
-    assert model_chunk_elements(85_100_000) == CHUNK_ELEMENTS
-    assert model_chunk_elements(16 * (1 << 17) - 1) == 1 << 16
-    assert model_chunk_elements(16 * (1 << 17)) == 1 << 17
+    assert model_chunk_elements(6_782_976) == 1 << 19
+    assert model_chunk_elements(8 * CHUNK_ELEMENTS - 1) == CHUNK_ELEMENTS // 2
+    assert model_chunk_elements(8 * CHUNK_ELEMENTS) == model_chunk_elements(85_100_000) == CHUNK_ELEMENTS
+    assert model_chunk_elements(8 * (1 << 17) - 1) == 1 << 16
+    assert model_chunk_elements(8 * (1 << 17)) == 1 << 17
     assert model_chunk_elements(0) == model_chunk_elements(100_000) == MIN_CHUNK_ELEMENTS
-    params = [torch.nn.Parameter(torch.zeros(64, 320)) for _ in range(200)]  # 4.1M elements: 256K / 16
+    params = [torch.nn.Parameter(torch.zeros(64, 320)) for _ in range(200)]  # 4.1M elements: 512K / 8
     opt = HinaAdamW(params, lr=1e-3, compile_step=False)
-    assert opt.chunk_size() == 1 << 17
+    assert opt.chunk_size() == 1 << 18
     opt.chunk_elements = 1 << 16
     assert opt.chunk_size() == 1 << 16
 
 
 def test_8bit_state_and_work_memory_at_sd15_size_stay_below_fp32_adamw():
     """The memory promise, in what the optimizer itself holds: HinaAdamW 8-bit (defaults) on 6.8M elements
-    (SD1.5 LoRA rank 16's size) keeps state + work pool under 2.5 bytes per parameter; fp32 AdamW's state alone
+    (SD1.5 LoRA rank 16's size) keeps state + work pool under 2.75 bytes per parameter; fp32 AdamW's state alone
     is 8. (The step's compiled temporaries are chunk-sized too; benchmarks/step_speed.py measures the steady
     peak.)"""
     g = torch.Generator().manual_seed(0)
@@ -224,4 +225,4 @@ def test_8bit_state_and_work_memory_at_sd15_size_stay_below_fp32_adamw():
     total = sum(p.numel() for p in params)
     stats = opt.get_optimization_info()["training_stats"]
     assert stats["state_bytes"] / total < 2.1
-    assert stats["workspace_bytes"] / total < 0.4, stats  # two fp32 buffers of one 256K-element chunk
+    assert stats["workspace_bytes"] / total < 0.7, stats  # two fp32 buffers of one 512K-element chunk

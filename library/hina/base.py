@@ -11,10 +11,9 @@
 7. write-back into the params, state codec fp32 or 8-bit blockwise (the bf16 optimizer: ``make_codec``).
 
 Bounded chunks. Each param group is cut into *chunks*: ``FlatPack``s of whole tensors holding at most
-``chunk_elements`` elements (``model_chunk_elements``: a sixteenth of the model's elements rounded down to a
-power of two, between 2^16 and ``CHUNK_ELEMENTS`` = 2^20, so that the work memory of a small model stays small
-beside its 8-bit state); a larger tensor gets a chunk of its own. Tensors are
-packed first-fit by decreasing size, so chunks are nearly full. A chunk's shape is padded to a small fixed
+``chunk_elements`` elements (``model_chunk_elements``: an eighth of the model's elements rounded down to a
+power of two, between 2^16 and ``CHUNK_ELEMENTS`` = 2^20, so that the work memory of a small model stays small);
+a larger tensor gets a chunk of its own. Tensors are packed first-fit by decreasing size, so chunks are nearly full. A chunk's shape is padded to a small fixed
 set (``chunk_shape``): ``total`` to one of 4 sizes per octave (a full chunk to exactly ``chunk_elements``),
 ``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``, the largest among the chunks of
 one total. Full chunks all share one shape, so a recipe compiles one graph per state layout for them plus one
@@ -62,6 +61,7 @@ ADAPTER_MATRIX_ROLES = ("lora_a", "lora_b", *naming.LOKR_NAMES)
 FP32_ALIGN = 64
 CHUNK_ELEMENTS = 1 << 20   # largest chunk: 4 MiB per fp32 work buffer
 MIN_CHUNK_ELEMENTS = 1 << 16
+MODEL_CHUNK_DIVISOR = 8    # a chunk holds at most 1 / this of the model's elements (model_chunk_elements)
 MIN_SLOTS = 16             # smallest padded per-tensor vector
 
 
@@ -77,17 +77,22 @@ def _next_pow2(n: int) -> int:
 
 
 def model_chunk_elements(total: int) -> int:
-    """Chunk size for an optimizer over ``total`` elements: ``total / 16`` rounded down to a power of two, within
-    [``MIN_CHUNK_ELEMENTS``, ``CHUNK_ELEMENTS``].
+    """Chunk size for an optimizer over ``total`` elements: ``total / MODEL_CHUNK_DIVISOR`` rounded down to a power
+    of two, within [``MIN_CHUNK_ELEMENTS``, ``CHUNK_ELEMENTS``].
 
-    A step holds a few chunk-sized fp32 buffers (the pool's gathered gradient and weights, and the compiled
-    step's temporaries: about six in all, 24 bytes per chunk element), so a chunk of at most a sixteenth of the
-    model keeps them at or under ~1.5 bytes per parameter, below the 8-bit state's 2 (SD1.5 LoRA rank 16, 6.8M
-    elements: 256K-element chunks). Large models get the largest chunk, where per-chunk overhead is smallest.
-    Step time did not change measurably between 256K and 1M chunks at 6.8M elements (benchmarks/step_speed.py).
+    Every chunk costs a fixed amount of host work per step (the compiled call's wrappers and guards, the per-tensor
+    vectors, the gathers' dispatch: about 0.2-0.3 ms on this project's CPU), so fewer, larger chunks step faster;
+    but a step holds a few chunk-sized fp32 buffers (the pool's gathered gradient and weights, the compiled step's
+    temporaries), so the chunk must stay small beside the model. An eighth of the model: SD1.5 LoRA rank 16 (6.8M
+    elements) gets 512K-element chunks (14 instead of 27 at a sixteenth), models of 8M+ elements the largest.
+    Measured there (benchmarks/step_speed.py, 2 threads, x torch AdamW fused paired, warm compile cache, 256K ->
+    512K): HinaAdamW 8-bit 5.70 -> 5.27, all off 32-bit 3.84 -> 3.07, AdamW_HinaAdaptive 11.63 -> 9.41,
+    Automagic_CameAMP8bit 13.81 -> 11.13; the work pool doubles (HinaAdamW 0.31 -> 0.62 bytes per parameter,
+    Automagic_CameAMP8bit 1.10 -> 2.20), a few MiB at that size. 1M-element chunks there were no faster for the
+    8-bit step (one thread: their temporaries were faulted in again on every call).
     """
-    sixteenth = int(total) // 16
-    chunk = 1 << (sixteenth.bit_length() - 1) if sixteenth else 1  # largest power of two <= total / 16
+    part = int(total) // MODEL_CHUNK_DIVISOR
+    chunk = 1 << (part.bit_length() - 1) if part else 1  # largest power of two <= total / MODEL_CHUNK_DIVISOR
     return min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, chunk))
 
 
