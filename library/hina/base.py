@@ -11,19 +11,19 @@
 7. write-back into the params, state codec fp32 or 8-bit blockwise (the bf16 optimizer: ``make_codec``).
 
 Bounded chunks. Each param group is cut into *chunks*: ``FlatPack``s of whole tensors holding at most
-``chunk_elements`` elements (``model_chunk_elements``: an eighth of the model's elements rounded down to a
-power of two, between 2^16 and ``CHUNK_ELEMENTS`` = 2^20, so that the work memory of a small model stays small);
-a larger tensor gets a chunk of its own. Tensors are packed first-fit by decreasing size, so chunks are nearly full. A chunk's shape is padded to a small fixed
-set (``chunk_shape``): ``total`` to one of 4 sizes per octave (a full chunk to exactly ``chunk_elements``),
-``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``, the largest among the chunks of
-one total. Full chunks all share one shape, so a recipe compiles one graph per state layout for them plus one
-per partial chunk (one per state layout and param group) and one per distinct size of tensors above the chunk
-size: in practice 2-6 graphs. That is bounded by the recompile limit (8 by default); past it, the extra shapes step eagerly, said
-once in a warning (compiled.py). Work buffers (gathered gradient, weight copy, decoded states, scratch) come from one
-``WorkPool`` per optimizer, sized by the largest chunk, never more than the chunk cap: ``workspace_bytes`` in
-``get_optimization_info()['training_stats']``. Per-tensor reductions stay exact because a chunk holds whole
-tensors, and the result does not depend on the chunk size (a per-tensor sum adds the same blocks in the
-same order).
+``chunk_elements`` elements (``model_chunk_elements``: an eighth of the model's elements rounded down to a power of
+two, between 2^16 and ``CHUNK_ELEMENTS`` = 2^20, so that the work memory of a small model stays small); a larger
+tensor gets a chunk of its own. Tensors are packed first-fit by decreasing size, so chunks are nearly full. A
+chunk's shape is padded to a small fixed set (``chunk_shape``): ``total`` to one of 4 sizes per octave (a full chunk
+to exactly ``chunk_elements``), ``slots`` (per-tensor vectors) to a power of two of at least ``MIN_SLOTS``, the
+largest among the chunks of one total. Full chunks all share one shape, so a recipe compiles one graph per state
+layout for them plus one per partial chunk (one per state layout and param group) and one per distinct size of
+tensors above the chunk size: in practice 2-6 graphs. That is bounded by the recompile limit (8 by default); past
+it, the extra shapes step eagerly, said once in a warning (compiled.py). Work buffers (gathered gradient, weight
+copy, decoded states, scratch) come from one ``WorkPool`` per optimizer, sized by the largest chunk, never more than
+the chunk cap: ``workspace_bytes`` in ``get_optimization_info()['training_stats']``. Per-tensor reductions stay
+exact because a chunk holds whole tensors, and the result does not depend on the chunk size (a per-tensor sum adds
+the same blocks in the same order).
 
 State lives per chunk (fp32 buffers, or 8-bit codes + absmax); ``optimizer.state[p]`` holds views into those
 buffers, so ``state_dict()`` is per parameter as in torch.optim, and ``load_state_dict()`` restores it exactly
