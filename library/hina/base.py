@@ -80,8 +80,8 @@ def model_chunk_elements(total: int) -> int:
     """Chunk size for an optimizer over ``total`` elements: ``total / MODEL_CHUNK_DIVISOR`` rounded down to a power
     of two, within [``MIN_CHUNK_ELEMENTS``, ``CHUNK_ELEMENTS``].
 
-    Every chunk costs a fixed amount of host work per step (the compiled call's wrappers and guards, the per-tensor
-    vectors, the gathers' dispatch: about 0.2-0.3 ms on this project's CPU), so fewer, larger chunks step faster;
+    Every chunk costs a fixed amount of host work per step (the compiled call's guards and wrappers, the per-tensor
+    vectors, the gathers' dispatch: 0.13-0.17 ms on this project's CPU, 1 thread), so fewer, larger chunks step faster;
     but a step holds a few chunk-sized fp32 buffers (the pool's gathered gradient and weights, the compiled step's
     temporaries), so the chunk must stay small beside the model. An eighth of the model: SD1.5 LoRA rank 16 (6.8M
     elements) gets 512K-element chunks (14 instead of 27 at a sixteenth), models of 8M+ elements the largest.
@@ -89,7 +89,9 @@ def model_chunk_elements(total: int) -> int:
     512K): HinaAdamW 8-bit 5.70 -> 5.27, all off 32-bit 3.84 -> 3.07, AdamW_HinaAdaptive 11.63 -> 9.41,
     Automagic_CameAMP8bit 13.81 -> 11.13; the work pool doubles (HinaAdamW 0.31 -> 0.62 bytes per parameter,
     Automagic_CameAMP8bit 1.10 -> 2.20), a few MiB at that size. 1M-element chunks there were no faster for the
-    8-bit step (one thread: their temporaries were faulted in again on every call).
+    8-bit step (one thread: their temporaries were faulted in again on every call), and 2M-element chunks at SDXL
+    r32 were slower (HinaAdamW 8-bit, 1 thread: 710-738 against 565-585 ms) and held more (4.0 against 2.6 bytes per
+    parameter), hence the 1M cap.
     """
     part = int(total) // MODEL_CHUNK_DIVISOR
     chunk = 1 << (part.bit_length() - 1) if part else 1  # largest power of two <= total / MODEL_CHUNK_DIVISOR
