@@ -22,8 +22,9 @@ tensors above the chunk size: in practice 2-6 graphs. That is bounded by the rec
 it, the extra shapes step eagerly, said once in a warning (compiled.py). Work buffers (gathered gradient, weight
 copy, decoded states, scratch) come from one ``WorkPool`` per optimizer, sized by the largest chunk, never more than
 the chunk cap: ``workspace_bytes`` in ``get_optimization_info()['training_stats']``. Per-tensor reductions stay
-exact because a chunk holds whole tensors, and the result does not depend on the chunk size (a per-tensor sum adds
-the same blocks in the same order).
+exact because a chunk holds whole tensors, and a per-tensor recipe's result does not depend on the chunk size (a
+per-tensor sum adds the same blocks in the same order; AdamW_HinaAdaptive's importance is relative to the tensors
+stepped together, and the bf16 and C-Optim random streams follow the chunks, so theirs do).
 
 State lives per chunk (fp32 buffers, or 8-bit codes + absmax); ``optimizer.state[p]`` holds views into those
 buffers, so ``state_dict()`` is per parameter as in torch.optim, and ``load_state_dict()`` restores it exactly
