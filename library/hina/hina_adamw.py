@@ -232,6 +232,13 @@ def hina_adamw_chunk(grad, weight, row_coef, exp_avg, exp_avg_sq, anchor, tam_sm
     A tensor whose gradient is not finite, or whose sum of squares overflows float32 (a finite 1e20 gradient
     would make g^2 inf), counts as inactive, like one without a gradient: its states and weights stay
     exactly as they were (kept block by block, codes included). Returns that skipped set, a bool per slot.
+
+    Compiled with 8-bit states, the graph writes the new m and v to two chunk-sized temporaries: a block's codes
+    need its absmax first, so inductor computes the values, reduces them per block and reads them back. Its CPU
+    outer-loop fusion with per-block local buffers (codegen/cpp.py) is what would keep them in cache; in torch
+    2.13 it does not apply here (tried, session 13): the per-block absmax store is vectorised across blocks, which
+    stops the fusion, and with the absmax returned instead, inductor's local-buffer check fails (KeyError) on the
+    in-place codes write, which depends on the reads of the old codes without reading the temporaries.
     """
     block = segments.block
     qmaps = qmaps or (None, None, None)
