@@ -15,14 +15,16 @@ the steps (CPU: peak RSS; CUDA: max allocated). Read the ratios, not the millise
 
     python benchmarks/step_speed.py [--model sd15 sdxl sd15_lokr llm7b | all] [--steps 20] [--device cpu]
                                     [--threads N] [--json FILE] [--markdown FILE] [--plot PNG]
-                                    [--only SUBSTR ...]
+                                    [--only SUBSTR ...] [--repeat N]
 
 On a GPU: ``--device cuda --json docs/step_speed_cuda.json --markdown docs/step_speed_cuda.md --plot
 docs/step_speed_cuda.png`` keeps those figures beside the CPU ones (``benchmarks/report.py`` picks up
 ``step_speed_cuda.md`` for ``convergence_cuda.json``).
 
 On a busy CPU, OpenMP threads that wait for each other distort every figure; ``OMP_NUM_THREADS=1
-python benchmarks/step_speed.py --threads 1`` then gives stable single-thread ratios.
+python benchmarks/step_speed.py --threads 1`` then gives stable single-thread ratios. ``--repeat N`` runs each
+optimizer in N fresh processes and reports medians with ranges: on a CPU, whether a process faults its step's
+temporaries in on every call is the C allocator's choice per process (see the fresh pages column).
 """
 
 from __future__ import annotations
@@ -356,6 +358,32 @@ def run_isolated(label: str, args) -> dict:
     return json.loads(lines[-1])
 
 
+SPREAD_FIELDS = ("median_ms", "paired_ratio_to_fused", "steady_peak_bytes_per_param")
+
+
+def combine_repeats(runs: list[dict]) -> dict:
+    """One result from several worker processes of one optimizer (``--repeat``): every numeric figure is the
+    median over the runs that finished, and the step time, paired ratio and steady peak also carry their
+    ``(min, max)`` (``<field>_range``). On a CPU, whether a process faults its step's temporaries in on every
+    call is settled per process by the C allocator, so one process's figures can be far from the next's."""
+    done = [r for r in runs if "error" not in r]
+    if len(runs) == 1 or not done:
+        return runs[-1]
+    combined = dict(done[0])
+    for key, value in done[0].items():
+        values = [r.get(key) for r in done]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            combined[key] = statistics.median(values)
+    for key in SPREAD_FIELDS:
+        values = [r[key] for r in done if r.get(key) is not None]
+        if values:
+            combined[f"{key}_range"] = [min(values), max(values)]
+    combined["repeats"] = len(done)
+    if len(done) < len(runs):
+        combined["failed_repeats"] = len(runs) - len(done)
+    return combined
+
+
 def run_model(model: str, args) -> dict:
     args.model_one, args.rank_one = model, args.rank or RANKS[model]
     shapes = parameter_shapes(model, args.rank_one)
@@ -366,7 +394,7 @@ def run_model(model: str, args) -> dict:
     for label in optimizer_factories():
         if args.only and not any(s.lower() in label.lower() for s in args.only):
             continue
-        results.append(run_isolated(label, args))
+        results.append(combine_repeats([run_isolated(label, args) for _ in range(args.repeat)]))
         r = results[-1]
         print(f"  {label:32} " + (r["error"] if "error" in r else
                                   f"{r['median_ms']:9.1f} ms  {r['state_bytes_per_param']:5.2f} B/param state"),
@@ -385,7 +413,9 @@ def markdown(report: dict, argv: list[str]) -> str:
         "",
         f"Device {report['device']}, torch {report['torch']}, {report['threads']} CPU thread(s), "
         f"{report['processor'] or report['machine']}; median of {report['steps']} steps after 3 warm-up "
-        "steps (the first includes compiling). Each optimizer ran in its own process, one after another.",
+        "steps (the first includes compiling). Each optimizer ran in its own process, one after another"
+        + (f", {report['repeats']} times: each figure is the median of those processes, and *x fused, paired* and "
+           "*steady peak* show their range in brackets." if report.get("repeats", 1) > 1 else "."),
         *(["", report["note"]] if report.get("note") else []),
         "",
         f"Reproduce: `OMP_NUM_THREADS={report['threads']} .venv/bin/python benchmarks/step_speed.py "
@@ -437,8 +467,10 @@ def markdown(report: dict, argv: list[str]) -> str:
             ratio = f"{r['ratio_to_fused']:.2f}" if r.get("ratio_to_fused") else "-"
             steady = r.get("steady_peak_bytes_per_param")
             paired = f"{r['paired_ratio_to_fused']:.2f}" if r.get("paired_ratio_to_fused") else "-"
+            paired += _range(r.get("paired_ratio_to_fused_range"))
             lines.append(f"| {r['optimizer']} | {r['median_ms']:.1f} | {ratio} | {paired} | {r['state_bytes_per_param']:.2f} "
-                         f"| {_figure(steady, 2)} | {_figure(r.get('workspace_bytes_per_param'), 2)} "
+                         f"| {_figure(steady, 2)}{_range(r.get('steady_peak_bytes_per_param_range'))} "
+                         f"| {_figure(r.get('workspace_bytes_per_param'), 2)} "
                          f"| {_figure(r.get('step_transient_bytes_per_param'), 2)} "
                          f"| {_figure(r.get('held_other_mib'), 0)} "
                          f"| {_figure(r.get('fresh_page_mib_per_step'), 1)} "
@@ -449,6 +481,11 @@ def markdown(report: dict, argv: list[str]) -> str:
 
 def _figure(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _range(bounds) -> str:
+    """`` (min-max)`` of a figure over repeated processes, or nothing for one process."""
+    return "" if not bounds else f" ({bounds[0]:.2f}-{bounds[1]:.2f})"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -497,9 +534,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 gives stable ratios on a busy machine)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="fresh worker processes per optimizer: the tables show their medians, and the range of "
+                             "the paired ratio and the steady peak")
     parser.add_argument("--note", default=None, help="a sentence for the markdown report (e.g. the machine's load)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
@@ -510,7 +552,7 @@ def main(argv=None) -> dict:
     models = MODELS if "all" in args.model else tuple(args.model)
     report = {"benchmark": "step_speed", "device": args.device, "steps": args.steps, "torch": torch.__version__,
               "machine": platform.machine(), "processor": platform.processor(),
-              "threads": args.threads or torch.get_num_threads(), "note": args.note,
+              "threads": args.threads or torch.get_num_threads(), "note": args.note, "repeats": args.repeat,
               "models": [run_model(m, args) for m in models]}
     if args.json:
         _write_atomic(args.json, json.dumps(report, indent=2))

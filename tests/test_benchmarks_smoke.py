@@ -324,3 +324,30 @@ def test_merge_convergence_sweep_adds_neighbour_lrs_and_names_a_better_one(tmp_p
     assert block["results"]["A"]["final"] == [1.0, 2.0, 3.0] and block["sweep"]["B"]["0.01"] == [1.0, 1.0]
     out = capsys.readouterr().out
     assert "t B: lr 0.03 (0.75000) beats the row's lr 0.01 (1.00000)" in out and "t A:" not in out
+
+
+def test_step_speed_repeats_report_medians_and_ranges():
+    """``--repeat N``: one optimizer's N worker processes give one row, each figure their median, the step time,
+    paired ratio and steady peak with (min, max); a failed process is counted, not averaged; the markdown shows
+    the ranges in brackets."""
+    step_speed = _bench_module("step_speed")
+    runs = [{"optimizer": "X", "median_ms": ms, "paired_ratio_to_fused": ratio, "steady_peak_bytes_per_param": peak,
+             "state_bytes_per_param": 2.0, "compiled_graphs": 2, "peak_growth_bytes_per_param": 3.0,
+             "first_step_s": 1.0, "ratio_to_fused": None}
+            for ms, ratio, peak in ((300.0, 5.0, 2.5), (500.0, 9.0, 2.7), (330.0, 5.5, 2.6))]
+    combined = step_speed.combine_repeats(runs + [{"optimizer": "X", "error": "killed"}])
+    assert combined["median_ms"] == 330.0 and combined["paired_ratio_to_fused"] == 5.5
+    assert combined["steady_peak_bytes_per_param"] == 2.6 and combined["state_bytes_per_param"] == 2.0
+    assert combined["paired_ratio_to_fused_range"] == [5.0, 9.0]
+    assert combined["steady_peak_bytes_per_param_range"] == [2.5, 2.7]
+    assert combined["median_ms_range"] == [300.0, 500.0]
+    assert combined["repeats"] == 3 and combined["failed_repeats"] == 1
+    assert step_speed.combine_repeats(runs[:1]) is runs[0]  # one process: its result as it is
+    assert "error" in step_speed.combine_repeats([{"optimizer": "X", "error": "killed"}] * 2)
+
+    report = {"device": "cpu", "torch": "t", "threads": 1, "processor": "p", "machine": "m", "steps": 5,
+              "repeats": 3, "models": [{"model": "sd15", "rank": 16, "tensors": 1, "params": 1e6,
+                                        "results": [dict(combined, ratio_to_fused=1.0)]}]}
+    text = step_speed.markdown(report, ["--repeat", "3"])
+    assert "3 times: each figure is the median" in text
+    assert "| 5.50 (5.00-9.00) |" in text and "| 2.60 (2.50-2.70) |" in text
