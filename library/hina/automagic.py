@@ -200,23 +200,29 @@ class _AutomagicCame(HinaOptimizer):
         eps1, eps2, eps3 = group["eps"]
         scales = tuple(group["momentum_scales"]) if self.contextual else (1,)
         factor, scratch = pack.buffer("came_factor"), pack.buffer("came_scratch")
+        # The compiled stages get every chunk buffer as (blocks, block) (``Segments.blocks``), the shape they compute
+        # in: a flat buffer written in place made inductor compute its new value into a chunk-sized temporary and
+        # copy it over in a flat loop (inputs are written back in their own shape)
+        blocks = segments.blocks
+        grad_b, weight_b, factor_b, scratch_b, transformed = map(blocks, (grad, weight, factor, scratch, transformed))
+        states_b, codes = [blocks(s) for s in states], [blocks(c) for c in codes]
         live, nonfinite, observed = _prepare(
-            compile_step, grad, transformed, weight, vectors, segments, signs, codes, qmap,
-            states if eight_bit else [], scratch, eps1=eps1,
+            compile_step, grad_b, transformed, weight_b, vectors, segments, signs, codes, qmap,
+            states_b if eight_bit else [], scratch_b, eps1=eps1,
             orthogonal=group["use_orthogonal_grad"] and transformed is None,
             agr=group["use_agr"] and transformed is None)
         means = pack.pool.get("came_means", geometry.used, torch.float32, pack.device)
         entries = came.live_entries(geometry, live)
         came.second_moment_factor(scratch, factor, pack.came_side, means, geometry, entries, beta2)
-        moments, mask = (states[:-1], states[-1]) if group["use_lr_mask"] else (states, None)
-        _moments(compile_step, grad, factor, geometry.block_valid, live, moments, mask,
-                 pack.vectors.get("tam_smoothed"), vectors, segments, scratch, beta1=beta1, eps2=eps2,
+        moments, mask = (states_b[:-1], states_b[-1]) if group["use_lr_mask"] else (states_b, None)
+        _moments(compile_step, grad_b, factor_b, geometry.block_valid, live, moments, mask,
+                 pack.vectors.get("tam_smoothed"), vectors, segments, scratch_b, beta1=beta1, eps2=eps2,
                  clip_threshold=group["clip_threshold"], tam_beta=group["tam_beta"], scales=scales,
                  tam=group["use_tam"])
         came.confidence_factor(scratch, factor, pack.came_side, means, geometry, entries, vectors[2], beta3)
         multiplier = self.c_optim.multiplier_tensor() if self.contextual else None
-        _apply(compile_step, grad, factor, moments, mask, row_coef, weight, geometry.block_valid, live,
-               geometry.factored, vectors, segments, multiplier, codes, qmap, states if eight_bit else [],
+        _apply(compile_step, grad_b, factor_b, moments, mask, blocks(row_coef), weight_b, geometry.block_valid, live,
+               geometry.factored, vectors, segments, multiplier, codes, qmap, states_b if eight_bit else [],
                scales=scales, eps3=eps3, grams=group["use_grams"], cautious=group["use_cautious"])
         if self.contextual:
             self._observe(group, pack, *observed)
@@ -316,17 +322,17 @@ def prepare_chunk(grad, transformed, weight, step_vectors, segments, signs, code
     finite = torch.isfinite(segments.sum(grad * grad))
     live = (active > 0) & finite
     keep = ~segments.expand(live)
-    raw = torch.where(keep, 0.0, grad.view(-1, block)).view(-1)
-    g = raw if transformed is None else torch.where(keep, 0.0, transformed.view(-1, block)).view(-1)
+    raw = torch.where(keep, 0.0, grad)
+    g = raw if transformed is None else torch.where(keep, 0.0, transformed)
     if orthogonal:
         g = techniques.orthogonalize(g, weight, segments)
     if agr:
         g = techniques.agr(g, segments)
     observed = None
     if signs is not None:
-        observed = (sketch(raw, signs), (raw * raw).sum(), live.sum())
+        observed = (sketch(raw.view(-1), signs), (raw * raw).sum(), live.sum())
+    square_out.copy_(g * g + eps1)  # before g overwrites the gradient it is computed from
     grad.copy_(g)
-    square_out.copy_(g * g + eps1)
     for stored, out in zip(codes, decoded):
         out.copy_(load_state(stored, qmap, block))
     return live, (active > 0) & ~finite, observed
@@ -348,26 +354,25 @@ def moments_chunk(g, factor, block_valid, live, moments, mask, tam_smoothed, ste
     lr, decay, correction, active, first, adapt, bump, min_ratio, max_ratio, start = step_vectors.unbind(0)
     live_blocks = expand(live)
     keep = ~live_blocks
-    u = torch.where(_valid(block_valid, block) & live_blocks, g.view(-1, block) * factor.view(-1, block).rsqrt(),
-                    0.0).view(-1)
+    u = torch.where(_valid(block_valid, block) & live_blocks, g * factor.rsqrt(), 0.0)
     rms = (segments.sum(u * u) / segments.numel_tensor).sqrt()
-    u = (u.view(-1, block) * expand((rms / clip_threshold).clamp_min(1.0).reciprocal())).view(-1)
+    u = u * expand((rms / clip_threshold).clamp_min(1.0).reciprocal())
 
     old = list(moments)
     x = u
     smoothed = None
     if tam:
         damping, smoothed = tam_step(old[0], u, tam_smoothed, tam_beta, segments)
-        x = (u.view(-1, block) * expand(damping)).view(-1)
+        x = u * expand(damping)
     if len(old) == 1:
         new = [old[0] * beta1 + x * (1.0 - beta1)]
     else:  # C-Optim's multi-scale momentum
         new = [torch.lerp(m, x, 1.0 - b) for m, b in zip(old, msm.scale_betas(beta1, scales))]
     res_out.copy_((u - _momentum(new, scales)).square() + eps2)
     if mask is not None:
-        _, mask_new = lr_mask.mask_step(mask.view(-1, block), u.view(-1, block), expand(first), expand(adapt),
-                                        expand(bump), expand(min_ratio), expand(max_ratio), expand(start))
-        store_state(mask, mask_new.view(-1), keep, None, block)
+        _, mask_new = lr_mask.mask_step(mask, u, expand(first), expand(adapt), expand(bump), expand(min_ratio),
+                                        expand(max_ratio), expand(start))
+        store_state(mask, mask_new, keep, None, block)
     for stored, value in zip(moments, new):
         store_state(stored, value, keep, None, block)
     if tam:
@@ -397,16 +402,16 @@ def apply_chunk(g, factor, moments, mask, row_coef, weight, block_valid, live, f
     expand = segments.expand
     lr, decay = step_vectors[0], step_vectors[1]
     live_blocks = expand(live)
-    m = _momentum(moments, scales).view(-1, block)
+    m = _momentum(moments, scales)
     if mask is not None:
-        m = m * mask.view(-1, block).abs()
+        m = m * mask.abs()
     if row_coef is not None:
-        m = m * row_coef.view(-1, block)
-    approx = factor.view(-1, block)
+        m = m * row_coef
+    approx = factor
     if eps3 > 0.0:
         approx = approx.clamp_min(eps3)
     update = torch.where(expand(factored) > 0, m * approx.rsqrt(), m)
-    update = torch.where(_valid(block_valid, block) & live_blocks, update, 0.0).view(-1)
+    update = torch.where(_valid(block_valid, block) & live_blocks, update, 0.0)
     if grams:
         update = techniques.grams(update, g)
     if cautious:
@@ -414,13 +419,20 @@ def apply_chunk(g, factor, moments, mask, row_coef, weight, block_valid, live, f
     if multiplier is not None:
         update = update * multiplier
     new_weight = decoupled_update(weight, update, g, None, segments, lr, decay, 0.0, spd=False)
-    weight.copy_(torch.where(live_blocks, new_weight.view(-1, block), weight.view(-1, block)).view(-1))
+    weight.copy_(torch.where(live_blocks, new_weight, weight))
     for stored, value in zip(codes, decoded):
         store_state(stored, value, ~live_blocks, qmap, block)
 
 
+#: With the buffers in one shape (fused_step) the stages' graphs keep no chunk-sized temporary, provided inductor
+#: recomputes U (read by the RMS reduction and by every later value) instead of storing it
+#: (``realize_reads_threshold``, as adaptive.py's graph). Before (flat buffers, default threshold), moments_chunk
+#: wrote U and the lr mask's new ratio to two temporaries and prepare_chunk V; bit-identical results. Measured,
+#: 1 thread, thread CPU per step, fresh processes (two each): SD1.5 r16 Automagic_CameAMP 79-80 -> 63 ms,
+#: Automagic_CameAMP8bit 108-112 -> 97-98, Automagic_CameAMP_COptim8bit 190-192 -> 174-175; SDXL r32
+#: Automagic_CameAMP 840-921 -> 646-654 ms (2.8K-73K -> 0-7 page faults per step).
 _prepare = MaybeCompiled(prepare_chunk)
-_moments = MaybeCompiled(moments_chunk)
+_moments = MaybeCompiled(moments_chunk, options={"realize_reads_threshold": 64})
 _apply = MaybeCompiled(apply_chunk)
 
 
