@@ -5,7 +5,7 @@ import torch
 
 from library.hina import AdamWBF16_HinaAdaptive
 from library.hina.pack import FlatPack
-from library.hina.techniques.stochastic_rounding import compensated_write, stochastic_round, store_bf16
+from library.hina.techniques.stochastic_rounding import ROUND_TRIP_OPTIONS, compensated_write, stochastic_round, store_bf16
 
 ALL_OFF = dict(use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False, use_agr=False,
                use_tam=False, dynamic_weight_decay=False, use_dynamic_adaptation=False, use_lr_mask=False)
@@ -192,7 +192,7 @@ def test_compensated_write_compiled_matches_eager_and_keeps_skipped_tensors():
     live = torch.tensor([True, False])
     decay = torch.tensor([1e-2, 1e-2])
     results = []
-    for fn in (compensated_write, torch.compile(compensated_write, dynamic=False)):
+    for fn in (compensated_write, torch.compile(compensated_write, dynamic=False, options=ROUND_TRIP_OPTIONS)):
         w, s = before + delta, shift.clone()
         fn(w, before, s, decay, live, pack.segments)
         results.append((w, s))

@@ -37,7 +37,7 @@ from .pack import FlatPack
 from .stages import COMPILE, LR, Flag, Recipe, Stage, in_range, is_number
 from .techniques import (ADOPT, AGR, CAUTIOUS, DECOUPLED_WEIGHT_DECAY, GRAMS, IMPORTANCE, LORA_PLUS, LR_MASK,
                          ORTHOGONAL_GRAD, RELATIONSHIPS, SPD, TAM, WEIGHT_DECAY_SCHEDULE)
-from .techniques.stochastic_rounding import compensated_write, store_bf16
+from .techniques.stochastic_rounding import ROUND_TRIP_OPTIONS, compensated_write, store_bf16
 
 
 class Bf16Codec:
@@ -154,8 +154,10 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         nonfinite = self._adaptive_chunk(group, pack, grad, weight, step_vectors, states)
         live = (step_vectors[5] > 0) & ~nonfinite
         seeds = torch.tensor([self._seed(name) for name in names], dtype=torch.int64, device=pack.device)
-        _write_back(self.use_compile(), weight, before, states["shift"], self._delayed_decay(group, pack, live), live,
-                    pack.segments, list(states.values()), stored, seeds)
+        blocks = pack.segments.blocks  # the shape compensated_write computes in: no chunk-sized temporary (1.05x)
+        _write_back(self.use_compile(), blocks(weight), blocks(before), blocks(states["shift"]),
+                    self._delayed_decay(group, pack, live), live, pack.segments, [blocks(s) for s in states.values()],
+                    [blocks(s) for s in stored], seeds)
         return nonfinite
 
     def _delayed_decay(self, group, pack, live: torch.Tensor) -> torch.Tensor:
@@ -196,4 +198,4 @@ def write_back(weight, before, shift, decay, live, segments, values, stored, see
         store_bf16(value, out, seed)
 
 
-_write_back = MaybeCompiled(write_back)
+_write_back = MaybeCompiled(write_back, options=ROUND_TRIP_OPTIONS)
