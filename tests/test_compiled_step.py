@@ -1,5 +1,7 @@
 """The torch.compile'd step computes what the eager step computes."""
 
+import logging
+
 import pytest
 import torch
 
@@ -128,3 +130,44 @@ def test_a_step_function_adds_its_own_inductor_options(monkeypatch):
     step = compiled.MaybeCompiled(lambda x: x * 2.0 + 1.0, options={"realize_reads_threshold": 64})
     assert torch.equal(step(True, torch.ones(8)), torch.full((8,), 3.0)) and step.compiled_calls == 1
     assert seen == [{"realize_opcount_threshold": 400, "realize_reads_threshold": 64}]
+
+
+def test_the_first_compile_is_announced_once_and_each_compile_timed(monkeypatch, caplog):
+    """A CPU run can sit a minute on its first step while it compiles: the first compile of the process says so
+    before it starts (once), and each compiled version logs how long it took (INFO, as kohya shows it)."""
+    from library.hina import compiled
+
+    monkeypatch.setattr(compiled, "_announced", False)
+
+    def shift(x, a: float):
+        return x + a
+
+    f = compiled.MaybeCompiled(shift)
+    with caplog.at_level(logging.INFO, logger="library.hina"):
+        f(True, torch.ones(4), 1.0)
+        if f.failed:
+            pytest.skip(f"torch.compile is not usable here: {f.failed[:200]}")
+        f(True, torch.ones(4), 1.0)  # reuses the version: nothing to say
+        f(True, torch.ones(6), 1.0)  # a new version
+    messages = [r.getMessage() for r in caplog.records if r.name == "library.hina.compiled"]
+    assert sum("compiling the optimizer step" in m for m in messages) == 1
+    assert messages[0].startswith("library.hina: compiling")
+    timed = [m for m in messages if m.startswith("library.hina: compiled the optimizer step's shift")]
+    assert len(timed) == 2 and "(version 1 of it)" in timed[0] and "(version 2 of it)" in timed[1]
+
+
+def test_the_trainer_shows_the_optimizers_notices_above_its_progress_bar(monkeypatch, capsys):
+    """train_network_hina.py prints library.hina's INFO records (through tqdm.write) while it runs, and takes its
+    handler off after."""
+    from library.hina_train import cli
+
+    seen = []
+
+    def fake_run(argv):
+        logging.getLogger("library.hina.compiled").info("library.hina: a notice")
+        seen.append(list(logging.getLogger("library.hina").handlers))
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    assert cli.main([]) == 0
+    assert "library.hina: a notice" in capsys.readouterr().out
+    assert seen[0] and not any(isinstance(h, cli.ProgressBarHandler) for h in logging.getLogger("library.hina").handlers)

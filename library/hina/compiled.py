@@ -18,12 +18,16 @@ learning rates, give many packs.)
 from __future__ import annotations
 
 import gc
+import logging
+import time
 import warnings
 from typing import Callable
 
 import torch
 
 AUTO_MIN_ELEMENTS = 1 << 20
+logger = logging.getLogger(__name__)
+_announced = False  # the once-per-process notice that the first steps compile
 # Inductor stores a pointwise value in a buffer of its own once its expression passes 100 operations
 # (``realize_opcount_threshold``). The 8-bit encode is about 130 per element, so every 8-bit state got two
 # chunk-sized buffers (codes, then the select that keeps skipped blocks) written and read back; above the
@@ -77,11 +81,16 @@ class MaybeCompiled:
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, dynamic=False, options=inductor_options(self.options))
             compiling = signature not in self._compiled_signatures
+            if compiling:
+                announce_compiling()
+                started = time.perf_counter()
             try:
                 result = self._compiled(*args, **kwargs)
                 self.compiled_calls += 1
                 if compiling:
                     self._compiled_signatures.add(signature)
+                    logger.info("library.hina: compiled the optimizer step's %s (version %d of it) in %.1f s",
+                                self.fn.__name__, len(self._compiled_signatures), time.perf_counter() - started)
                     # Compiling leaves cyclic garbage (FX graphs, lowering state: tens of MB) that Python's
                     # generational collector frees only much later; until then it sits in the step's steady
                     # memory (SD1.5 LoRA r16, cold inductor cache: 13.5 -> 9.0 bytes per parameter,
@@ -110,6 +119,17 @@ class MaybeCompiled:
                           "compile_step=False, or a higher torch._dynamo.config.recompile_limit avoid this.",
                           RuntimeWarning, stacklevel=3)
         return False
+
+
+def announce_compiling() -> None:
+    """Say once per process, before the first compile, why the first steps take longer (a CPU run can sit on its
+    first step for a minute: benchmarks/step_speed.py's *first step s*)."""
+    global _announced
+    if not _announced:
+        _announced = True
+        logger.info("library.hina: compiling the optimizer step with torch.compile: the first steps take longer "
+                    "(seconds to a minute per compiled version on a CPU; a later run with the same parameter shapes "
+                    "reuses inductor's on-disk cache). compile_step=False in --optimizer_args skips compiling.")
 
 
 def collect_garbage() -> None:

@@ -66,17 +66,34 @@ def exit_on_sigterm():
         return None
 
 
+class ProgressBarHandler(logging.Handler):
+    """Log records printed with ``tqdm.write``, above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     previous = exit_on_sigterm()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # the optimizers' notices (library.hina logs at INFO, as kohya sd-scripts shows them): e.g. that the first
+    # steps compile
+    notices, handler = logging.getLogger("library.hina"), ProgressBarHandler()
+    notices.addHandler(handler)
+    level = notices.level
+    notices.setLevel(logging.INFO)
     try:
         run(argv)
     except bad_input_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
+        notices.removeHandler(handler)
+        notices.setLevel(level)
         if previous is not None:
             import signal
 
