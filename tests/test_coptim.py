@@ -53,6 +53,22 @@ def test_sketch_is_a_linear_projection_preserving_inner_products_on_average():
     assert abs(cos - 0.894) < 0.1
 
 
+def test_sketch_of_a_block_view_is_the_same_projection():
+    """A chunk buffer viewed (blocks, block) is sketched block row by block row: the same projection as the flat
+    buffer's, sum_j x[i L + j] signs[j] for bucket i, written out here (only the order of the sums differs)."""
+    from library.hina.techniques.contextual import chunk_length, sketch_signs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 16, generator=g)
+    length, signs = chunk_length(x.numel()), sketch_signs(x.numel(), x.device)
+    expected = torch.stack([(x[i * length:(i + 1) * length].double() * signs.double()).sum()
+                            for i in range(x.numel() // length)]).float()
+    for view in (x, x.view(-1, 64), x.view(-1, 256)):
+        torch.testing.assert_close(sketch(view), expected, rtol=1e-5, atol=1e-4)
+    odd = torch.randn(1000, generator=g)  # buckets that are not whole blocks: the flat form
+    torch.testing.assert_close(sketch(odd.view(-1, 8)), sketch(odd), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_multiplier_is_bounded_and_edge_cases_detected(cls):
     params, opt = make(cls, context_window=8, adaptation_rate=0.5)

@@ -319,7 +319,8 @@ def prepare_chunk(grad, transformed, weight, step_vectors, segments, signs, code
     """
     block = segments.block
     active = step_vectors[3]
-    finite = torch.isfinite(segments.sum(grad * grad))
+    squares = segments.sum(grad * grad)
+    finite = torch.isfinite(squares)
     live = (active > 0) & finite
     keep = ~segments.expand(live)
     raw = torch.where(keep, 0.0, grad)
@@ -330,7 +331,7 @@ def prepare_chunk(grad, transformed, weight, step_vectors, segments, signs, code
         g = techniques.agr(g, segments)
     observed = None
     if signs is not None:
-        observed = (sketch(raw.view(-1), signs), (raw * raw).sum(), live.sum())
+        observed = (sketch(raw, signs), torch.where(live, squares, 0.0).sum(), live.sum())
     square_out.copy_(g * g + eps1)  # before g overwrites the gradient it is computed from
     grad.copy_(g)
     for stored, out in zip(codes, decoded):

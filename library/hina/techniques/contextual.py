@@ -76,11 +76,18 @@ def sketch_signs(total: int, device) -> torch.Tensor:
 def sketch(flat: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
     """Fixed random projection of a flat fp32 buffer to ``sketch_length(flat.numel())`` values.
 
-    ``signs``: ``sketch_signs(flat.numel(), device)``, passed in where the caller is compiled."""
+    ``signs``: ``sketch_signs(flat.numel(), device)``, passed in where the caller is compiled. A chunk buffer viewed
+    ``(blocks, block)`` (``Segments.blocks``) whose buckets are whole blocks is summed block row by block row: over
+    the flat view, compiled CPU code looked up each lane's block one by one (Automagic_CameAMP_COptim's first stage
+    took 3x the plain one's time, SD1.5 r16)."""
     n = flat.numel()
     length = chunk_length(n)
     if signs is None:
         signs = _signs(length, flat.device)
+    if flat.dim() == 2 and n % length == 0 and length % flat.shape[1] == 0:
+        block = flat.shape[1]
+        return (flat.view(n // length, length // block, block) * signs.view(length // block, block)).sum(dim=(1, 2))
+    flat = flat.reshape(-1)
     full = n // length
     parts = []
     if full:
