@@ -171,3 +171,48 @@ def test_the_trainer_shows_the_optimizers_notices_above_its_progress_bar(monkeyp
     assert cli.main([]) == 0
     assert "library.hina: a notice" in capsys.readouterr().out
     assert seen[0] and not any(isinstance(h, cli.ProgressBarHandler) for h in logging.getLogger("library.hina").handlers)
+
+
+def chunk_sized_temporaries(opt) -> list[tuple[int, ...]]:
+    """Step ``opt`` once, compiling its graphs, and return the shapes of the chunk-sized buffers they allocate per
+    call (read from the generated code: inductor's own test helper)."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    _, codes = run_and_get_code(opt.step)
+    totals = {chunk.total for layout in opt._layouts.values() for chunk in layout.chunks}
+    shapes = [tuple(int(n) for n in found.split(",") if n.strip())
+              for code in codes for found in re.findall(r"empty_strided_cpu\(\(([0-9, ]+)\)", code)]
+    return [shape for shape in shapes if math.prod(shape) in totals]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, expected", [("Automagic_CameAMP", 0), ("Automagic_CameAMP_COptim", 0), ("HinaAdamW", 2)])
+def test_compiled_chunk_steps_allocate_only_the_known_temporaries(name, expected):
+    """What each compiled chunk step allocates per call, chunk-sized (a value inductor stores and reads back
+    instead of keeping it in registers; glibc may hand such memory back and fault it in again every call): none
+    in the Automagic stages (their buffers are passed as (blocks, block) views and U is recomputed, automagic.py;
+    session 13's code allocated two here), HinaAdamW 8-bit's new m and v (a block's codes need its absmax first,
+    hina_adamw_chunk's docstring). A regression shows as a larger count. (The 8-bit Automagic classes run the
+    same stages; compiling theirs from an empty cache took 40-75 s, too long for the suite.)"""
+    import library.hina as hina
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 640), (640, 16), (16, 640), (640, 16), (8, 1280), (1280, 8), (320,)]
+    names = [f"m{i}.lora_{'down' if i % 2 == 0 else 'up'}.weight" for i in range(len(shapes) - 1)] + ["m.bias"]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.01) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt = getattr(hina, name)(list(zip(names, params)), lr=1e-3, compile_step=True)
+    found = chunk_sized_temporaries(opt)
+    if any(f.failed for f in compiled_functions()):
+        pytest.skip("torch.compile is not usable here")
+    assert len(found) == expected, found
+
+
+def compiled_functions():
+    from library.hina import compiled
+
+    return compiled._INSTANCES
