@@ -233,3 +233,20 @@ def test_chunks_keep_no_float32_copy_of_the_bf16_states():
         held = [flat for flat, _ in chunk._view_cache.values()] + list(chunk._workspace.values())
         stray = [tuple(t.shape) for t in held if t.dtype == torch.float32 and t.untyped_storage().data_ptr() not in pool]
         assert not stray, stray
+
+
+def test_write_back_runs_eagerly_where_inductor_cannot_keep_the_rounding(monkeypatch):
+    """Compiled without ``emulate_precision_casts`` inductor would drop the round trip to bf16 (the compensation
+    would silently be lost), so on a torch that does not know the option the write-back runs eagerly."""
+    from library.hina import bf16, compiled
+    from library.hina.techniques.stochastic_rounding import ROUND_TRIP_OPTIONS
+
+    assert compiled.options_known(ROUND_TRIP_OPTIONS)  # this torch (2.13) knows it
+    assert not compiled.options_known({"no_such_inductor_option": True})
+    monkeypatch.setattr(bf16, "options_known", lambda options: False)
+    params = [torch.nn.Parameter(torch.randn(64, 64).bfloat16())]
+    params[0].grad = torch.randn(64, 64).bfloat16()
+    opt = AdamWBF16_HinaAdaptive(params, lr=1e-3, compile_step=True)
+    before = bf16._write_back.eager_calls
+    opt.step()
+    assert bf16._write_back.eager_calls == before + 1

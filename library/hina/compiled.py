@@ -46,6 +46,12 @@ def inductor_options(extra: dict | None = None) -> dict:
     return {key: value for key, value in {**INDUCTOR_OPTIONS, **(extra or {})}.items() if hasattr(config, key)}
 
 
+def options_known(options: dict) -> bool:
+    """Whether this torch's inductor knows every key of ``options``: a function whose results depend on one (not
+    only its speed) must run eagerly where it does not."""
+    return set(options) <= set(inductor_options(options))
+
+
 _INSTANCES: list["MaybeCompiled"] = []
 
 
