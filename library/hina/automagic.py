@@ -18,9 +18,9 @@ Seed document 004 (and 000 for the series). The recipe, in the order it runs:
                        ``Automagic_CameAMP8bit``, ``Automagic_CameAMP_COptim8bit`` (``block_size``, seed name
                        ``blocksize``: 4096); CAME's factored statistics stay fp32 (O(rows + cols) per tensor)
 
-Per chunk of the param group (base.py), ``fused_step`` runs all of it in three functions over the chunk's flat
-buffers, each compiled with torch.compile when ``compile_step`` asks for it, with CAME's row and column
-statistics between them:
+Per chunk of the param group (base.py), ``fused_step`` runs all of it in three functions over the chunk's buffers
+(each viewed (blocks, block), the one shape they compute in), each compiled with torch.compile when ``compile_step``
+asks for it, with CAME's row and column statistics between them:
 
     prepare_chunk   which tensors step (gradient present and finite), G (⊥Grad, AGR), V = G^2 + eps1; decode
                     the 8-bit states into fp32 pool buffers
