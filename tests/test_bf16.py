@@ -5,7 +5,8 @@ import torch
 
 from library.hina import AdamWBF16_HinaAdaptive
 from library.hina.pack import FlatPack
-from library.hina.techniques.stochastic_rounding import ROUND_TRIP_OPTIONS, compensated_write, stochastic_round, store_bf16
+from library.hina.techniques.stochastic_rounding import (ROUND_TRIP_OPTIONS, compensated_write, stochastic_round,
+                                                        store_bf16)
 
 ALL_OFF = dict(use_spd=False, use_cautious=False, use_adopt_stability=False, use_grams=False, use_agr=False,
                use_tam=False, dynamic_weight_decay=False, use_dynamic_adaptation=False, use_lr_mask=False)
@@ -243,7 +244,7 @@ def test_write_back_runs_eagerly_where_inductor_cannot_keep_the_rounding(monkeyp
 
     assert compiled.options_known(ROUND_TRIP_OPTIONS)  # this torch (2.13) knows it
     assert not compiled.options_known({"no_such_inductor_option": True})
-    monkeypatch.setattr(bf16, "options_known", lambda options: False)
+    monkeypatch.setattr(compiled, "options_known", lambda options: False)
     params = [torch.nn.Parameter(torch.randn(64, 64).bfloat16())]
     params[0].grad = torch.randn(64, 64).bfloat16()
     opt = AdamWBF16_HinaAdaptive(params, lr=1e-3, compile_step=True)

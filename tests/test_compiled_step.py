@@ -170,7 +170,8 @@ def test_the_trainer_shows_the_optimizers_notices_above_its_progress_bar(monkeyp
     monkeypatch.setattr(cli, "run", fake_run)
     assert cli.main([]) == 0
     assert "library.hina: a notice" in capsys.readouterr().out
-    assert seen[0] and not any(isinstance(h, cli.ProgressBarHandler) for h in logging.getLogger("library.hina").handlers)
+    handlers = logging.getLogger("library.hina").handlers
+    assert seen[0] and not any(isinstance(h, cli.ProgressBarHandler) for h in handlers)
 
 
 def chunk_sized_temporaries(opt) -> list[tuple[int, ...]]:
@@ -189,7 +190,8 @@ def chunk_sized_temporaries(opt) -> list[tuple[int, ...]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, expected", [("Automagic_CameAMP", 0), ("Automagic_CameAMP_COptim", 0), ("HinaAdamW", 2)])
+@pytest.mark.parametrize("name, expected",
+                         [("Automagic_CameAMP", 0), ("Automagic_CameAMP_COptim", 0), ("HinaAdamW", 2)])
 def test_compiled_chunk_steps_allocate_only_the_known_temporaries(name, expected):
     """What each compiled chunk step allocates per call, chunk-sized (a value inductor stores and reads back
     instead of keeping it in registers; glibc may hand such memory back and fault it in again every call): none
@@ -207,12 +209,6 @@ def test_compiled_chunk_steps_allocate_only_the_known_temporaries(name, expected
         p.grad = torch.randn(p.shape, generator=g)
     opt = getattr(hina, name)(list(zip(names, params)), lr=1e-3, compile_step=True)
     found = chunk_sized_temporaries(opt)
-    if any(f.failed for f in compiled_functions()):
+    if any(f.failed for f in hina.compiled._INSTANCES):
         pytest.skip("torch.compile is not usable here")
     assert len(found) == expected, found
-
-
-def compiled_functions():
-    from library.hina import compiled
-
-    return compiled._INSTANCES

@@ -32,7 +32,7 @@ from .adaptive import RECIPE as ADAPTIVE_RECIPE
 from .adaptive import AdamW_HinaAdaptive
 from .hina_adamw import ADAM
 from .base import HinaOptimizer
-from .compiled import MaybeCompiled, options_known
+from .compiled import MaybeCompiled
 from .pack import FlatPack
 from .stages import COMPILE, LR, Flag, Recipe, Stage, in_range, is_number
 from .techniques import (ADOPT, AGR, CAUTIOUS, DECOUPLED_WEIGHT_DECAY, GRAMS, IMPORTANCE, LORA_PLUS, LR_MASK,
@@ -155,9 +155,7 @@ class AdamWBF16_HinaAdaptive(AdamW_HinaAdaptive):
         live = (step_vectors[5] > 0) & ~nonfinite
         seeds = torch.tensor([self._seed(name) for name in names], dtype=torch.int64, device=pack.device)
         blocks = pack.segments.blocks  # the shape compensated_write computes in: no chunk-sized temporary (1.05x)
-        # compiled, the rounding to bf16 survives only with ROUND_TRIP_OPTIONS: eager where this torch lacks them
-        use_compile = self.use_compile() and options_known(ROUND_TRIP_OPTIONS)
-        _write_back(use_compile, blocks(weight), blocks(before), blocks(states["shift"]),
+        _write_back(self.use_compile(), blocks(weight), blocks(before), blocks(states["shift"]),
                     self._delayed_decay(group, pack, live), live, pack.segments, [blocks(s) for s in states.values()],
                     [blocks(s) for s in stored], seeds)
         return nonfinite
@@ -200,4 +198,5 @@ def write_back(weight, before, shift, decay, live, segments, values, stored, see
         store_bf16(value, out, seed)
 
 
-_write_back = MaybeCompiled(write_back, options=ROUND_TRIP_OPTIONS)
+#: Compiled, the rounding to bf16 survives only with ROUND_TRIP_OPTIONS: eager where this torch's inductor lacks them.
+_write_back = MaybeCompiled(write_back, options=ROUND_TRIP_OPTIONS, needs_options=True)

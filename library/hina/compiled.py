@@ -62,11 +62,13 @@ def compiled_graph_count() -> int:
 
 class MaybeCompiled:
     """Calls ``fn`` through ``torch.compile`` when asked to, falling back to eager on a compile error. ``options``:
-    inductor options of this function on top of ``INDUCTOR_OPTIONS``."""
+    inductor options of this function on top of ``INDUCTOR_OPTIONS``; ``needs_options``: the function's results,
+    not only its speed, depend on them, so it runs eagerly on a torch whose inductor lacks one (``options_known``)."""
 
-    def __init__(self, fn: Callable, options: dict | None = None):
+    def __init__(self, fn: Callable, options: dict | None = None, needs_options: bool = False):
         self.fn = fn
         self.options = options or {}
+        self.needs_options = needs_options  # results, not only speed, depend on the options: eager without them
         self._compiled = None
         self.failed: str | None = None
         self.compiled_calls = 0
@@ -82,7 +84,8 @@ class MaybeCompiled:
         return compile_step is True or numel >= AUTO_MIN_ELEMENTS
 
     def __call__(self, use_compile: bool, *args, **kwargs):
-        signature = _signature((args, kwargs)) if use_compile and not self.failed else None
+        usable = not self.failed and (not self.needs_options or options_known(self.options))
+        signature = _signature((args, kwargs)) if use_compile and usable else None
         if signature is not None and self._within_limit(signature):
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, dynamic=False, options=inductor_options(self.options))
