@@ -246,8 +246,9 @@ def automagic_reference(init, grads_per_step, multipliers, *, lr, lr_bump, min_l
                         weight_decay, betas, eps, clip_threshold, scales=(1,), block=None, row_scaled=None, **_):
     """Automagic_CameAMP's recipe written out per tensor: CAME (arXiv 2307.02047) with the confidence EMA
     bias-corrected, momentum (multi-scale for C-Optim), the Automagic lr mask relative to lr, the context
-    multiplier of each step, ALLoRA's row coefficient 1 / sqrt(1 + ||w_row||^2) (arXiv 2410.09692) on the tensors
-    ``row_scaled`` names, decoupled weight decay; ``block``: momentum and mask through bitsandbytes' 8-bit."""
+    multiplier of each step, ALLoRA's row coefficient c = 1 / sqrt(1 + ||w_row||^2) (arXiv 2410.09692) on the
+    tensors ``row_scaled`` names (m c / sqrt(S) with eps3 flooring S / c^2), decoupled weight decay; ``block``:
+    momentum and mask through bitsandbytes' 8-bit."""
     b1, b2, b3 = betas
     eps1, eps2, eps3 = eps
     params = [p.clone() for p in init]
@@ -276,6 +277,9 @@ def automagic_reference(init, grads_per_step, multipliers, *, lr, lr_bump, min_l
                 s["R"] = b3 * s.get("R", 0.0) + (1 - b3) * res.mean(1)
                 s["C"] = b3 * s.get("C", 0.0) + (1 - b3) * res.mean(0)
                 shat = torch.outer(s["R"], s["C"]) / s["R"].mean() / (1 - b3 ** t)
+                if scaled:  # ALLoRA: m c / sqrt(S), c = 1 / sqrt(1 + ||w_row||^2), the floor on S / c^2
+                    rows = p.reshape(p.shape[0], -1)
+                    shat = shat * (1.0 + (rows * rows).sum(1, keepdim=True))
                 update = m / shat.clamp_min(eps3).sqrt()
             else:
                 update = m
@@ -291,9 +295,6 @@ def automagic_reference(init, grads_per_step, multipliers, *, lr, lr_bump, min_l
                 ms = [_roundtrip_8bit(m, block) for m in ms]
                 s["mask"] = _roundtrip_8bit(s["mask"], block)
             s["m"] = ms
-            if scaled:
-                rows = p.reshape(p.shape[0], -1)
-                update = update / (1.0 + (rows * rows).sum(1, keepdim=True)).sqrt()
             p.mul_(1 - lr * weight_decay).sub_(lr * mult * (ratio * update).reshape(p.shape))
     return params
 
@@ -330,16 +331,18 @@ def test_fused_chunk_step_matches_the_plain_reference(cls):
             torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
 
 
-def test_alora_row_coefficient_matches_the_reference():
+@pytest.mark.parametrize("eps3", [1e-8, 300.0], ids=["floor-idle", "floor-binds"])
+def test_alora_row_coefficient_matches_the_reference(eps3):
     """ALLoRA (on by default) in the fused step: the update rows of LoRA matrices (roles from names) scaled by
-    1 / sqrt(1 + ||w_row||^2) of the weights before the step; other tensors unscaled."""
+    1 / sqrt(1 + ||w_row||^2) of the weights before the step; other tensors unscaled. With a large eps3 the floor
+    binds on part of the rows: it applies to S / c^2 (the whole multiplier c / sqrt(S))."""
     names = ["unet.a.lora_down.weight", "unet.a.lora_up.weight", "unet.a.alpha_like", "unet.b.lora_down.weight",
              "unet.b.lora_up.weight"]
     shapes = ((4, 24), (24, 4), (40,), (4, 24), (24, 4))
     init = [p * 20 for p in make(seed=7, shapes=shapes)]  # row norms well above 1: the coefficient matters
     grads = grad_steps(shapes, 4, seed=8)
     params = [torch.nn.Parameter(p.clone()) for p in init]
-    kwargs = dict(MASKED, use_alora=True, compile_step=False)
+    kwargs = dict(MASKED, use_alora=True, compile_step=False, eps=MASKED["eps"][:2] + (eps3,))
     opt = Automagic_CameAMP(list(zip(names, params)), **kwargs)
     for step in grads:
         for p, g in zip(params, step):

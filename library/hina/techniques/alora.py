@@ -15,9 +15,15 @@ import torch
 from ..stages import Flag, Stage, flag_bool, in_range
 
 
+def inverse_square_coefficient(rows: torch.Tensor) -> torch.Tensor:
+    """1 + ||w_row||^2 of each row of ``rows`` (..., rows, cols), as (..., rows): one over the square of ALLoRA's
+    coefficient, the form a step that divides by a square root of its own per-row statistic folds it into."""
+    return torch.linalg.vector_norm(rows, dim=-1).square_().add_(1.0)
+
+
 def coefficient(rows: torch.Tensor) -> torch.Tensor:
     """ALLoRA's coefficient 1 / sqrt(1 + ||w_row||^2) of each row of ``rows`` (..., rows, cols), as (..., rows, 1)."""
-    return torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().add_(1.0).rsqrt_()
+    return inverse_square_coefficient(rows).rsqrt_().unsqueeze(-1)
 
 
 def row_coefficients(weight: torch.Tensor, pack, selected: list[bool], out: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,9 @@ Differences from the reference, documented:
   layout a LoRA conv factor has; the reference factors the last two dimensions. Identical for 2-D.
 - ``eps3`` (the seed's third eps, not in the paper) floors S before the square root: update =
   m / sqrt(max(S, eps3)). With eps2 = 1e-16 the paper lets an element whose update is perfectly stable be
-  amplified by up to 1e8; the floor caps that at eps3^-1/2. eps3 = 0 gives the paper's update exactly.
+  amplified by up to 1e8; the floor caps that at eps3^-1/2. eps3 = 0 gives the paper's update exactly. With
+  ALLoRA's row coefficient c (Automagic_CameAMP, automagic.py) the update m c / sqrt(S) is computed as
+  m / sqrt(max(S / c^2, eps3)): the floor caps the whole multiplier c / sqrt(S).
 - Confidence bias correction (``confidence_bias_correction``, on by default): S is divided by (1 - b3^t), t
   the tensor's step count (1 at its first step), as Adam corrects its EMAs:
 
@@ -235,20 +237,27 @@ def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Te
 
 
 def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
-                      layout: SideLayout, entries: torch.Tensor, correction: torch.Tensor, beta3: float) -> None:
+                      layout: SideLayout, entries: torch.Tensor, correction: torch.Tensor, beta3: float,
+                      row_scales: list | None = None) -> None:
     """CAME's confidence over a chunk: R, C <- EMA of the row and column means of ``res`` = (U - m)^2 + eps2
-    for live factored tensors (``entries``: ``live_entries``); writes S = R C^T / mean(R) times ``correction`` ((slots,): 1 / (1 - b3^t),
-    or 1) into ``out`` for factored tensors, so that update = m / sqrt(max(out, eps3)). 1-D tensors: untouched
-    (their update is m)."""
+    for live factored tensors (``entries``: ``live_entries``); writes S = R C^T / mean(R) times ``correction``
+    ((slots,): 1 / (1 - b3^t), or 1) into ``out`` for factored tensors, so that update = m / sqrt(max(out, eps3)).
+    ``row_scales``: per run, None or a (count, rows) factor of each row of S (ALLoRA's, automagic.py). 1-D tensors:
+    untouched (their update is m)."""
     for run, rv, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(res), layout.side_views(means)):
         if run.factored:
             torch.mean(rv, 2, out=big_r)
             torch.mean(rv, 1, out=big_c)
     _ema_(side, means, entries, slice(layout.moment_entries, layout.used), beta3)
-    for run, target, (_, _, big_r, big_c) in zip(layout.runs, layout.data_views(out), layout.side_views(side)):
+    row_scales = row_scales or [None] * len(layout.runs)
+    for run, target, (_, _, big_r, big_c), row_scale in zip(layout.runs, layout.data_views(out),
+                                                             layout.side_views(side), row_scales):
         if run.factored:
             big_c = big_c * correction.narrow(0, run.slot, run.count).unsqueeze(1)
-            torch.mul((big_r / big_r.mean(1, keepdim=True)).unsqueeze(2), big_c.unsqueeze(1), out=target)
+            rows = big_r / big_r.mean(1, keepdim=True)
+            if row_scale is not None:
+                rows = rows * row_scale
+            torch.mul(rows.unsqueeze(2), big_c.unsqueeze(1), out=target)
 
 
 #: CAME's normalisation, clipping and confidence; its factored statistics live in the chunk's side vector, not in
