@@ -402,3 +402,32 @@ def test_lr_at_max_lr_warns_that_the_mask_can_only_lower_lrs():
     assert any("lr=0.001 is at or above max_lr=0.001" in m and "can only lower lrs" in m
                for m in warnings_of_first_step(1e-3))
     assert warnings_of_first_step(1e-4) == []
+
+
+def test_came_ema_over_all_live_cpu_tensors_skips_the_select_and_matches_it_bit_for_bit():
+    """live_entries: None for a CPU chunk whose tensors all step (the EMAs then update every side entry without a
+    per-entry select), the flags otherwise; both forms give the same bits, and a dead tensor's entries stay."""
+    from library.hina.pack import FlatPack
+    from library.hina.techniques import came
+
+    shapes = ((6, 4), (6, 4), (5,), (3, 7))
+    pack = FlatPack([torch.zeros(s) for s in shapes], list(range(len(shapes))), align=8, slots=8)
+    layout = came.side_layout(pack)
+    g = torch.Generator().manual_seed(0)
+    side, means = torch.rand(layout.used, generator=g), torch.rand(layout.used, generator=g)
+    all_live = torch.tensor([True] * len(shapes) + [False] * (pack.slots - len(shapes)))
+    assert came.live_entries(layout, all_live) is None
+    span = slice(0, layout.used)
+    fast, selected = side.clone(), side.clone()
+    came._ema_(fast, means, None, span, 0.9)
+    came._ema_(selected, means, torch.ones(layout.used, dtype=torch.bool), span, 0.9)
+    assert torch.equal(fast, selected)
+    assert torch.equal(fast, side * 0.9 + means * (1.0 - 0.9))
+
+    one_dead = all_live.clone()
+    one_dead[1] = False
+    entries = came.live_entries(layout, one_dead)
+    assert entries is not None and int((~entries).sum()) == 6 + 4 + 6 + 4  # r, c, R, C of the (6, 4) tensor
+    partial = side.clone()
+    came._ema_(partial, means, entries, span, 0.9)
+    assert torch.equal(partial[~entries], side[~entries]) and torch.equal(partial[entries], fast[entries])

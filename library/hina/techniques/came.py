@@ -203,18 +203,28 @@ def _run_tail(run: ShapeRun) -> tuple:
             run.res_col_base)
 
 
-def live_entries(layout: SideLayout, live: torch.Tensor) -> torch.Tensor:
+def live_entries(layout: SideLayout, live: torch.Tensor) -> torch.Tensor | None:
     """(used,) bool: whether each side entry's tensor is ``live`` ((slots,) bool). Computed once per chunk step and
-    shared by both EMAs (``second_moment_factor``, ``confidence_factor``)."""
+    shared by both EMAs (``second_moment_factor``, ``confidence_factor``).
+
+    None when every tensor of a CPU chunk is live (the usual step): there the device is the host, so reading the
+    flags costs no synchronisation, and the EMAs update every entry without a per-entry select. (On a GPU the
+    flags stay on the device.) Measured (SDXL r32, Automagic_CameAMP, 2 threads): building the per-entry flags
+    and selecting with them took ~5 % of the step."""
     n = layout.entry_counts.numel() // 4
+    if live.device.type == "cpu" and bool(live[:n].all()):
+        return None
     return torch.repeat_interleave(live[:n].repeat(4), layout.entry_counts, output_size=layout.used)
 
 
-def _ema_(side: torch.Tensor, means: torch.Tensor, entries: torch.Tensor, span: slice, beta: float) -> None:
+def _ema_(side: torch.Tensor, means: torch.Tensor, entries: torch.Tensor | None, span: slice, beta: float) -> None:
     """side <- beta side + (1 - beta) means on the ``span`` of side entries, where ``entries`` (``live_entries``)
-    is set; in place."""
-    s, e = side[span], entries[span]
-    torch.where(e, s * beta + means[span] * (1.0 - beta), s, out=s)
+    is set (everywhere when None); in place."""
+    s = side[span]
+    if entries is None:
+        s.mul_(beta).add_(means[span] * (1.0 - beta))  # the same roundings as the select's first branch
+    else:
+        torch.where(entries[span], s * beta + means[span] * (1.0 - beta), s, out=s)
 
 
 def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
