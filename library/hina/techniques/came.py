@@ -42,7 +42,8 @@ The factored states are O(n + m) per tensor; m is a flat state kept by the optim
 
 Over a chunk (many tensors in one flat buffer, base.py) the statistics of all tensors are one flat "side"
 vector, ``SideLayout``: [r of every tensor | c of the factored ones | R of the factored ones | C of the
-factored ones], so that each of the two EMAs (r, c with beta2; R, C with beta3) updates one contiguous slice. A 1-D tensor of n elements is a column (n rows of one element), so its r is its full v.
+factored ones], so that each of the two EMAs (r, c with beta2; R, C with beta3) updates one contiguous slice. A 1-D
+tensor of n elements is a column (n rows of one element), so its r is its full v.
 The chunk orders tensors by shape (base.py), so a chunk is a few *runs* of adjacent tensors of one shape
 (``ShapeRun``; a LoRA chunk has a handful): a run's data is a batched (k, rows, cols) view of the flat buffer
 and its r, c, R, C are (k, rows) and (k, cols) views of the side vector, so the row and column means are
@@ -228,10 +229,11 @@ def _ema_(side: torch.Tensor, means: torch.Tensor, entries: torch.Tensor | None,
 
 
 def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
-                         layout: SideLayout, entries: torch.Tensor, beta2: float) -> None:
+                         layout: SideLayout, entries: torch.Tensor | None, beta2: float) -> None:
     """CAME's factored second moment over a chunk: r, c (v for a 1-D tensor) <- EMA of the row and column
-    means of ``square`` = V = G^2 + eps1 for live tensors (``entries``: ``live_entries``); writes V_hat = r c^T / mean(r) (v) into ``out``,
-    so that U = G / sqrt(out). ``means`` (side-sized) is scratch for the means."""
+    means of ``square`` = V = G^2 + eps1 for live tensors (``entries``: ``live_entries``); writes
+    V_hat = r c^T / mean(r) (v) into ``out``, so that U = G / sqrt(out). ``means`` (side-sized) is scratch for the
+    means."""
     for run, v, (r, c, _, _) in zip(layout.runs, layout.data_views(square), layout.side_views(means)):
         if run.factored:
             torch.mean(v, 2, out=r)
@@ -247,7 +249,7 @@ def second_moment_factor(square: torch.Tensor, out: torch.Tensor, side: torch.Te
 
 
 def confidence_factor(res: torch.Tensor, out: torch.Tensor, side: torch.Tensor, means: torch.Tensor,
-                      layout: SideLayout, entries: torch.Tensor, correction: torch.Tensor, beta3: float,
+                      layout: SideLayout, entries: torch.Tensor | None, correction: torch.Tensor, beta3: float,
                       row_scales: list | None = None) -> None:
     """CAME's confidence over a chunk: R, C <- EMA of the row and column means of ``res`` = (U - m)^2 + eps2
     for live factored tensors (``entries``: ``live_entries``); writes S = R C^T / mean(R) times ``correction``
