@@ -106,6 +106,7 @@ class _AutomagicCame(HinaOptimizer):
 
     def __init__(self, params, *args, **kwargs):
         super().__init__(params, *args, **kwargs)
+        self._vectors_cache: tuple | None = None  # (inputs, tensor) of the last _step_vectors
         if self.contextual:
             settings = self.settings
             self.c_optim = ContextualModule(self, settings["context_window"], settings["edge_threshold"],
@@ -161,19 +162,26 @@ class _AutomagicCame(HinaOptimizer):
     def _step_vectors(self, group, pack, steps, active) -> torch.Tensor:
         """Per-tensor inputs of a chunk's step, one (10, slots) tensor: lr, 1 - lr wd, the confidence correction
         1 / (1 - b3^t), active, first step, and the lr mask's adapt flag, bump, min, max and start ratios (the
-        same for every tensor). Built on the host in float64, one small copy to the device per chunk."""
+        same for every tensor). Built on the host in float64 and copied to the device once per distinct set of inputs:
+        the chunks of a step mostly share one, and share the tensor (its consumers only read it)."""
         beta3 = group["betas"][2]
-        spare = [0.0] * (pack.slots - len(pack))
         lr = group["lr"]
         lr = float(lr) if isinstance(lr, torch.Tensor) else lr
         wd = self.current_weight_decay(group)
         correct = group["confidence_bias_correction"]
         mask = lr_mask.step_constants(group) if group["use_lr_mask"] else (0.0, 0.0, 1.0, 1.0, 1.0)
+        # the chunks of a step mostly share every input (steps, active, slots): one build serves them all
+        key = (lr, wd, beta3, correct, mask, tuple(steps), tuple(active), len(pack), pack.slots, pack.device)
+        if self._vectors_cache is not None and self._vectors_cache[0] == key:
+            return self._vectors_cache[1]
+        spare = [0.0] * (pack.slots - len(pack))
         rows = [[lr] * len(pack) + spare, [1.0 - lr * wd] * len(pack) + spare,
                 [came.confidence_correction(beta3, s + 1, correct) for s in steps] + spare,
                 [float(a) for a in active] + spare, [float(s == 0) for s in steps] + spare]
         rows += [[value] * pack.slots for value in mask]
-        return torch.tensor(rows, dtype=torch.float64).float().to(pack.device)
+        vectors = torch.tensor(rows, dtype=torch.float64).float().to(pack.device)
+        self._vectors_cache = (key, vectors)
+        return vectors
 
     def fused_step(self, group, pack, grad, weight, steps, active) -> torch.Tensor:
         """One chunk: the three stages (module docstring), with CAME's row and column statistics between them
